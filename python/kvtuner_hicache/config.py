@@ -1,0 +1,261 @@
+"""Quantization config: the seed's options, per-layer KVTuner tables, validation, fingerprint.
+
+Pure Python (no torch, no sglang) so that argument validation and tests stay cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ALLOWED_BITS = (2, 4, 8)
+AXIS_PER_TOKEN = 0  # groups run along head_dim inside one token and head
+AXIS_PER_CHANNEL = 1  # groups run along tokens inside one page, one (head, channel)
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message names the flag or file at fault."""
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    key: int
+    value: int
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What the host pool needs to know about the model's KV cache (per rank).
+
+    MHA/GQA: `heads` KV heads of `head_dim` (keys) and `v_head_dim` (values).
+    MLA: one latent row per token: `kv_lora_rank` latent + `qk_rope_head_dim` rope dims.
+    """
+
+    num_layers: int
+    heads: int = 1
+    head_dim: int = 0
+    v_head_dim: int = 0
+    is_mla: bool = False
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+
+    @staticmethod
+    def mha(num_layers: int, heads: int, head_dim: int, v_head_dim: int | None = None) -> KVShape:
+        return KVShape(num_layers, heads, head_dim, head_dim if v_head_dim is None else v_head_dim)
+
+    @staticmethod
+    def mla(num_layers: int, kv_lora_rank: int = 512, qk_rope_head_dim: int = 64) -> KVShape:
+        return KVShape(num_layers, 1, 0, 0, True, kv_lora_rank, qk_rope_head_dim)
+
+    def bf16_bytes_per_token(self) -> int:
+        if self.is_mla:
+            return self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * 2
+        return self.num_layers * self.heads * (self.head_dim + self.v_head_dim) * 2
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The seed's flags, one field each, plus an optional per-layer bit table.
+
+    Defaults depart from the seed on purpose (docs/accuracy.md has the numbers): keys are
+    grouped per channel and the quantizer is asymmetric, because per-token 4-bit keys
+    raise Qwen2.5 perplexity by 50-440 % while per-channel 4-bit keys are within noise.
+    """
+
+    nbits_key: int = 4
+    nbits_value: int = 4
+    asym: bool = True
+    axis_key: int = AXIS_PER_CHANNEL
+    axis_value: int = AXIS_PER_TOKEN
+    q_group_size: int = 64
+    residual_length: int = 0
+    layer_bits: Mapping[int, LayerBits] | None = field(default=None, compare=True)
+    layer_bits_source: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        errors = self._static_errors()
+        if errors:
+            raise ConfigError("invalid KVTuner HiCache config:\n  - " + "\n  - ".join(errors))
+
+    def _static_errors(self) -> list[str]:
+        errs = []
+        for flag, bits in (("nbits-key", self.nbits_key), ("nbits-value", self.nbits_value)):
+            if bits not in ALLOWED_BITS:
+                errs.append(f"--kvtuner-hicache-{flag} must be one of {ALLOWED_BITS}, got {bits!r}")
+        for flag, axis in (("axis-key", self.axis_key), ("axis-value", self.axis_value)):
+            if axis not in (AXIS_PER_TOKEN, AXIS_PER_CHANNEL):
+                errs.append(
+                    f"--kvtuner-hicache-{flag} must be 0 (per-token) or 1 (per-channel), got {axis!r}"
+                )
+        if not isinstance(self.q_group_size, int) or self.q_group_size < 2:
+            errs.append(f"--kvtuner-hicache-q-group-size must be an integer >= 2, got {self.q_group_size!r}")
+        elif self.q_group_size & (self.q_group_size - 1):
+            errs.append(f"--kvtuner-hicache-q-group-size must be a power of two, got {self.q_group_size}")
+        if not isinstance(self.residual_length, int) or self.residual_length < 0:
+            errs.append(
+                f"--kvtuner-hicache-residual-length must be an integer >= 0, got {self.residual_length!r}"
+            )
+        return errs
+
+    # ---- per-layer bits -------------------------------------------------------------------------
+
+    def bits_for_layer(self, layer: int) -> LayerBits:
+        """Bits of one global layer index: the YAML table wins over the uniform flags."""
+        if self.layer_bits is not None:
+            return self.layer_bits[layer]
+        return LayerBits(self.nbits_key, self.nbits_value)
+
+    def validate_for(self, shape: KVShape, page_size: int, total_layers: int | None = None) -> None:
+        """Check the config against a model's KV shape and the server's page size.
+
+        `total_layers` is the model's layer count when this rank holds only some layers (PP).
+
+        Raises one ConfigError listing every mistake, each naming the flag or file at fault.
+        """
+        errs: list[str] = []
+        g = self.q_group_size
+        src = self.layer_bits_source or "--kvtuner-hicache-config"
+        if page_size < 1:
+            errs.append(f"--page-size must be >= 1, got {page_size}")
+        for name, dim, axis, axis_flag in self._streams(shape):
+            if axis == AXIS_PER_TOKEN and dim % g:
+                errs.append(
+                    f"--kvtuner-hicache-q-group-size {g} does not divide the {name} dimension {dim} "
+                    f"(per-token groups, --kvtuner-hicache-{axis_flag} 0)"
+                )
+            if axis == AXIS_PER_CHANNEL and page_size % g:
+                errs.append(
+                    f"--kvtuner-hicache-q-group-size {g} does not divide --page-size {page_size} "
+                    f"(per-channel {name} groups run along the tokens of one page, "
+                    f"--kvtuner-hicache-{axis_flag} 1); use --page-size {max(g, 64)} or a smaller group"
+                )
+        if self.layer_bits is not None:
+            have = set(self.layer_bits)
+            n = total_layers or shape.num_layers
+            want = set(range(n))
+            if have - want:
+                errs.append(f"{src} names layers the model lacks (it has {n}: 0..{n - 1}): {sorted(have - want)}")
+            if want - have:
+                errs.append(f"{src} is missing layers {_ranges(sorted(want - have))} of {n}")
+        if shape.is_mla:
+            key_bits = {self.bits_for_layer(i).key for i in range(total_layers or shape.num_layers) if self._has_layer(i)}
+            if any(b < 8 for b in key_bits):
+                errs.append(
+                    "MLA models map key bits onto the rope part of the latent row, which is position "
+                    "sensitive and must stay at 8 bits: pass --kvtuner-hicache-nbits-key 8 "
+                    "(and nbits_key: 8 in every layer of a per-layer table)"
+                )
+        if errs:
+            raise ConfigError("KVTuner HiCache config does not fit this model:\n  - " + "\n  - ".join(errs))
+
+    def _has_layer(self, layer: int) -> bool:
+        return self.layer_bits is None or layer in self.layer_bits
+
+    def _streams(self, shape: KVShape) -> list[tuple[str, int, int, str]]:
+        if shape.is_mla:
+            return [
+                ("MLA latent", shape.kv_lora_rank, self.axis_value, "axis-value"),
+                ("MLA rope", shape.qk_rope_head_dim, self.axis_key, "axis-key"),
+            ]
+        return [
+            ("key head", shape.head_dim, self.axis_key, "axis-key"),
+            ("value head", shape.v_head_dim, self.axis_value, "axis-value"),
+        ]
+
+    # ---- identity -------------------------------------------------------------------------------
+
+    def canonical(self) -> dict[str, Any]:
+        """Everything that changes the bytes of a page, in a stable JSON-able form."""
+        return {
+            "nbits_key": self.nbits_key,
+            "nbits_value": self.nbits_value,
+            "asym": self.asym,
+            "axis_key": self.axis_key,
+            "axis_value": self.axis_value,
+            "q_group_size": self.q_group_size,
+            "layer_bits": None
+            if self.layer_bits is None
+            else {str(k): [v.key, v.value] for k, v in sorted(self.layer_bits.items())},
+        }
+
+    def fingerprint(self) -> str:
+        """Stable 16-hex-digit id of the page-shaping options (residual length is not one)."""
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def short_name(self) -> str:
+        """Human label such as `K4cV4t-a-g64` or `mixed(3.93b)cV4t` used in tables and logs."""
+        kb = f"K{self.nbits_key}" if self.layer_bits is None else "Kmix"
+        vb = f"V{self.nbits_value}" if self.layer_bits is None else "Vmix"
+        ax = {AXIS_PER_TOKEN: "t", AXIS_PER_CHANNEL: "c"}
+        return f"{kb}{ax[self.axis_key]}{vb}{ax[self.axis_value]}-{'a' if self.asym else 's'}-g{self.q_group_size}"
+
+    def with_(self, **changes: Any) -> QuantConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _ranges(xs: list[int]) -> str:
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def parse_layer_bits(data: Any, source: str) -> dict[int, LayerBits]:
+    """Parse a KVTuner per-layer table `{layer: {nbits_key: k, nbits_value: v}}`."""
+    if not isinstance(data, Mapping) or not data:
+        raise ConfigError(f"{source}: expected a mapping {{layer_index: {{nbits_key, nbits_value}}}}")
+    table: dict[int, LayerBits] = {}
+    errs = []
+    for raw_layer, entry in data.items():
+        try:
+            layer = int(raw_layer)
+        except (TypeError, ValueError):
+            errs.append(f"layer key {raw_layer!r} is not an integer")
+            continue
+        if layer < 0:
+            errs.append(f"layer {layer} is negative")
+            continue
+        if not isinstance(entry, Mapping) or set(entry) != {"nbits_key", "nbits_value"}:
+            errs.append(f"layer {layer}: expected exactly {{nbits_key, nbits_value}}, got {entry!r}")
+            continue
+        k, v = entry["nbits_key"], entry["nbits_value"]
+        bad = [f"{n}={b!r}" for n, b in (("nbits_key", k), ("nbits_value", v)) if b not in ALLOWED_BITS]
+        if bad:
+            errs.append(f"layer {layer}: bits must be one of {ALLOWED_BITS}, got {', '.join(bad)}")
+            continue
+        if layer in table:
+            errs.append(f"layer {layer} appears twice")
+        table[layer] = LayerBits(int(k), int(v))
+    if errs:
+        raise ConfigError(f"{source}: invalid per-layer table:\n  - " + "\n  - ".join(errs))
+    return table
+
+
+def load_layer_bits(path: str | os.PathLike) -> dict[int, LayerBits]:
+    """Load a KVTuner per-layer YAML (or JSON) file."""
+    import yaml  # local: only needed when a table is given
+
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"--kvtuner-hicache-config {path}: cannot read: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--kvtuner-hicache-config {path}: not valid YAML: {e}") from e
+    return parse_layer_bits(data, f"--kvtuner-hicache-config {path}")
+
+
+def mean_bits(cfg: QuantConfig, num_layers: int) -> float:
+    """KVTuner's 'equivalent bits': mean of (k+v)/2 over layers, metadata excluded."""
+    return sum((cfg.bits_for_layer(i).key + cfg.bits_for_layer(i).value) / 2 for i in range(num_layers)) / num_layers

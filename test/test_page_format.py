@@ -1,0 +1,128 @@
+"""Page layout offsets, header checks, and page-level encode/decode through the reference codec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvtuner_hicache.config import KVShape, LayerBits, QuantConfig, load_layer_bits
+from kvtuner_hicache.page_format import ALIGN, HEADER_BYTES, HEADER_CRC_OFFSET, PageLayout
+from kvtuner_hicache.quant.reference import (
+    decode_layer,
+    dequantize_chunk,
+    encode_pages,
+    quantize_chunk,
+    roundtrip_pages,
+)
+
+QWEN = KVShape.mha(28, 4, 128)
+
+
+def test_bytes_per_token_matches_the_formula():
+    lay = PageLayout(QuantConfig(), QWEN, 64)
+    # K4 per-channel g64 asym + V4 per-token g64 asym, fp16 scale+min, per layer per page
+    codes = 64 * 4 * 128 * 4 // 8
+    k_meta = (64 // 64) * 4 * 128 * 2 * 2
+    v_meta = 64 * 4 * (128 // 64) * 2 * 2
+    assert lay.page_bytes == HEADER_BYTES + 28 * (codes + k_meta) + 28 * (codes + v_meta)
+    assert lay.k_part_bytes + lay.v_part_bytes == lay.page_bytes
+    assert lay.compression_vs_bf16 == pytest.approx(57344 / lay.bytes_per_token)
+    assert 4.5 <= lay.effective_bits < 4.51
+
+
+def test_chunks_are_aligned_and_disjoint():
+    lay = PageLayout(QuantConfig(nbits_key=2, asym=False, q_group_size=16), KVShape.mha(3, 3, 80, 48), 16)
+    end = HEADER_BYTES
+    for c in sorted(lay.chunks.values(), key=lambda c: c.offset):
+        assert c.offset == end and c.offset % ALIGN == 0 and c.scale_offset % ALIGN == 0
+        assert c.scale_offset >= c.codes_bytes
+        end = c.offset + c.nbytes
+    assert end == lay.page_bytes
+
+
+def test_per_layer_table_drives_chunk_bits(presets_dir):
+    table = load_layer_bits(presets_dir / "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml")
+    lay = PageLayout(QuantConfig(layer_bits=table), QWEN, 64)
+    for layer, bits in table.items():
+        assert lay.chunk(0, layer).bits == bits.key and lay.chunk(1, layer).bits == bits.value
+    uniform = PageLayout(QuantConfig(), QWEN, 64)
+    assert lay.fingerprint != uniform.fingerprint
+
+
+def test_pipeline_stage_uses_global_layer_bits():
+    table = {i: LayerBits(8 if i == 5 else 4, 2) for i in range(8)}
+    stage = PageLayout(QuantConfig(layer_bits=table), KVShape.mha(4, 2, 64), 64, start_layer=4, total_layers=8)
+    assert [stage.chunk(0, i).bits for i in range(4)] == [4, 8, 4, 4]
+
+
+def _random_pool(shape: KVShape, rows: int, seed: int = 0) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    if shape.is_mla:
+        return [[torch.randn(rows, 1, shape.kv_lora_rank + shape.qk_rope_head_dim, generator=g).to(torch.bfloat16) for _ in range(shape.num_layers)]]
+    return [[(torch.randn(rows, shape.heads, d, generator=g) * 3).to(torch.bfloat16) for _ in range(shape.num_layers)]
+            for d in (shape.head_dim, shape.v_head_dim)]
+
+
+@pytest.mark.parametrize("page_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("shape", [KVShape.mha(2, 4, 128), KVShape.mha(2, 2, 64, 32), KVShape.mla(2)], ids=["qwen", "asymdims", "mla"])
+def test_encode_decode_scatter_with_odd_indices(page_size, shape):
+    cfg = QuantConfig(nbits_key=8 if shape.is_mla else 4, nbits_value=2, q_group_size=16)
+    lay = PageLayout(cfg, shape, page_size)
+    pool = _random_pool(shape, rows=8 * page_size)
+    src_pages = torch.tensor([5, 1, 6])  # non-contiguous, out of order device pages
+    token_index = (src_pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)
+    host = torch.zeros(10, lay.page_bytes, dtype=torch.uint8)
+    staging = torch.empty(3, lay.page_bytes, dtype=torch.uint8)
+    encode_pages(lay, pool, token_index, staging)
+    host_ids = torch.tensor([7, 0, 3])
+    host[host_ids] = staging
+    for i in range(3):
+        assert lay.check_page(staging[i].numpy().tobytes(), verify_crc=False) is None
+    # load back into other device rows
+    dst = [[torch.zeros_like(t) for t in per] for per in pool]
+    dst_pages = torch.tensor([0, 2, 4])
+    dst_index = (dst_pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)
+    for layer in range(shape.num_layers):
+        decode_layer(lay, layer, host, host_ids, [b[layer] for b in dst], dst_index)
+    expect = roundtrip_pages(lay, [[t[token_index] for t in per] for per in pool])
+    for b in range(len(pool)):
+        for layer in range(shape.num_layers):
+            assert torch.equal(dst[b][layer][dst_index], expect[b][layer])
+            untouched = torch.ones(dst[b][layer].shape[0], dtype=torch.bool)
+            untouched[dst_index] = False
+            assert not dst[b][layer][untouched].any()
+
+
+def test_chunk_roundtrip_error_follows_bits():
+    shape = KVShape.mha(1, 2, 64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 64, 2, 64, generator=g).to(torch.bfloat16)
+    errs = []
+    for bits in (8, 4, 2):
+        lay = PageLayout(QuantConfig(nbits_key=bits, nbits_value=bits), shape, 64)
+        spec = lay.chunk(0, 0)
+        errs.append(float((dequantize_chunk(quantize_chunk(x, spec), spec) - x.float()).pow(2).mean()))
+    assert errs[0] < errs[1] < errs[2]
+    assert errs[0] < 1e-4 and errs[1] < 0.02
+
+
+def test_header_checks_detect_corruption_truncation_and_foreign_config():
+    shape = KVShape.mha(2, 2, 64)
+    lay = PageLayout(QuantConfig(), shape, 64)
+    page = torch.empty(1, lay.page_bytes, dtype=torch.uint8)
+    encode_pages(lay, _random_pool(shape, 64), torch.arange(64), page)
+    raw = bytearray(page[0].numpy().tobytes())
+    crc = lay.payload_crc(raw)
+    raw[HEADER_CRC_OFFSET : HEADER_CRC_OFFSET + 4] = crc.to_bytes(4, "little")
+    assert lay.check_page(raw) is None
+    bad = bytearray(raw)
+    bad[HEADER_BYTES + 100] ^= 0x10
+    assert lay.check_page(bad) == "payload checksum mismatch"
+    assert "size" in lay.check_page(raw[:-1])
+    assert lay.check_page(bytes(lay.page_bytes)) == "bad magic"
+    other = PageLayout(QuantConfig(nbits_value=2), shape, 64)
+    padded = bytes(raw) + bytes(max(0, other.page_bytes - len(raw)))
+    assert other.check_page(padded[: other.page_bytes]) is not None
+    same_size_other_cfg = PageLayout(QuantConfig(axis_key=0), shape, 64)
+    assert same_size_other_cfg.page_bytes == lay.page_bytes
+    assert same_size_other_cfg.check_page(raw) == "written by another quantization config"
+    assert lay.tag.startswith("kvtq1-") and lay.tag != same_size_other_cfg.tag
