@@ -1,0 +1,327 @@
+"""Quantized HiCache host pools (L2) for SGLang 0.5.17.
+
+One host row per page: `kv_buffer = uint8[page_num, row_stride]`, the page itself is the first
+`page_bytes` of the row (docs/page-format.md); `row_stride` is page_bytes rounded up to 4 KiB so
+that every page starts 4 KiB aligned (NIXL O_DIRECT, whole-page DMA). Token slots keep SGLang's
+semantics (page = `page_size` aligned slots), so alloc/free/clear are inherited unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
+from sglang.srt.mem_cache.pool_host.base import HostKVCache
+from sglang.srt.mem_cache.pool_host.common import ALLOC_MEMORY_FUNCS
+
+from kvtuner_hicache.config import ConfigError, KVShape, QuantConfig
+from kvtuner_hicache.page_format import HEADER_BYTES, PageLayout
+from kvtuner_hicache.quant.dispatch import codec_name, get_codec
+from kvtuner_hicache.sglang_ext.args import config_from_env
+
+logger = logging.getLogger(__name__)
+
+ROW_ALIGN = 4096
+STAGING_PAGES = 64  # pages encoded per staging chunk on backup (same chunk as SGLang's staged write-back)
+RESIDUAL_BUDGET_FRACTION = 8  # 1/8 of the host byte budget goes to the bf16 tail store when R > 0
+_DEVICE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def _page_runs(page_ids: list[int]) -> list[tuple[int, int, int]]:
+    """[(first position, first page id, length)] of consecutive page ids."""
+    runs: list[tuple[int, int, int]] = []
+    for i, p in enumerate(page_ids):
+        if runs and runs[-1][1] + runs[-1][2] == p:
+            s, f, n = runs[-1]
+            runs[-1] = (s, f, n + 1)
+        else:
+            runs.append((i, p, 1))
+    return runs
+
+
+class _QuantizedHostPool(HostKVCache):
+    """Shared body of the MHA and MLA pools; subclasses describe the device buffers."""
+
+    kvtq_quantized = True  # what the plugin's verification looks for
+
+    def __init__(
+        self,
+        device_pool: Any,
+        host_to_device_ratio: float,
+        host_size: float,
+        page_size: int,
+        layout: str,
+        pin_memory: bool = True,
+        device: str = "cpu",
+        allocator_type: str = "default",
+        dcp_size: int = 1,
+        dcp_rank: int = 0,
+        *,
+        pool_label: str = "kv",
+        quant_config: QuantConfig | None = None,
+        override_kv_cache_dim: int | None = None,
+    ):
+        cfg = quant_config if quant_config is not None else config_from_env()
+        if cfg is None:
+            raise ConfigError("quantized host pool built without a config (SGLANG_KVTUNER_HICACHE unset)")
+        if layout != "page_first":
+            raise ConfigError(f"quantized HiCache needs --hicache-mem-layout page_first, got {layout}")
+        if dcp_size != 1:
+            raise ConfigError("quantized HiCache does not support --dcp-size > 1")
+        if override_kv_cache_dim is not None:
+            raise ConfigError("quantized HiCache does not support an overridden MLA cache dim (fp8 DSA)")
+        if getattr(device_pool, "layer_shard_enabled", False):
+            raise ConfigError("quantized HiCache does not support layer-sharded device KV pools")
+        self.quant_config = cfg
+        self.residual = None  # set after the base init (which calls clear())
+        self.codec = get_codec(device_pool.device)
+        self._load_key: tuple[Any, Any] | None = None
+        # Host budget in bytes: --hicache-size GB, else --hicache-ratio times the device pool's
+        # bytes (not tokens), so the same host memory holds compression-times more tokens.
+        dev_bytes_per_token = self._shape(device_pool).bf16_bytes_per_token() // 2 * device_pool.store_dtype.itemsize
+        budget = host_size * 1e9 if host_size > 0 else device_pool.size * host_to_device_ratio * dev_bytes_per_token
+        self.residual_bytes = int(budget // RESIDUAL_BUDGET_FRACTION) if cfg.residual_length > 0 else 0
+        # Pinning needs a CUDA/HIP device; a CPU device pool (tests, CPU serving) keeps plain pages.
+        pin = pin_memory and str(device_pool.device) not in ("cpu",)
+        super().__init__(
+            device_pool,
+            host_to_device_ratio,
+            (budget - self.residual_bytes) / 1e9,
+            page_size,
+            layout,
+            pin,
+            device,
+            allocator_type,
+            pool_label=pool_label,
+        )
+        self.can_use_write_back_jit = True  # keeps backup host indices on the CPU (page ids read there)
+        if self.residual_bytes:
+            from kvtuner_hicache.sglang_ext.residual import ResidualTailStore
+
+            self.residual = ResidualTailStore(self, self.residual_bytes)
+        pl = self.page_layout
+        # effective numbers: the 4 KiB row padding counted
+        self.compression_vs_bf16 = pl.shape.bf16_bytes_per_token() / self.size_per_token
+        logger.info(
+            "kvtuner_hicache %s host pool: %d tokens (%d pages), %d B/token (%.3f bits/element, "
+            "%.2fx vs bf16, %s), %.2f GB; codec=%s; L3 namespace %s%s",
+            pool_label, self.size, self.page_num, self.size_per_token,
+            self.size_per_token * 8 / pl.elements_per_token, self.compression_vs_bf16, cfg.short_name(),
+            self.size * self.size_per_token / 1e9,
+            codec_name(self.codec), pl.tag,
+            f"; bf16 tail store {self.residual_bytes / 1e9:.2f} GB" if self.residual_bytes else "",
+        )
+
+    # ---- what subclasses provide --------------------------------------------------------------
+
+    @staticmethod
+    def _shape(device_pool: Any) -> KVShape:
+        raise NotImplementedError
+
+    def _device_buffers(self, device_pool: Any) -> list[list[torch.Tensor]]:
+        """buffers[b][local layer] in the order PageLayout's StreamSpec.buffer indexes."""
+        raise NotImplementedError
+
+    # ---- sizing and allocation (called by HostKVCache.__init__) -------------------------------
+
+    def get_size_per_token(self) -> int:
+        dp = self.device_pool
+        if dp.store_dtype not in _DEVICE_DTYPES:
+            raise ConfigError(
+                f"quantized HiCache reads a bf16/fp16 device KV cache, this one stores {dp.store_dtype} "
+                "(--kv-cache-dtype must be auto or bf16)"
+            )
+        shape = self._shape(dp)
+        self.layer_num = shape.num_layers
+        self.page_layout = PageLayout(self.quant_config, shape, self.page_size, start_layer=dp.start_layer)
+        self.row_stride = _align(self.page_layout.page_bytes, ROW_ALIGN)
+        assert self.row_stride % self.page_size == 0, "page rows are whole bytes per token"
+        return self.row_stride // self.page_size
+
+    def get_ksize_per_token(self) -> int | float:
+        """Bytes per token of the 'K part' (header + stream 0) that zero-copy backends address."""
+        k = self.page_layout.k_part_bytes
+        return k // self.page_size if k % self.page_size == 0 else k / self.page_size
+
+    def init_kv_buffer(self) -> torch.Tensor:
+        self.dtype = torch.uint8  # storage backends size and view pages by .dtype
+        alloc = ALLOC_MEMORY_FUNCS[self.device_pool.device]
+        buf = alloc((self.page_num, self.row_stride), dtype=torch.uint8, device=self.device,
+                    pin_memory=self.pin_memory, allocator=self.allocator)
+        header = torch.frombuffer(bytearray(self.page_layout.header()), dtype=torch.uint8)
+        buf[:, :HEADER_BYTES] = header
+        # page view used by the codec: the first page_bytes of every row
+        self.pages = buf[:, : self.page_layout.page_bytes]
+        return buf
+
+    # ---- GPU <-> host --------------------------------------------------------------------------
+
+    def backup_from_device_all_layer(self, device_pool, host_indices, device_indices, io_backend) -> None:
+        if io_backend != "kernel":
+            raise ValueError(f"quantized HiCache supports io_backend 'kernel' only, got {io_backend!r}")
+        ps = self.page_size
+        page_ids = (host_indices[::ps] // ps).tolist()  # CPU indices (can_use_write_back_jit)
+        buffers = self._device_buffers(device_pool)
+        dev = device_indices.device
+        pb = self.page_layout.page_bytes
+        for c in range(0, len(page_ids), STAGING_PAGES):
+            ids = page_ids[c : c + STAGING_PAGES]
+            n = len(ids)
+            staging = torch.empty(n, self.row_stride, dtype=torch.uint8, device=dev)
+            self.codec.encode_pages(self.page_layout, buffers, device_indices[c * ps : (c + n) * ps], staging[:, :pb])
+            # one DMA per run of consecutive host pages; staging stays alive on this stream
+            for s, first, length in _page_runs(ids):
+                self.kv_buffer[first : first + length].copy_(staging[s : s + length], non_blocking=True)
+        if self.residual is not None:
+            self.residual.on_backup(device_pool, host_indices, device_indices)
+
+    def load_to_device_per_layer(self, device_pool, host_indices, device_indices, layer_id, io_backend) -> None:
+        if io_backend != "kernel":
+            raise ValueError(f"quantized HiCache supports io_backend 'kernel' only, got {io_backend!r}")
+        # The controller calls this once per local layer with the same index tensors: derive the
+        # page ids on layer 0 and reuse them (O(1) host work per layer afterwards).
+        key = (host_indices, device_indices)
+        if layer_id == 0 or self._load_key is None or self._load_key[0] is not host_indices:
+            ps = self.page_size
+            self._load_page_ids = host_indices[::ps] // ps
+            self._load_key = key
+            if self.residual is not None:
+                self._load_plan = self.residual.plan_load(host_indices, device_indices)
+        buffers = [per_layer[layer_id] for per_layer in self._device_buffers(device_pool)]
+        self.codec.decode_layer(self.page_layout, layer_id, self.pages, self._load_page_ids, buffers, device_indices)
+        if self.residual is not None and self._load_plan is not None:
+            self.residual.load_layer(self._load_plan, layer_id, buffers)
+
+    # ---- page accessors for L3 -----------------------------------------------------------------
+
+    def get_data_page(self, index, flat: bool = True) -> torch.Tensor:
+        """Zero-copy uint8 view of the page holding token slot `index` (flat or not: one row)."""
+        return self.pages[int(index) // self.page_size]
+
+    def get_dummy_flat_data_page(self) -> torch.Tensor:
+        return torch.zeros(self.page_layout.page_bytes, dtype=torch.uint8, device=self.device,
+                           pin_memory=self.pin_memory)
+
+    def set_from_flat_data_page(self, index: int, data_page: torch.Tensor) -> None:
+        src = data_page.reshape(-1).view(torch.uint8)
+        if src.numel() != self.page_layout.page_bytes:
+            raise ValueError(f"page of {src.numel()} bytes, expected {self.page_layout.page_bytes}")
+        pid = int(index) // self.page_size
+        self.pages[pid].copy_(src)
+        if self.residual is not None:
+            self.residual.drop([pid])
+
+    # ---- slot lifetime: a freed page's bf16 tail must never outlive it ---------------------------
+
+    def free(self, indices: torch.Tensor) -> int:
+        if getattr(self, "residual", None) is not None:
+            ps = self.page_size
+            self.residual.drop(torch.unique(indices.cpu() // ps).tolist())
+        return super().free(indices)
+
+    def clear(self) -> None:
+        super().clear()
+        if getattr(self, "residual", None) is not None:
+            self.residual.clear()
+
+    def page_ptr(self, page_id: int) -> int:
+        return self.kv_buffer.data_ptr() + page_id * self.row_stride
+
+    def get_page_buffer_meta(self, indices) -> tuple[list[int], list[int]]:
+        raise NotImplementedError
+
+    def is_stride_page_aligned(self, page_size_bytes: int = 4096) -> bool:
+        return self.kv_buffer.data_ptr() % page_size_bytes == 0 and self.row_stride % page_size_bytes == 0
+
+    def kvtq_page_ids(self, host_indices) -> list[int]:
+        """Page ids of host token slots given page by page (the storage proxy uses this)."""
+        ps = self.page_size
+        return [int(i) // ps for i in host_indices[::ps].tolist()]
+
+
+class QuantizedMHATokenToKVPoolHost(_QuantizedHostPool):
+    """Quantized host pool for MHA/GQA device pools, symmetric or not in K/V head dims."""
+
+    device_pool: MHATokenToKVPool
+
+    def __init__(self, device_pool, host_to_device_ratio, host_size, page_size, layout, pin_memory=True,
+                 device="cpu", allocator_type="default", *, pool_label="kv", quant_config=None):
+        if getattr(device_pool, "kv_cache_layout", "nhd") != "nhd":
+            raise ConfigError(
+                f"quantized HiCache needs the NHD device KV layout, this pool is {device_pool.kv_cache_layout} "
+                "(unset SGLANG_USE_HND_KVCACHE / SGLANG_AITER_KV_CACHE_LAYOUT)"
+            )
+        if getattr(device_pool, "is_quantized_kv_cache", False):
+            raise ConfigError("quantized HiCache does not take an FP4/FP8-quantized device KV cache")
+        super().__init__(device_pool, host_to_device_ratio, host_size, page_size, layout, pin_memory, device,
+                         allocator_type, pool_label=pool_label, quant_config=quant_config)
+
+    @staticmethod
+    def _shape(device_pool) -> KVShape:
+        return KVShape.mha(device_pool.layer_num, device_pool.head_num, device_pool.head_dim,
+                           getattr(device_pool, "v_head_dim", None) or device_pool.head_dim)
+
+    def get_size_per_token(self) -> int:
+        self.head_num = self.device_pool.head_num
+        self.head_dim = self.device_pool.head_dim
+        self.v_head_dim = getattr(self.device_pool, "v_head_dim", None) or self.head_dim
+        return super().get_size_per_token()
+
+    def _device_buffers(self, device_pool) -> list[list[torch.Tensor]]:
+        return [device_pool.k_buffer, device_pool.v_buffer]
+
+    def get_page_buffer_meta(self, indices) -> tuple[list[int], list[int]]:
+        """Two objects per page for zero-copy backends: K part (header + K) and V part."""
+        k, v = self.page_layout.k_part_bytes, self.page_layout.v_part_bytes
+        ptrs, sizes = [], []
+        for pid in self.kvtq_page_ids(indices):
+            base = self.page_ptr(pid)
+            ptrs += [base, base + k]
+            sizes += [k, v]
+        return ptrs, sizes
+
+
+class QuantizedMLATokenToKVPoolHost(_QuantizedHostPool):
+    """Quantized host pool for MLA (DeepSeek) device pools: rope part = key bits, latent = value bits."""
+
+    device_pool: MLATokenToKVPool
+
+    def __init__(self, device_pool, host_to_device_ratio, host_size, page_size, layout, pin_memory=True,
+                 device="cpu", allocator_type="default", override_kv_cache_dim=None, dcp_size=1, dcp_rank=0,
+                 *, pool_label="kv", quant_config=None):
+        if getattr(device_pool, "use_dsa", False):
+            raise ConfigError("quantized HiCache does not support DSA (sparse-attention MLA) pools")
+        super().__init__(device_pool, host_to_device_ratio, host_size, page_size, layout, pin_memory, device,
+                         allocator_type, dcp_size, dcp_rank, pool_label=pool_label, quant_config=quant_config,
+                         override_kv_cache_dim=override_kv_cache_dim)
+
+    @staticmethod
+    def _shape(device_pool) -> KVShape:
+        return KVShape.mla(device_pool.layer_num, device_pool.kv_lora_rank, device_pool.qk_rope_head_dim)
+
+    def get_size_per_token(self) -> int:
+        self.kv_lora_rank = self.device_pool.kv_lora_rank
+        self.qk_rope_head_dim = self.device_pool.qk_rope_head_dim
+        self.kv_cache_dim = self.kv_lora_rank + self.qk_rope_head_dim
+        return super().get_size_per_token()
+
+    def _device_buffers(self, device_pool) -> list[list[torch.Tensor]]:
+        return [device_pool.kv_buffer]
+
+    def get_page_buffer_meta(self, indices) -> tuple[list[int], list[int]]:
+        """One object per page."""
+        pb = self.page_layout.page_bytes
+        pids = self.kvtq_page_ids(indices)
+        return [self.page_ptr(p) for p in pids], [pb] * len(pids)
+
+
+def mha_host_pool_cls_for(device_pool: Any) -> type:
+    """Replacement for SGLang's get_mha_host_pool_cls inside HiRadixCache: one class for both
+    symmetric and asymmetric (head_dim != v_head_dim) K/V, the page layout handles both."""
+    return QuantizedMHATokenToKVPoolHost

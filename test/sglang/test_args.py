@@ -1,0 +1,146 @@
+"""Flags, config transport and start-up validation through SGLang's real argument parsing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import pytest
+from kvtuner_hicache.config import ConfigError, LayerBits, QuantConfig
+from kvtuner_hicache.sglang_ext import args as kargs
+
+pytestmark = pytest.mark.sglang
+
+ENABLE = ["--enable-hierarchical-cache", "--enable-kvtuner-hicache"]
+
+
+def _parse(tiny_model, *extra):
+    from sglang.srt.server_args import prepare_server_args
+
+    return prepare_server_args(["--model-path", tiny_model, "--device", "cpu", *extra])
+
+
+def _fails(capsys, tiny_model, *extra) -> str:
+    with pytest.raises(SystemExit) as exc:
+        _parse(tiny_model, *extra)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_help_lists_all_nine_flags(kvtq_hooks):
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    text = parser.format_help()
+    assert len(kargs.ALL_FLAGS) == 9
+    for flag in kargs.ALL_FLAGS + ["--no-kvtuner-hicache-asym"]:
+        assert flag in text, flag
+
+
+def test_defaults_come_from_quantconfig(kvtq_hooks, tiny_model):
+    sa = _parse(tiny_model, *ENABLE)
+    assert getattr(sa, kargs.SERVER_ARGS_ATTR) == QuantConfig()
+    assert kargs.config_from_env() == QuantConfig()  # what the scheduler processes will read
+
+
+def test_off_by_default(kvtq_hooks, tiny_model):
+    sa = _parse(tiny_model, "--enable-hierarchical-cache")
+    assert getattr(sa, kargs.SERVER_ARGS_ATTR, None) is None
+    assert kargs.ENV_VAR not in os.environ
+
+
+def test_every_flag_reaches_the_config(kvtq_hooks, tiny_model, presets_dir):
+    yaml_path = str(presets_dir / "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml")
+    sa = _parse(tiny_model, *ENABLE, "--kvtuner-hicache-nbits-key", "8", "--kvtuner-hicache-nbits-value", "2",
+                "--no-kvtuner-hicache-asym", "--kvtuner-hicache-axis-key", "0", "--kvtuner-hicache-axis-value", "0",
+                "--kvtuner-hicache-q-group-size", "32", "--kvtuner-hicache-residual-length", "100",
+                "--kvtuner-hicache-config", yaml_path)
+    cfg = getattr(sa, kargs.SERVER_ARGS_ATTR)
+    assert (cfg.nbits_key, cfg.nbits_value, cfg.asym, cfg.axis_key, cfg.axis_value, cfg.q_group_size,
+            cfg.residual_length) == (8, 2, False, 0, 0, 32, 100)
+    assert len(cfg.layer_bits) == 28 and yaml_path in cfg.layer_bits_source
+    assert kargs.config_from_env() == cfg
+
+
+def test_seed_asym_flag_still_works(kvtq_hooks, tiny_model):
+    sa = _parse(tiny_model, *ENABLE, "--kvtuner-hicache-asym")
+    assert getattr(sa, kargs.SERVER_ARGS_ATTR).asym is True
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--kvtuner-hicache-nbits-key", "2"], "--kvtuner-hicache-nbits-key needs --enable-kvtuner-hicache"),
+    (["--no-kvtuner-hicache-asym"], "--kvtuner-hicache-asym needs --enable-kvtuner-hicache"),
+    (["--enable-kvtuner-hicache"], "requires --enable-hierarchical-cache"),
+    ([*ENABLE, "--hicache-io-backend", "direct"], "page_first_direct"),
+    ([*ENABLE, "--hicache-mem-layout", "layer_first"], "--hicache-mem-layout resolved to layer_first"),
+    ([*ENABLE, "--hicache-mem-layout", "page_head"], "resolved to page_head"),
+    ([*ENABLE, "--hicache-mem-layout", "page_first_direct"], "--hicache-io-backend direct"),
+    ([*ENABLE, "--hicache-mem-layout", "page_first_kv_split"], "resolved to page_first_kv_split"),
+    ([*ENABLE, "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
+    ([*ENABLE, "--use-ray"], "--use-ray"),
+    ([*ENABLE, "--hicache-storage-backend", "hf3fs"], "hf3fs"),
+    ([*ENABLE, "--kvtuner-hicache-q-group-size", "48"], "--kvtuner-hicache-q-group-size must be a power of two"),
+    ([*ENABLE, "--kvtuner-hicache-residual-length", "-1"], "--kvtuner-hicache-residual-length"),
+    ([*ENABLE, "--kvtuner-hicache-config", "/nonexistent.yaml"], "--kvtuner-hicache-config /nonexistent.yaml"),
+    ([*ENABLE, "--kvtuner-hicache-nbits-key", "3"], "--kvtuner-hicache-nbits-key"),  # argparse choices
+])
+def test_cli_mistakes_fail_cleanly(kvtq_hooks, tiny_model, capsys, extra, needle):
+    err = _fails(capsys, tiny_model, *extra)
+    assert needle in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("env", ["SGLANG_USE_HND_KVCACHE", "SGLANG_ENABLE_UNIFIED_RADIX_TREE"])
+def test_unsupported_env_rejected(kvtq_hooks, tiny_model, capsys, env):
+    os.environ[env] = "1"
+    assert env in _fails(capsys, tiny_model, *ENABLE)
+
+
+def test_two_mistakes_two_lines(kvtq_hooks, tiny_model, capsys):
+    err = _fails(capsys, tiny_model, *ENABLE, "--hicache-storage-backend", "hf3fs", "--use-ray")
+    assert err.count("\n  - ") == 2
+
+
+def test_engine_kwargs_use_env(kvtq_hooks, tiny_model):
+    """Engine(**kwargs) builds ServerArgs directly: the env var carries the config and the checks run."""
+    from sglang.srt.server_args import ServerArgs
+
+    kargs.set_env_config(QuantConfig(nbits_key=8))
+    sa = ServerArgs(model_path=tiny_model, device="cpu", enable_hierarchical_cache=True)
+    assert getattr(sa, kargs.SERVER_ARGS_ATTR).nbits_key == 8
+    with pytest.raises(ConfigError, match="requires --enable-hierarchical-cache"):
+        ServerArgs(model_path=tiny_model, device="cpu")
+
+
+def test_enable_for_engine(kvtq_hooks, monkeypatch, presets_dir):
+    import importlib.metadata as md
+
+    from kvtuner_hicache.sglang_ext import enable_for_engine
+
+    class EP:
+        name = "kvtuner_hicache"
+
+    monkeypatch.setattr(md, "entry_points", lambda group=None: [EP()])
+    cfg = enable_for_engine(nbits_key=2, nbits_value=8, config=str(presets_dir / "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml"))
+    assert kargs.config_from_env() == cfg and cfg.layer_bits is not None
+    with pytest.raises(ConfigError, match="nbits-key"):
+        enable_for_engine(nbits_key=3)
+    monkeypatch.setenv("SGLANG_PLUGINS", "other")
+    with pytest.raises(ConfigError, match="SGLANG_PLUGINS"):
+        enable_for_engine()
+    monkeypatch.setattr(md, "entry_points", lambda group=None: [])
+    monkeypatch.delenv("SGLANG_PLUGINS")
+    with pytest.raises(ConfigError, match="entry point is not installed"):
+        enable_for_engine()
+
+
+def test_env_json_roundtrip_and_errors():
+    cfg = QuantConfig(nbits_key=8, asym=False, residual_length=64, layer_bits={0: LayerBits(2, 4), 1: LayerBits(8, 8)})
+    assert kargs.config_from_json(kargs.config_to_json(cfg)) == cfg
+    assert kargs.config_from_json(kargs.config_to_json(cfg)).residual_length == 64
+    with pytest.raises(ConfigError, match=kargs.ENV_VAR):
+        kargs.config_from_json("{not json")
+    with pytest.raises(ConfigError, match="nbits-key"):
+        kargs.config_from_json(json.dumps({"nbits_key": 5}))
