@@ -1,0 +1,98 @@
+"""How the backend names `juicefs` and `lmcache` get into SGLang 0.5.17 (hooks for the plugin).
+
+- `ServerArgs.add_cli_args` (AROUND): add our names to `--hicache-storage-backend`'s fixed choices
+  and add `--hicache-storage-backend-config` as an alias of `--hicache-storage-backend-extra-config`
+  (same dest, so SGLang sees only its own field).
+- `StorageBackendFactory.create_backend` (BEFORE): put our names in the factory's registry (a class
+  dict) so the normal lookup path runs; it changes no arguments.
+- `StorageBackendFactory._create_builtin_backend` (AROUND): build our classes for our names.
+None of these bypasses another hook, so the order relative to the namespacing proxy's AROUND hook
+on `create_backend` does not matter: our backends come out of `create_backend` like built-in ones
+and get wrapped the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from typing import Any
+
+from sglang.srt.plugins.hook_registry import HookType
+
+from kvtuner_hicache.sglang_ext.backends import BACKENDS
+
+logger = logging.getLogger(__name__)
+
+T_ADD_CLI = "sglang.srt.server_args.ServerArgs.add_cli_args"
+T_CREATE = "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory.create_backend"
+T_BUILTIN = "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory._create_builtin_backend"
+ALIAS_FLAG = "--hicache-storage-backend-config"
+EXTRA_DEST = "hicache_storage_backend_extra_config"
+BACKEND_DEST = "hicache_storage_backend"
+
+
+def extend_parser(parser: argparse.ArgumentParser) -> None:
+    """Add our backend names to the choices and the config alias. Idempotent."""
+    for action in parser._actions:
+        if action.dest == BACKEND_DEST and action.choices is not None:
+            action.choices = list(action.choices) + [n for n in BACKENDS if n not in action.choices]
+    if ALIAS_FLAG not in parser._option_string_actions:
+        # SUPPRESS: leave SGLang's own default in place when only the canonical flag (or neither) is given
+        parser.add_argument(ALIAS_FLAG, dest=EXTRA_DEST, default=argparse.SUPPRESS, metavar="JSON",
+                            help="Alias of --hicache-storage-backend-extra-config (JSON or @file).")
+
+
+def _add_cli_args(orig: Any, parser: argparse.ArgumentParser) -> Any:
+    out = orig(parser)
+    extend_parser(parser)
+    return out
+
+
+def ensure_registered(factory: Any) -> None:
+    reg = factory._registry
+    for name, (module, cls_name) in BACKENDS.items():
+        if name not in reg:
+            factory.register_backend(name, module, cls_name)
+
+
+def _before_create_backend(cls: Any, *args: Any, **kwargs: Any) -> None:
+    ensure_registered(cls)
+    return None  # arguments unchanged
+
+
+def build_backend(backend_name: str, storage_config: Any, mem_pool_host: Any = None) -> Any:
+    """Construct our backend `backend_name` (also used by tests without the factory)."""
+    module, cls_name = BACKENDS[backend_name]
+    cls = getattr(importlib.import_module(module), cls_name)
+    extra = dict(getattr(storage_config, "extra_config", None) or {})
+    return cls(storage_config, extra)
+
+
+def _create_builtin_backend(orig: Any, cls: Any, backend_name: str, backend_class: Any, storage_config: Any,
+                            mem_pool_host: Any, *args: Any, **kwargs: Any) -> Any:
+    if backend_name in BACKENDS:
+        return backend_class(storage_config, dict(getattr(storage_config, "extra_config", None) or {}))
+    return orig(cls, backend_name, backend_class, storage_config, mem_pool_host, *args, **kwargs)
+
+
+HOOKS: list[tuple[str, Any, HookType]] = [
+    (T_ADD_CLI, _add_cli_args, HookType.AROUND),
+    (T_CREATE, _before_create_backend, HookType.BEFORE),
+    (T_BUILTIN, _create_builtin_backend, HookType.AROUND),
+]
+
+
+_registered = False
+
+
+def register_hooks() -> None:
+    """Register HOOKS with SGLang's HookRegistry (the plugin's register() calls this). Idempotent."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    for target, fn, kind in HOOKS:
+        HookRegistry.register(target, fn, kind)
