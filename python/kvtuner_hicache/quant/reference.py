@@ -55,9 +55,20 @@ def f16_round_down(v: torch.Tensor) -> torch.Tensor:
 
 
 def sanitize(x: torch.Tensor) -> torch.Tensor:
-    """Define non-finite and out-of-fp16-range inputs: NaN -> 0, saturate to +-65504."""
+    """Define non-finite and out-of-fp16-range inputs: NaN -> 0, saturate to +-65504, -0 -> +0.
+
+    The last step makes min/max independent of the reduction order (amin/amax of -0 and +0 return
+    whichever they meet first, so the stored fp16 min/scale bits of a group containing both would
+    differ between CPU, CUDA and the native kernels); -0 + 0 = +0 in IEEE round-to-nearest.
+    """
     x = x.float()
-    return torch.nan_to_num(x, nan=0.0, posinf=F16_MAX, neginf=-F16_MAX).clamp_(-F16_MAX, F16_MAX)
+    return torch.nan_to_num(x, nan=0.0, posinf=F16_MAX, neginf=-F16_MAX).clamp_(-F16_MAX, F16_MAX).add_(0.0)
+
+
+def _div(a: torch.Tensor, b: float) -> torch.Tensor:
+    """IEEE a / b on every device. CUDA torch turns `tensor / python_float` into a * (1 / b), which can
+    differ from the correctly rounded quotient by one ulp; a 0-dim tensor on a's device avoids that."""
+    return a / torch.full((), b, dtype=a.dtype, device=a.device)
 
 
 def quantize_groups(x: torch.Tensor, bits: int, asym: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -66,12 +77,12 @@ def quantize_groups(x: torch.Tensor, bits: int, asym: bool) -> tuple[torch.Tenso
     if asym:
         levels = float(2**bits - 1)
         mn = f16_round_down(x.amin(dim=-1))
-        scale = f16_round_up((x.amax(dim=-1) - mn.float()) / levels)
+        scale = f16_round_up(_div(x.amax(dim=-1) - mn.float(), levels))
         s = scale.float().unsqueeze(-1)
         q = torch.where(s > 0, torch.round((x - mn.float().unsqueeze(-1)) / s), torch.zeros_like(x))
         return q.clamp_(0.0, levels).to(torch.uint8), scale, mn
     qmax = float(2 ** (bits - 1) - 1)
-    scale = f16_round_up(x.abs().amax(dim=-1) / qmax)
+    scale = f16_round_up(_div(x.abs().amax(dim=-1), qmax))
     s = scale.float().unsqueeze(-1)
     q = torch.where(s > 0, torch.round(x / s), torch.zeros_like(x))
     return (q.clamp_(-qmax, qmax) + 2 ** (bits - 1)).to(torch.uint8), scale, None

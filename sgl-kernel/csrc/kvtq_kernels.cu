@@ -1,0 +1,680 @@
+// Quantized HiCache page codec kernels. Spec: docs/page-format.md. Ground truth:
+// python/kvtuner_hicache/quant/reference.py.
+//
+// Bit-exactness rules followed here (compile WITHOUT --use_fast_math; -fmad=false as a guard):
+//  * every float step is one IEEE fp32 operation through an explicit intrinsic
+//    (__fsub_rn, __fdiv_rn, __fmul_rn, __fadd_rn), so no FMA contraction and no
+//    reciprocal-based division can creep in;
+//  * rint is rintf (round half to even, like torch.round);
+//  * fp16 metadata: min rounded down (__float2half_rd), scale rounded up (__float2half_ru). Both
+//    equal the reference's "round to nearest, then step one fp16 ulp" for every finite input,
+//    including signed zeros and subnormals;
+//  * inputs are sanitized like the reference (NaN -> 0, clamp to +-65504, -0 -> +0), so min/max
+//    are order-independent and the reduction order does not matter;
+//  * the dequantized fp32 value is rounded to the pool dtype with round-to-nearest-even.
+#include "kvtq_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace kvtq {
+namespace {
+
+constexpr float kF16Max = 65504.f;
+
+// ---- element conversion ------------------------------------------------------------------------
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float lo(uint32_t w) { return __uint_as_float(w << 16); }
+  static __device__ __forceinline__ float hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+  static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+    uint32_t x = __bfloat16_as_ushort(__float2bfloat16_rn(a));
+    uint32_t y = __bfloat16_as_ushort(__float2bfloat16_rn(b));
+    return x | (y << 16);
+  }
+};
+
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float lo(uint32_t w) { return __half2float(__ushort_as_half((unsigned short)(w & 0xffffu))); }
+  static __device__ __forceinline__ float hi(uint32_t w) { return __half2float(__ushort_as_half((unsigned short)(w >> 16))); }
+  static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+    uint32_t x = __half_as_ushort(__float2half_rn(a));
+    uint32_t y = __half_as_ushort(__float2half_rn(b));
+    return x | (y << 16);
+  }
+};
+
+__device__ __forceinline__ float sanitize(float x) {
+  x = isnan(x) ? 0.f : x;                         // nan_to_num(nan=0)
+  x = fminf(fmaxf(x, -kF16Max), kF16Max);          // +-inf -> +-65504, clamp to the fp16 range
+  return __fadd_rn(x, 0.f);                        // -0 -> +0 (min/max of signed zeros is order-dependent)
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& r, float v[8]) {
+  v[0] = sanitize(Elem<T>::lo(r.x)); v[1] = sanitize(Elem<T>::hi(r.x));
+  v[2] = sanitize(Elem<T>::lo(r.y)); v[3] = sanitize(Elem<T>::hi(r.y));
+  v[4] = sanitize(Elem<T>::lo(r.z)); v[5] = sanitize(Elem<T>::hi(r.z));
+  v[6] = sanitize(Elem<T>::lo(r.w)); v[7] = sanitize(Elem<T>::hi(r.w));
+}
+
+// ---- quantizer math (one IEEE op per step, exactly as reference.py) ---------------------------
+
+struct QP {
+  float s, m;         // stored scale / min, as fp32
+  float inv;          // RN(1 / s) (0 when s == 0), for the division fast path
+  uint16_t s16, m16;  // their fp16 bit patterns
+};
+
+__device__ __forceinline__ QP make_qp(float mn, float mx, int bits, bool asym) {
+  QP q;
+  if (asym) {
+    const float levels = (float)((1 << bits) - 1);
+    const __half hm = __float2half_rd(mn);
+    q.m = __half2float(hm);
+    const __half hs = __float2half_ru(__fdiv_rn(__fsub_rn(mx, q.m), levels));
+    q.s = __half2float(hs);
+    q.m16 = __half_as_ushort(hm);
+    q.s16 = __half_as_ushort(hs);
+  } else {
+    const float qmax = (float)((1 << (bits - 1)) - 1);
+    const float amax = fmaxf(fabsf(mn), fabsf(mx));  // == max|x| exactly
+    const __half hs = __float2half_ru(__fdiv_rn(amax, qmax));
+    q.s = __half2float(hs);
+    q.m = 0.f;
+    q.s16 = __half_as_ushort(hs);
+    q.m16 = 0;
+  }
+  q.inv = q.s > 0.f ? __frcp_rn(q.s) : 0.f;
+  return q;
+}
+
+// rint(RN(n / s)), bit-exact, mostly without a division. r = RN(n * RN(1/s)) is within 2 roundings
+// (relative 1.2e-7) of the exact quotient, and the quantizer's quotients are bounded by
+// 2^bits * (1 + 2^-23) <= 257 (s is rounded up from range / levels), so |r - RN(n/s)| < 5e-5. rint can
+// only differ when a half-integer lies that close to r; then the correctly rounded division decides.
+__device__ __forceinline__ float rint_quot(float n, float s, float inv) {
+  const float r = __fmul_rn(n, inv);
+  const float k = rintf(r);
+  if (fabsf(__fsub_rn(r, k)) < 0.4999f) return k;
+  return rintf(__fdiv_rn(n, s));
+}
+
+__device__ __forceinline__ uint32_t quant(float x, const QP& q, int bits, bool asym) {
+  if (asym) {
+    const float levels = (float)((1 << bits) - 1);
+    const float r = q.s > 0.f ? rint_quot(__fsub_rn(x, q.m), q.s, q.inv) : 0.f;
+    return (uint32_t)fminf(fmaxf(r, 0.f), levels);
+  }
+  const float qmax = (float)((1 << (bits - 1)) - 1);
+  float r = q.s > 0.f ? rint_quot(x, q.s, q.inv) : 0.f;
+  r = fminf(fmaxf(r, -qmax), qmax);
+  return (uint32_t)((int)r + (1 << (bits - 1)));
+}
+
+template <int BITS>
+__device__ __forceinline__ float dequant(uint32_t u, float s, float m, bool asym) {
+  if (asym) return __fadd_rn(__fmul_rn((float)u, s), m);
+  return __fmul_rn(__fsub_rn((float)u, (float)(1 << (BITS - 1))), s);
+}
+
+// 8 codes -> `bits` bytes, element e at bit e * bits (little-endian inside the word).
+__device__ __forceinline__ void store_codes8(uint8_t* dst, const uint32_t u[8], int bits) {
+  if (bits == 8) {
+    uint2 w;
+    w.x = u[0] | (u[1] << 8) | (u[2] << 16) | (u[3] << 24);
+    w.y = u[4] | (u[5] << 8) | (u[6] << 16) | (u[7] << 24);
+    *reinterpret_cast<uint2*>(dst) = w;
+  } else if (bits == 4) {
+    uint32_t w = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) w |= u[e] << (4 * e);
+    *reinterpret_cast<uint32_t*>(dst) = w;
+  } else {
+    uint32_t w = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) w |= u[e] << (2 * e);
+    *reinterpret_cast<uint16_t*>(dst) = (uint16_t)w;
+  }
+}
+
+template <int BITS>
+__device__ __forceinline__ void load_codes8(const uint8_t* src, uint32_t u[8]) {
+  constexpr uint32_t mask = (1u << BITS) - 1u;
+  if constexpr (BITS == 8) {
+    const uint2 w = *reinterpret_cast<const uint2*>(src);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) { u[e] = (w.x >> (8 * e)) & mask; u[e + 4] = (w.y >> (8 * e)) & mask; }
+  } else if constexpr (BITS == 4) {
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(src);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) u[e] = (w >> (4 * e)) & mask;
+  } else {
+    const uint32_t w = *reinterpret_cast<const uint16_t*>(src);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) u[e] = (w >> (2 * e)) & mask;
+  }
+}
+
+__device__ __forceinline__ void put_meta(uint8_t* chunk, const ChunkDesc& c, int64_t g, const QP& q) {
+  reinterpret_cast<uint16_t*>(chunk + c.scale_off)[g] = q.s16;
+  if (c.asym) reinterpret_cast<uint16_t*>(chunk + c.min_off)[g] = q.m16;
+}
+
+// ---- encode -------------------------------------------------------------------------------------
+
+struct EncShared {
+  float red_min[kThreads * 8];
+  float red_max[kThreads * 8];
+  float s_s[kThreads];
+  float s_m[kThreads];
+  float s_i[kThreads];
+  float w_min[kEncItemsPerThread][kThreads / 32];
+  float w_max[kEncItemsPerThread][kThreads / 32];
+};
+
+// Groups smaller than one 8-element item (G = 2 or 4), fully unrolled.
+template <int GS>
+__device__ __forceinline__ void small_groups(const float v[8], uint32_t code[8], uint8_t* chunk, const ChunkDesc& c, int i,
+                                             bool asym) {
+#pragma unroll
+  for (int g0 = 0; g0 < 8; g0 += GS) {
+    float mn = v[g0], mx = v[g0];
+#pragma unroll
+    for (int e = 1; e < GS; ++e) { mn = fminf(mn, v[g0 + e]); mx = fmaxf(mx, v[g0 + e]); }
+    const QP q = make_qp(mn, mx, c.bits, asym);
+    put_meta(chunk, c, ((int64_t)i * 8 + g0) / GS, q);
+#pragma unroll
+    for (int e = 0; e < GS; ++e) code[g0 + e] = quant(v[g0 + e], q, c.bits, asym);
+  }
+}
+
+// Per-token groups (axis 0): group = G consecutive elements of one (token, head).
+// Unit = kEncItemsPerUnit consecutive 8-element items of the chunk's [page_size, width] plane.
+template <typename T>
+__device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDesc& c, int p, int u, uint8_t* chunk, EncShared& sh) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int W8 = c.width >> 3;
+  const int items = A.page_size * W8;
+  const T* src = reinterpret_cast<const T*>(A.ptrs[c.buffer * A.num_layers + c.layer]);
+  const int64_t rs = c.buffer ? A.row_stride[1] : A.row_stride[0];
+  const int64_t hs = c.buffer ? A.head_stride[1] : A.head_stride[0];
+  const int64_t* tok = A.token_index + (int64_t)p * A.page_size;
+  const int G = c.group, bits = c.bits;
+  const bool asym = c.asym != 0;
+
+  uint4 raw[kEncItemsPerThread];
+#pragma unroll
+  for (int j = 0; j < kEncItemsPerThread; ++j) {
+    const int i = u * kEncItemsPerUnit + j * kThreads + tid;
+    raw[j] = make_uint4(0u, 0u, 0u, 0u);
+    if (i < items) {
+      const int t = i / W8;
+      const int col = (i - t * W8) * 8;
+      const int h = col / c.dim, d = col - h * c.dim;
+      const int64_t row = tok[t];
+      raw[j] = *reinterpret_cast<const uint4*>(src + row * rs + h * hs + c.col_off + d);
+    }
+  }
+
+#pragma unroll
+  for (int j = 0; j < kEncItemsPerThread; ++j) {
+    const int i = u * kEncItemsPerUnit + j * kThreads + tid;
+    const bool valid = i < items;
+    float v[8];
+    unpack8<T>(raw[j], v);
+    uint32_t code[8];
+    if (G >= 8) {
+      float mn = v[0], mx = v[0];
+#pragma unroll
+      for (int e = 1; e < 8; ++e) { mn = fminf(mn, v[e]); mx = fmaxf(mx, v[e]); }
+      if (!valid) { mn = INFINITY; mx = -INFINITY; }
+      const int lanes = G >> 3;  // items per group
+      const int wl = lanes < 32 ? lanes : 32;
+      for (int off = 1; off < wl; off <<= 1) {
+        mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, off));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      }
+      if (lanes > 32) {  // group spans warps (G > 256); block-uniform branch
+        if (lane == 0) { sh.w_min[j][warp] = mn; sh.w_max[j][warp] = mx; }
+        __syncthreads();
+        const int nw = lanes >> 5;
+        const int w0 = warp & ~(nw - 1);
+        mn = INFINITY; mx = -INFINITY;
+        for (int w = w0; w < w0 + nw; ++w) { mn = fminf(mn, sh.w_min[j][w]); mx = fmaxf(mx, sh.w_max[j][w]); }
+      }
+      if (valid) {
+        const QP q = make_qp(mn, mx, bits, asym);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) code[e] = quant(v[e], q, bits, asym);
+        store_codes8(chunk + (int64_t)i * bits, code, bits);
+        if ((i & (lanes - 1)) == 0) put_meta(chunk, c, ((int64_t)i * 8) / G, q);
+      }
+    } else if (valid) {  // G in {2, 4}: 8 / G whole groups per item
+      if (G == 4) small_groups<4>(v, code, chunk, c, i, asym);
+      else small_groups<2>(v, code, chunk, c, i, asym);
+      store_codes8(chunk + (int64_t)i * bits, code, bits);
+    }
+  }
+}
+
+// Per-channel groups (axis 1): group = G consecutive tokens of one (head, channel).
+// Unit = (token tile of G tokens, block of kc 8-column items). Thread (kc_i, tr) holds rows
+// tr, tr + TR, ... of its 8 columns; column min/max are reduced through shared memory.
+template <typename T>
+__device__ __forceinline__ void encode_axis1(const EncodeArgs& A, const ChunkDesc& c, int p, int u, uint8_t* chunk, EncShared& sh) {
+  const int tid = threadIdx.x;
+  const int KC = c.kc;
+  const int TR = kThreads / KC;
+  const int kci = tid & (KC - 1);
+  const int tr = tid / KC;
+  const int G = c.group, bits = c.bits;
+  const int W8 = c.width >> 3;
+  const bool asym = c.asym != 0;
+  const int tile = u / c.ncb;
+  const int cb = u - tile * c.ncb;
+  const int k = cb * KC + kci;
+  const bool colvalid = k < W8;
+  const int col = k * 8;
+  const int h = col / c.dim, d = col - h * c.dim;
+  const int t0 = tile * G;
+  const int nt = (G + TR - 1) / TR;
+  const T* src = reinterpret_cast<const T*>(A.ptrs[c.buffer * A.num_layers + c.layer]);
+  const int64_t rs = c.buffer ? A.row_stride[1] : A.row_stride[0];
+  const int64_t hs = c.buffer ? A.head_stride[1] : A.head_stride[0];
+  const int64_t* tok = A.token_index + (int64_t)p * A.page_size + t0;
+
+  uint4 raw[kEncMaxTokensPerThread];
+#pragma unroll
+  for (int m = 0; m < kEncMaxTokensPerThread; ++m) {
+    raw[m] = make_uint4(0u, 0u, 0u, 0u);
+    const int t = tr + m * TR;
+    if (m < nt && colvalid && t < G) raw[m] = *reinterpret_cast<const uint4*>(src + tok[t] * rs + h * hs + c.col_off + d);
+  }
+  float lmn[8], lmx[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) { lmn[e] = INFINITY; lmx[e] = -INFINITY; }
+#pragma unroll
+  for (int m = 0; m < kEncMaxTokensPerThread; ++m) {
+    const int t = tr + m * TR;
+    if (m < nt && colvalid && t < G) {
+      float v[8];
+      unpack8<T>(raw[m], v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) { lmn[e] = fminf(lmn[e], v[e]); lmx[e] = fmaxf(lmx[e], v[e]); }
+    }
+  }
+  const int CW = KC * 8;  // columns per unit
+  float4* rmn = reinterpret_cast<float4*>(sh.red_min + tr * CW + kci * 8);
+  float4* rmx = reinterpret_cast<float4*>(sh.red_max + tr * CW + kci * 8);
+  rmn[0] = make_float4(lmn[0], lmn[1], lmn[2], lmn[3]);
+  rmn[1] = make_float4(lmn[4], lmn[5], lmn[6], lmn[7]);
+  rmx[0] = make_float4(lmx[0], lmx[1], lmx[2], lmx[3]);
+  rmx[1] = make_float4(lmx[4], lmx[5], lmx[6], lmx[7]);
+  __syncthreads();
+  if (tid < CW) {
+    float mn = INFINITY, mx = -INFINITY;
+    for (int r = 0; r < TR; ++r) { mn = fminf(mn, sh.red_min[r * CW + tid]); mx = fmaxf(mx, sh.red_max[r * CW + tid]); }
+    const int gcol = cb * CW + tid;
+    if (gcol < c.width) {
+      const QP q = make_qp(mn, mx, bits, asym);
+      sh.s_s[tid] = q.s;
+      sh.s_m[tid] = q.m;
+      sh.s_i[tid] = q.inv;
+      put_meta(chunk, c, (int64_t)tile * c.width + gcol, q);
+    }
+  }
+  __syncthreads();
+  if (colvalid) {
+    QP q[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      q[e].s = sh.s_s[kci * 8 + e];
+      q[e].m = sh.s_m[kci * 8 + e];
+      q[e].inv = sh.s_i[kci * 8 + e];
+    }
+#pragma unroll
+    for (int m = 0; m < kEncMaxTokensPerThread; ++m) {
+      const int t = tr + m * TR;
+      if (m < nt && t < G) {
+        float v[8];
+        unpack8<T>(raw[m], v);
+        uint32_t code[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) code[e] = quant(v[e], q[e], bits, asym);
+        store_codes8(chunk + ((int64_t)(t0 + t) * W8 + k) * bits, code, bits);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void zero_range(uint8_t* base, int a, int b) {
+  for (int x = a + (int)threadIdx.x; x < b; x += kThreads) base[x] = 0;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) encode_kernel(const EncodeArgs A) {
+  __shared__ __align__(16) EncShared sh;
+  const int ua = blockIdx.x;
+  const int pl = blockIdx.y;             // page within this launch
+  const int p = A.page_base + pl;        // page within the batch
+  const ChunkDesc c = A.chunks[A.unit_chunk[ua]];
+  const int u = ua - c.unit_start;
+  uint8_t* page = A.out + (int64_t)p * A.out_stride;
+  uint8_t* chunk = page + c.offset;
+  if (ua == 0 && threadIdx.x < 8)
+    reinterpret_cast<uint4*>(page)[threadIdx.x] = reinterpret_cast<const uint4*>(A.header)[threadIdx.x];
+  if (u == 0) {  // zero the alignment padding of this chunk
+    const int ng2 = c.num_groups * 2;
+    zero_range(chunk, c.codes_bytes, c.scale_off);
+    zero_range(chunk, c.scale_off + ng2, c.asym ? c.min_off : c.nbytes);
+    if (c.asym) zero_range(chunk, c.min_off + ng2, c.nbytes);
+  }
+  if (c.axis == 0) encode_axis0<T>(A, c, p, u, chunk, sh);
+  else encode_axis1<T>(A, c, p, u, chunk, sh);
+}
+
+// ---- decode -------------------------------------------------------------------------------------
+
+// Everything a block needs about one unit (= a token range of one stream of one page).
+struct UnitCtx {
+  int s;            // stream
+  int p;            // page within the batch
+  int t0;           // first token of the unit inside the page
+  int nwords;       // 16-byte code words
+  int m0, mcount;   // metadata range (fp16 entries)
+  bool meta_vec;    // metadata range is 16-byte aligned
+  const uint8_t* codes;
+  const uint8_t* scale;
+  const uint8_t* minp;
+};
+
+__device__ __forceinline__ UnitCtx unit_ctx(const DecodeArgs& A, int unit) {
+  UnitCtx x;
+  x.p = unit / A.units_per_page;
+  const int r = unit - x.p * A.units_per_page;
+  x.s = (A.nstreams > 1 && r >= (int)A.st[0].units) ? 1 : 0;
+  const DecodeStream S = x.s ? A.st[1] : A.st[0];
+  const int uu = x.s ? r - (int)A.st[0].units : r;
+  const int W = (int)S.width, G = (int)S.group, TU = (int)S.unit_tokens;
+  x.t0 = uu * TU;
+  const int64_t page_id = A.page_ids[x.p];
+  const uint8_t* chunk = A.pages + page_id * A.page_stride + S.offset;
+  x.nwords = (int)((int64_t)TU * W * S.bits / 128);
+  x.codes = chunk + (int64_t)x.t0 * W * S.bits / 8;
+  if (S.axis == 0) {
+    x.m0 = (int)((int64_t)x.t0 * W / G);
+    x.mcount = (int)((int64_t)TU * W / G);
+  } else {
+    x.m0 = (x.t0 / G) * W;
+    x.mcount = ((TU + G - 1) / G) * W;
+  }
+  x.scale = chunk + S.scale_off + 2 * (int64_t)x.m0;
+  x.minp = chunk + S.min_off + 2 * (int64_t)x.m0;
+  x.meta_vec = ((x.m0 | x.mcount) & 7) == 0;
+  return x;
+}
+
+struct UnitRegs {
+  uint4 c[kDecCodeWordsPerThread];
+  uint4 s[kDecMetaWordsPerThread];
+  uint4 m[kDecMetaWordsPerThread];
+};
+
+// Issue every global (host) load of a unit into registers: 16-byte words, coalesced.
+__device__ __forceinline__ void unit_load(const DecodeArgs& A, const UnitCtx& x, UnitRegs& R) {
+  const int tid = threadIdx.x;
+  const bool asym = (x.s ? A.st[1].asym : A.st[0].asym) != 0;
+#pragma unroll
+  for (int j = 0; j < kDecCodeWordsPerThread; ++j) {
+    const int w = tid + j * kThreads;
+    if (w < x.nwords) R.c[j] = reinterpret_cast<const uint4*>(x.codes)[w];
+  }
+  if (x.meta_vec) {
+    const int nmw = x.mcount >> 3;
+#pragma unroll
+    for (int j = 0; j < kDecMetaWordsPerThread; ++j) {
+      const int w = tid + j * kThreads;
+      if (w < nmw) {
+        R.s[j] = reinterpret_cast<const uint4*>(x.scale)[w];
+        if (asym) R.m[j] = reinterpret_cast<const uint4*>(x.minp)[w];
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void unit_stash(const DecodeArgs& A, const UnitCtx& x, const UnitRegs& R, uint8_t* s_codes,
+                                           uint16_t* s_scale, uint16_t* s_min) {
+  const int tid = threadIdx.x;
+  const bool asym = (x.s ? A.st[1].asym : A.st[0].asym) != 0;
+#pragma unroll
+  for (int j = 0; j < kDecCodeWordsPerThread; ++j) {
+    const int w = tid + j * kThreads;
+    if (w < x.nwords) reinterpret_cast<uint4*>(s_codes)[w] = R.c[j];
+  }
+  if (x.meta_vec) {
+    const int nmw = x.mcount >> 3;
+#pragma unroll
+    for (int j = 0; j < kDecMetaWordsPerThread; ++j) {
+      const int w = tid + j * kThreads;
+      if (w < nmw) {
+        reinterpret_cast<uint4*>(s_scale)[w] = R.s[j];
+        if (asym) reinterpret_cast<uint4*>(s_min)[w] = R.m[j];
+      }
+    }
+  } else {  // unaligned metadata range (tiny shapes only): 2-byte loads
+    for (int w = tid; w < x.mcount; w += kThreads) {
+      s_scale[w] = reinterpret_cast<const uint16_t*>(x.scale)[w];
+      if (asym) s_min[w] = reinterpret_cast<const uint16_t*>(x.minp)[w];
+    }
+  }
+}
+
+template <typename T, int BITS>
+__device__ __forceinline__ void unit_emit(const DecodeArgs& A, const UnitCtx& x, const uint8_t* s_codes, const uint16_t* s_scale,
+                          const uint16_t* s_min) {
+  const DecodeStream S = x.s ? A.st[1] : A.st[0];
+  const int W = (int)S.width, W8 = W >> 3, G = (int)S.group, dim = (int)S.dim, TU = (int)S.unit_tokens;
+  const bool asym = S.asym != 0;
+  const int col_off = (int)S.col_off;
+  const int b = (int)S.buffer;
+  T* base = reinterpret_cast<T*>(b ? A.dst[1] : A.dst[0]);
+  const int64_t rs = b ? A.row_stride[1] : A.row_stride[0];
+  const int64_t hs = b ? A.head_stride[1] : A.head_stride[0];
+  const int64_t* tok = A.token_index + (int64_t)x.p * A.page_size + x.t0;
+  const int npieces = TU * W8;
+  const int tile0 = x.t0 / G;
+  for (int q = threadIdx.x; q < npieces; q += kThreads) {
+    const int lt = q / W8;
+    const int col = (q - lt * W8) * 8;
+    uint32_t u[8];
+    load_codes8<BITS>(s_codes + q * BITS, u);
+    float val[8];
+    if (S.axis == 0) {
+      if (G >= 8) {
+        const int gi = (q * 8) / G;
+        const float s = __half2float(__ushort_as_half(s_scale[gi]));
+        const float m = asym ? __half2float(__ushort_as_half(s_min[gi])) : 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) val[e] = dequant<BITS>(u[e], s, m, asym);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int gi = (q * 8 + e) / G;
+          const float s = __half2float(__ushort_as_half(s_scale[gi]));
+          const float m = asym ? __half2float(__ushort_as_half(s_min[gi])) : 0.f;
+          val[e] = dequant<BITS>(u[e], s, m, asym);
+        }
+      }
+    } else {
+      const int gi = ((x.t0 + lt) / G - tile0) * W + col;
+      const uint4 sv = *reinterpret_cast<const uint4*>(s_scale + gi);
+      uint4 mv = make_uint4(0u, 0u, 0u, 0u);
+      if (asym) mv = *reinterpret_cast<const uint4*>(s_min + gi);
+      const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w};
+      const uint32_t mw[4] = {mv.x, mv.y, mv.z, mv.w};
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float s = __half2float(__ushort_as_half((unsigned short)((sw[e >> 1] >> (16 * (e & 1))) & 0xffffu)));
+        const float m = __half2float(__ushort_as_half((unsigned short)((mw[e >> 1] >> (16 * (e & 1))) & 0xffffu)));
+        val[e] = dequant<BITS>(u[e], s, m, asym);
+      }
+    }
+    uint4 o;
+    o.x = Elem<T>::pack2(val[0], val[1]);
+    o.y = Elem<T>::pack2(val[2], val[3]);
+    o.z = Elem<T>::pack2(val[4], val[5]);
+    o.w = Elem<T>::pack2(val[6], val[7]);
+    const int h = col / dim, d = col - h * dim;
+    *reinterpret_cast<uint4*>(base + tok[lt] * rs + h * hs + col_off + d) = o;
+  }
+}
+
+// Persistent, bounded grid: block b handles units b, b + gridDim.x, ...; the global (PCIe) loads of
+// the next unit are in flight while the current one is dequantized and stored.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeArgs A) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* s_codes = smem;
+  uint16_t* s_scale = reinterpret_cast<uint16_t*>(smem + A.smem_codes);
+  uint16_t* s_min = s_scale + A.smem_meta;
+  const int total = A.n_pages * A.units_per_page;
+  int unit = blockIdx.x;
+  if (unit >= total) return;
+  UnitCtx cur = unit_ctx(A, unit);
+  UnitRegs R;
+  unit_load(A, cur, R);
+  while (true) {
+    unit_stash(A, cur, R, s_codes, s_scale, s_min);
+    __syncthreads();
+    const int next = unit + gridDim.x;
+    UnitCtx nxt;
+    if (next < total) {
+      nxt = unit_ctx(A, next);
+      unit_load(A, nxt, R);
+    }
+    const int bits = (int)(cur.s ? A.st[1].bits : A.st[0].bits);
+    if (bits == 8) unit_emit<T, 8>(A, cur, s_codes, s_scale, s_min);
+    else if (bits == 4) unit_emit<T, 4>(A, cur, s_codes, s_scale, s_min);
+    else unit_emit<T, 2>(A, cur, s_codes, s_scale, s_min);
+    if (next >= total) break;
+    __syncthreads();
+    unit = next;
+    cur = nxt;
+  }
+}
+
+// ---- bf16 baselines (benchmark only) -------------------------------------------------------------
+
+constexpr int kRowChunks = 4;  // up to 4 x 512 B per row per warp in flight
+
+__device__ __forceinline__ void warp_copy_row(uint8_t* dst, const uint8_t* src, int row_bytes, int lane) {
+  for (int base = 0; base < row_bytes; base += 512 * kRowChunks) {
+    uint4 r[kRowChunks];
+#pragma unroll
+    for (int j = 0; j < kRowChunks; ++j) {
+      const int o = base + j * 512 + lane * 16;
+      if (o < row_bytes) r[j] = *reinterpret_cast<const uint4*>(src + o);
+    }
+#pragma unroll
+    for (int j = 0; j < kRowChunks; ++j) {
+      const int o = base + j * 512 + lane * 16;
+      if (o < row_bytes) *reinterpret_cast<uint4*>(dst + o) = r[j];
+    }
+  }
+}
+
+__global__ void bf16_load_layer_kernel(const uint8_t* hk, const uint8_t* hv, uint8_t* dk, uint8_t* dv, const int64_t* hidx,
+                                       const int64_t* didx, int64_t n, int64_t host_tok_stride, int64_t host_layer_off,
+                                       int64_t dev_row_stride, int row_bytes) {
+  const int lane = threadIdx.x & 31;
+  const int64_t nwarps = (int64_t)gridDim.x * (blockDim.x >> 5);
+  for (int64_t r = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < n; r += nwarps) {
+    const int64_t hoff = hidx[r] * host_tok_stride + host_layer_off;
+    const int64_t doff = didx[r] * dev_row_stride;
+    warp_copy_row(dk + doff, hk + hoff, row_bytes, lane);
+    warp_copy_row(dv + doff, hv + hoff, row_bytes, lane);
+  }
+}
+
+__global__ void bf16_backup_all_kernel(const uint64_t* kp, const uint64_t* vp, uint8_t* hk, uint8_t* hv, const int64_t* hidx,
+                                       const int64_t* didx, int64_t n, int L, int64_t host_tok_stride, int64_t dev_row_stride,
+                                       int row_bytes) {
+  const int lane = threadIdx.x & 31;
+  const int64_t nwarps = (int64_t)gridDim.x * (blockDim.x >> 5);
+  const int64_t rows = n * L;
+  for (int64_t r = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += nwarps) {
+    const int64_t i = r / L;
+    const int l = (int)(r - i * L);
+    const int64_t hoff = hidx[i] * host_tok_stride + (int64_t)l * row_bytes;
+    const int64_t doff = didx[i] * dev_row_stride;
+    warp_copy_row(hk + hoff, reinterpret_cast<const uint8_t*>(kp[l]) + doff, row_bytes, lane);
+    warp_copy_row(hv + hoff, reinterpret_cast<const uint8_t*>(vp[l]) + doff, row_bytes, lane);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_encode(const EncodeArgs& a, int dtype, cudaStream_t stream) {
+  if (a.n_pages <= 0 || a.units_per_page <= 0) return cudaSuccess;
+  constexpr int kMaxY = 65535;
+  for (int base = 0; base < a.n_pages; base += kMaxY) {
+    EncodeArgs b = a;
+    b.page_base = base;
+    const int n = (a.n_pages - base) < kMaxY ? (a.n_pages - base) : kMaxY;
+    const dim3 grid((unsigned)a.units_per_page, (unsigned)n);
+    if (dtype == kBF16) encode_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(b);
+    else encode_kernel<__half><<<grid, kThreads, 0, stream>>>(b);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_decode(const DecodeArgs& a, int dtype, int blocks, cudaStream_t stream) {
+  const int64_t total = (int64_t)a.n_pages * a.units_per_page;
+  if (total <= 0) return cudaSuccess;
+  if (blocks <= 0 || blocks > total) blocks = (int)total;
+  const size_t smem = (size_t)a.smem_codes + (size_t)a.smem_meta * 4;
+  if (dtype == kBF16) {
+    if (smem > 48 * 1024) {
+      const cudaError_t e = cudaFuncSetAttribute(decode_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      if (e != cudaSuccess) return e;
+    }
+    decode_kernel<__nv_bfloat16><<<blocks, kThreads, smem, stream>>>(a);
+  } else {
+    if (smem > 48 * 1024) {
+      const cudaError_t e = cudaFuncSetAttribute(decode_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      if (e != cudaSuccess) return e;
+    }
+    decode_kernel<__half><<<blocks, kThreads, smem, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_bf16_load_layer(const uint8_t* host_k, const uint8_t* host_v, uint8_t* dev_k, uint8_t* dev_v,
+                                   const int64_t* host_idx, const int64_t* dev_idx, int64_t n, int64_t host_tok_stride,
+                                   int64_t host_layer_off, int64_t dev_row_stride, int row_bytes, int blocks, int threads,
+                                   cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  bf16_load_layer_kernel<<<blocks, threads, 0, stream>>>(host_k, host_v, dev_k, dev_v, host_idx, dev_idx, n, host_tok_stride,
+                                                         host_layer_off, dev_row_stride, row_bytes);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_bf16_backup_all(const uint64_t* k_ptrs, const uint64_t* v_ptrs, uint8_t* host_k, uint8_t* host_v,
+                                   const int64_t* host_idx, const int64_t* dev_idx, int64_t n, int num_layers,
+                                   int64_t host_tok_stride, int64_t dev_row_stride, int row_bytes, int blocks, int threads,
+                                   cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  bf16_backup_all_kernel<<<blocks, threads, 0, stream>>>(k_ptrs, v_ptrs, host_k, host_v, host_idx, dev_idx, n, num_layers,
+                                                         host_tok_stride, dev_row_stride, row_bytes);
+  return cudaGetLastError();
+}
+
+}  // namespace kvtq

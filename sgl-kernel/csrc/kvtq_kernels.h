@@ -1,0 +1,95 @@
+// Quantized HiCache page codec: kernel argument structs and launchers (no torch in here).
+//
+// The byte format is docs/page-format.md; python/kvtuner_hicache/quant/reference.py is the
+// ground truth. Every value these kernels write must be bit-identical to the reference.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace kvtq {
+
+constexpr int kThreads = 256;          // threads per block, all kernels
+constexpr int kEncItemsPerThread = 4;  // encode, per-token groups: 16-byte items per thread per unit
+constexpr int kEncItemsPerUnit = kThreads * kEncItemsPerThread;
+constexpr int kEncMaxTokensPerThread = 16;  // encode, per-channel groups: rows held per thread
+constexpr int kDecCodeWordsPerThread = 4;   // decode: 16-byte code words per thread per unit
+constexpr int kDecMetaWordsPerThread = 2;   // decode: 16-byte words per metadata array per thread
+constexpr int kDecMaxCodeBytes = kThreads * kDecCodeWordsPerThread * 16;  // 16 KiB per unit
+constexpr int kDecMaxMeta = kThreads * kDecMetaWordsPerThread * 8;         // fp16 entries per array
+
+// One (stream, layer) chunk of a page, as the encoder needs it. All int32 so that Python can
+// build the table as one int32 tensor [chunks, kChunkFields] (field order = declaration order).
+struct ChunkDesc {
+  int32_t buffer;       // device buffer: 0 = K (MLA: latent row), 1 = V
+  int32_t layer;        // local layer
+  int32_t bits, axis, group, asym;
+  int32_t heads, dim, width, col_off;  // width = heads * dim; col_off = first column in the row
+  int32_t offset;       // byte offset of the chunk in the page
+  int32_t scale_off, min_off;          // relative to the chunk
+  int32_t codes_bytes, num_groups, nbytes;
+  int32_t units;        // encode units (blocks) per page for this chunk
+  int32_t unit_start;   // prefix sum of `units` over the chunks before this one
+  int32_t kc;           // per-channel groups: 8-column items per block row (power of two)
+  int32_t ncb;          // per-channel groups: column blocks = ceil(width / 8 / kc)
+};
+constexpr int kChunkFields = 20;
+static_assert(sizeof(ChunkDesc) == kChunkFields * 4, "ChunkDesc must be packed int32");
+
+struct EncodeArgs {
+  const ChunkDesc* chunks;      // device
+  const int32_t* unit_chunk;    // device, [units_per_page]: unit -> chunk
+  const uint64_t* ptrs;         // device, [nbuf * num_layers]: buffer b, layer l at b * L + l
+  const int64_t* token_index;   // device, [n_pages * page_size]
+  const uint8_t* header;        // device, 128 bytes
+  uint8_t* out;                 // device, [n_pages, page_bytes] (row stride out_stride)
+  int64_t out_stride;
+  int64_t row_stride[2];        // elements, per device buffer
+  int64_t head_stride[2];
+  int32_t num_layers, page_size, units_per_page, n_pages, page_base;
+};
+
+// One stream of one layer, as the decoder needs it. Python builds an int64 tensor
+// [2, kDecodeFields] per layer (field order = declaration order).
+struct DecodeStream {
+  int64_t offset, scale_off, min_off;  // chunk offset in the page; sub-arrays relative to it
+  int64_t buffer, bits, axis, group, asym;
+  int64_t heads, dim, width, col_off;
+  int64_t unit_tokens;  // tokens per decode unit (divides page_size)
+  int64_t units;        // decode units per page for this stream
+  int64_t pad0, pad1;
+};
+constexpr int kDecodeFields = 16;
+static_assert(sizeof(DecodeStream) == kDecodeFields * 8, "DecodeStream must be packed int64");
+
+struct DecodeArgs {
+  DecodeStream st[2];
+  const uint8_t* pages;         // device-accessible (pinned host mapped, or device memory)
+  int64_t page_stride;          // bytes between pages
+  const int64_t* page_ids;      // device, [n_pages]
+  const int64_t* token_index;   // device, [n_pages * page_size]
+  void* dst[2];
+  int64_t row_stride[2], head_stride[2];
+  int32_t nstreams, page_size, n_pages, units_per_page;
+  int32_t smem_codes;           // bytes reserved for codes (multiple of 16)
+  int32_t smem_meta;            // fp16 entries reserved per metadata array (multiple of 8)
+};
+
+enum DType : int { kBF16 = 0, kFP16 = 1 };
+
+cudaError_t launch_encode(const EncodeArgs& a, int dtype, cudaStream_t stream);
+cudaError_t launch_decode(const DecodeArgs& a, int dtype, int blocks, cudaStream_t stream);
+
+// ---- bf16 baselines for the benchmark (SGLang-like access pattern; not used by the codec) ----
+// Per-layer load: one warp per token row, host pool page_first [slots, L, row_bytes] per K/V.
+cudaError_t launch_bf16_load_layer(const uint8_t* host_k, const uint8_t* host_v, uint8_t* dev_k, uint8_t* dev_v,
+                                   const int64_t* host_idx, const int64_t* dev_idx, int64_t n, int64_t host_tok_stride,
+                                   int64_t host_layer_off, int64_t dev_row_stride, int row_bytes, int blocks,
+                                   int threads, cudaStream_t stream);
+// All-layer backup: one warp per (token, layer) row, zero-copy stores into page_first host memory.
+cudaError_t launch_bf16_backup_all(const uint64_t* k_ptrs, const uint64_t* v_ptrs, uint8_t* host_k, uint8_t* host_v,
+                                   const int64_t* host_idx, const int64_t* dev_idx, int64_t n, int num_layers,
+                                   int64_t host_tok_stride, int64_t dev_row_stride, int row_bytes, int blocks,
+                                   int threads, cudaStream_t stream);
+
+}  // namespace kvtq

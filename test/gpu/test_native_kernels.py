@@ -1,0 +1,480 @@
+"""Native CUDA codec vs the pure-torch reference: bit-exact page bytes (encode) and device rows (decode).
+
+GPU tests are marked `gpu` (scripts/gpu_test.sh runs them on the GPU machine); they skip without CUDA
+and fail if CUDA is there but the kernels do not build. The few unmarked tests run on CPU-only CI.
+The reference runs on CPU copies of the same inputs, so the GPU result is compared with the ground
+truth computed independently of CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+from kvtuner_hicache.config import KVShape, QuantConfig, load_layer_bits
+from kvtuner_hicache.page_format import PageLayout
+from kvtuner_hicache.quant import dispatch, native, reference
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+POISON = 0xA5
+DEV = "cuda"  # a CPU dry run of these helpers (native patched to the reference) sets "cpu"
+
+
+def to_dev(t: torch.Tensor) -> torch.Tensor:
+    return t.to(DEV)
+
+
+def pin(t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory() if DEV == "cuda" else t
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def presets_dir() -> pathlib.Path | None:
+    for d in (os.environ.get("KVTQ_PRESETS_DIR"), REPO.parent / "shared" / "kvtuner-presets"):
+        if d and pathlib.Path(d).is_dir():
+            return pathlib.Path(d)
+    return None
+
+
+@pytest.fixture(scope="module")
+def nat():
+    if not HAS_CUDA:
+        pytest.skip("no CUDA device")
+    if not native.available():
+        pytest.fail(f"CUDA is available but the native kernels did not build: {native.unavailable_reason()}")
+    return native
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+
+def make_values(shape: tuple[int, ...], kind: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Float data like a KV cache: per-channel scales and offsets, outliers; `special` adds zeros, -0,
+    constants, +-inf, NaN, huge and subnormal values."""
+    rows, heads, dim = shape
+    if kind == "zeros":
+        return torch.zeros(shape, dtype=dtype)
+    if kind == "const":
+        return torch.full(shape, 0.75, dtype=dtype)
+    if kind == "grid":  # coarse grid: many quotients land exactly on .5 (round-half-even ties)
+        return (torch.randint(-8, 8, shape, generator=gen).float() * 0.125).to(dtype)
+    scale = torch.exp(torch.randn(1, heads, dim, generator=gen))
+    offset = torch.randn(1, heads, dim, generator=gen) * 2
+    x = torch.randn(shape, generator=gen) * scale + offset
+    out = torch.rand(shape, generator=gen)
+    x = torch.where(out < 0.002, x * 60.0, x)  # outliers
+    if kind == "special":
+        u = torch.rand(shape, generator=gen)
+        tiny = 1e-40 if dtype == torch.bfloat16 else 3e-7
+        cases = [
+            (0.00, 0.04, 0.0),
+            (0.04, 0.08, -0.0),
+            (0.08, 0.09, float("inf")),
+            (0.09, 0.10, float("-inf")),
+            (0.10, 0.11, float("nan")),
+            (0.11, 0.12, 1e6),
+            (0.12, 0.13, -1e6),
+            (0.13, 0.15, tiny),
+            (0.15, 0.17, -tiny),
+        ]
+        for lo, hi, v in cases:
+            x = torch.where((u >= lo) & (u < hi), torch.full_like(x, v), x)
+        x[rows // 3] = 3.0  # a constant token row
+        x[:, 0, 5] = -2.5  # a constant channel
+        x[rows // 2, :, :] = -0.0  # a row of negative zeros
+    return x.to(dtype)
+
+
+def make_pool(layout: PageLayout, rows: int, dtype: torch.dtype, kind: str, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    sh = layout.shape
+    L = layout.num_layers
+    if sh.is_mla:
+        cpu = [[make_values((rows, 1, sh.kv_lora_rank + sh.qk_rope_head_dim), kind, dtype, gen) for _ in range(L)]]
+    else:
+        cpu = [[make_values((rows, sh.heads, sh.head_dim), kind, dtype, gen) for _ in range(L)],
+               [make_values((rows, sh.heads, sh.v_head_dim), kind, dtype, gen) for _ in range(L)]]
+    return [[to_dev(t) for t in per] for per in cpu], cpu
+
+
+def page_rows(slots, ps: int) -> torch.Tensor:
+    return torch.cat([torch.arange(s * ps, (s + 1) * ps) for s in slots]).to(torch.int64)
+
+
+# ---- diagnostics ---------------------------------------------------------------------------------
+
+
+def describe_page_diff(layout: PageLayout, got: torch.Tensor, ref: torch.Tensor, limit: int = 12) -> str:
+    diff = (got != ref).nonzero().tolist()
+    lines = [f"{len(diff)} differing bytes of {got.numel()} ({layout.describe()})"]
+    regions: dict[tuple, int] = {}
+    examples = []
+    for p, off in diff:
+        if off < 128:
+            key = ("header",)
+        else:
+            key = None
+            for (s, layer), c in layout.chunks.items():
+                if c.offset <= off < c.offset + c.nbytes:
+                    r = off - c.offset
+                    ng2 = c.num_groups * 2
+                    if r < c.codes_bytes:
+                        name = "codes"
+                    elif c.scale_offset <= r < c.scale_offset + ng2:
+                        name = "scale"
+                    elif c.asym and c.min_offset <= r < c.min_offset + ng2:
+                        name = "min"
+                    else:
+                        name = "pad"
+                    key = (f"s{s}", f"L{layer}", name, f"b{c.bits}", f"ax{c.axis}")
+                    if len(examples) < limit:
+                        where = ""
+                        if name == "codes":
+                            el = r * 8 // c.bits
+                            w = c.heads * c.dim
+                            where = f"token {el // w} col {el % w}"
+                        elif name in ("scale", "min"):
+                            where = f"group {(r - (c.scale_offset if name == 'scale' else c.min_offset)) // 2}"
+                        examples.append(f"  page {p} {key} byte {r} ({where}): got {got[p, off].item():#04x} "
+                                        f"want {ref[p, off].item():#04x}")
+                    break
+            key = key or ("outside",)
+        regions[key] = regions.get(key, 0) + 1
+    for k, v in sorted(regions.items(), key=lambda kv: -kv[1])[:16]:
+        lines.append(f"  {v:7d} bytes in {k}")
+    return "\n".join(lines + examples)
+
+
+def assert_rows_equal(dev_bufs, cpu_bufs, what: str) -> None:
+    for b, (dper, cper) in enumerate(zip(dev_bufs, cpu_bufs, strict=True)):
+        for layer, (d, c) in enumerate(zip(dper, cper, strict=True)):
+            g = d.cpu()
+            gi, ci = g.view(torch.int16), c.view(torch.int16)
+            if not torch.equal(gi, ci):
+                bad = (gi != ci).nonzero()
+                ex = [f"row {r} head {h} col {k}: got {g[r, h, k].item()!r} ({gi[r, h, k].item() & 0xffff:#06x}) "
+                      f"want {c[r, h, k].item()!r} ({ci[r, h, k].item() & 0xffff:#06x})"
+                      for r, h, k in bad[:8].tolist()]
+                raise AssertionError(f"{what}: buffer {b} layer {layer}: {bad.shape[0]} elements differ\n  "
+                                     + "\n  ".join(ex))
+
+
+# ---- checks ----------------------------------------------------------------------------------------
+
+
+def check_encode(layout: PageLayout, dev_bufs, cpu_bufs, tidx: torch.Tensor) -> torch.Tensor:
+    """native encode into a poisoned GPU tensor == reference encode on CPU; returns the reference pages."""
+    n = tidx.numel() // layout.page_size
+    big = torch.full((n + 2, layout.page_bytes), POISON, dtype=torch.uint8, device=DEV)
+    native.encode_pages(layout, dev_bufs, to_dev(tidx), big[1:n + 1])
+    sync()
+    ref = torch.empty(n, layout.page_bytes, dtype=torch.uint8)
+    reference.encode_pages(layout, cpu_bufs, tidx, ref)
+    got = big.cpu()
+    assert (got[0] == POISON).all() and (got[-1] == POISON).all(), "encode wrote outside its pages"
+    if not torch.equal(got[1:n + 1], ref):
+        raise AssertionError("encode differs from the reference:\n" + describe_page_diff(layout, got[1:n + 1], ref))
+    return ref
+
+
+def check_decode(layout: PageLayout, host_pages_cpu: torch.Tensor, pages_for_kernel: torch.Tensor, page_ids: torch.Tensor,
+                 tidx: torch.Tensor, rows: int, dtype: torch.dtype, seed: int, blocks=None) -> None:
+    """native decode (zero-copy from `pages_for_kernel`) == reference decode, whole buffers compared."""
+    dev, cpu = make_pool(layout, rows, dtype, "normal", seed + 1000)  # poison: untouched rows must stay
+    pid_dev, tidx_dev = to_dev(page_ids), to_dev(tidx)
+    for layer in range(layout.num_layers):
+        native.decode_layer(layout, layer, pages_for_kernel, pid_dev, [per[layer] for per in dev], tidx_dev, blocks=blocks)
+        reference.decode_layer(layout, layer, host_pages_cpu, page_ids, [per[layer] for per in cpu], tidx)
+    sync()
+    assert_rows_equal(dev, cpu, "decode")
+
+
+def roundtrip_check(cfg: QuantConfig, shape: KVShape, ps: int, dtype=torch.bfloat16, kind="special", n_pages=3,
+                    seed=0, blocks=None) -> PageLayout:
+    layout = PageLayout(cfg, shape, ps)
+    assert native.supports(layout) is None, native.supports(layout)
+    slots_total = n_pages + 3
+    rows = slots_total * ps + 5
+    dev, cpu = make_pool(layout, rows, dtype, kind, seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    slots = torch.randperm(slots_total, generator=gen)[:n_pages].tolist()  # non-contiguous device pages
+    tidx = page_rows(slots, ps)
+    ref = check_encode(layout, dev, cpu, tidx)
+    # host pool with the pages at out-of-order slots
+    num_host = n_pages + 4
+    host_ids = torch.randperm(num_host, generator=gen)[:n_pages]
+    host = torch.zeros(num_host, layout.page_bytes, dtype=torch.uint8)
+    host[host_ids] = ref
+    dslots = torch.randperm(slots_total, generator=gen)[:n_pages].tolist()
+    hp = pin(host)
+    for b in ([blocks] if blocks is not None else [None, 1]):  # default grid (small units) and 1 block (big units)
+        check_decode(layout, host, hp, host_ids, page_rows(dslots, ps), rows, dtype, seed, b)
+    return layout
+
+
+# ---- CPU-only tests (CI) ---------------------------------------------------------------------------
+
+
+def test_native_imports_and_reports_on_cpu():
+    ok = native.available()
+    assert isinstance(ok, bool)
+    if not HAS_CUDA:
+        assert not ok and native.unavailable_reason()
+    assert dispatch.get_codec("cpu") is reference
+    assert dispatch.codec_name(dispatch.get_codec("cpu")) == "reference"
+    assert dispatch.codec_name(native) == "native"
+
+
+def test_plan_tables_on_cpu():
+    lay = PageLayout(QuantConfig(), KVShape.mha(28, 4, 128), 64)
+    p = native.plan_for(lay)
+    assert p.reason is None
+    assert p.units_per_page == 28 * (2 + 4)  # K per-channel: 2 column blocks; V per-token: 4 x 1024 items
+    assert p.dec_desc[0].shape == (2, 16)
+    odd = PageLayout(QuantConfig(q_group_size=32, axis_key=0), KVShape.mha(1, 1, 96), 32)
+    assert native.supports(odd) is not None  # width 96 is not a multiple of 64: reference fallback
+
+
+# ---- GPU: the full config matrix --------------------------------------------------------------------
+
+BITS = [(2, 2), (4, 4), (8, 8), (8, 4), (4, 2), (2, 8)]
+
+
+@gpu
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("asym", [True, False], ids=["asym", "sym"])
+@pytest.mark.parametrize("axes", [(1, 0), (0, 0), (1, 1), (0, 1)], ids=lambda a: f"axK{a[0]}V{a[1]}")
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"K{b[0]}V{b[1]}")
+def test_config_matrix(nat, bits, axes, asym, group):
+    cfg = QuantConfig(nbits_key=bits[0], nbits_value=bits[1], asym=asym, axis_key=axes[0], axis_value=axes[1],
+                      q_group_size=group)
+    ps = 128 if group == 128 else 64
+    roundtrip_check(cfg, KVShape.mha(2, 4, 128), ps, seed=group + 17 * bits[0] + bits[1])
+
+
+SHAPES = {
+    "qwen2.5-7b": KVShape.mha(4, 4, 128),
+    "llama-3.1-8b": KVShape.mha(3, 8, 128),
+    "deepseek-mla": KVShape.mla(3, 512, 64),
+    "kv-dims-differ": KVShape.mha(2, 2, 128, 64),
+}
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["normal", "special"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("ps", [16, 32, 64, 128])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_shapes_page_sizes_dtypes(nat, shape, ps, dtype, kind):
+    g = min(64, ps)
+    cfg = QuantConfig(nbits_key=8, nbits_value=4, axis_key=1, axis_value=0, q_group_size=g)
+    roundtrip_check(cfg, SHAPES[shape], ps, dtype=dtype, kind=kind, n_pages=3, seed=ps)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["zeros", "const", "grid", "special"])
+@pytest.mark.parametrize("asym", [True, False], ids=["asym", "sym"])
+def test_degenerate_inputs(nat, kind, asym):
+    for bits in (2, 4, 8):
+        cfg = QuantConfig(nbits_key=bits, nbits_value=bits, asym=asym)
+        roundtrip_check(cfg, KVShape.mha(2, 4, 128), 64, kind=kind, seed=bits)
+
+
+@gpu
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("group", [2, 4, 8, 16])
+def test_small_groups(nat, group, axis):
+    cfg = QuantConfig(nbits_key=4, nbits_value=2, axis_key=axis, axis_value=axis, q_group_size=group)
+    roundtrip_check(cfg, KVShape.mha(2, 2, 64), 64, seed=group)
+
+
+@gpu
+@pytest.mark.parametrize("case", ["ax0-g256", "ax0-g512", "ax0-g1024", "ax1-g256", "ax1-g512"])
+def test_large_groups(nat, case):
+    axis, g = int(case[2]), int(case.split("-g")[1])
+    if axis == 0:
+        shape, ps = KVShape.mha(1, 2 if g == 256 else 1, g), 16
+    else:
+        shape, ps = KVShape.mha(1, 2, 128), g
+    cfg = QuantConfig(nbits_key=4, nbits_value=8, axis_key=axis, axis_value=axis, q_group_size=g)
+    roundtrip_check(cfg, shape, ps, n_pages=2, seed=g)
+
+
+def _preset_cfg(name: str) -> QuantConfig:
+    d = presets_dir()
+    if d is None or not (d / name).is_file():
+        pytest.skip(f"preset {name} not found (../shared/kvtuner-presets or KVTQ_PRESETS_DIR)")
+    return QuantConfig(layer_bits=load_layer_bits(d / name), axis_key=1, axis_value=0)
+
+
+@gpu
+@pytest.mark.parametrize("asym", [True, False], ids=["asym", "sym"])
+@pytest.mark.parametrize("model", ["qwen", "llama"])
+def test_mixed_presets(nat, model, asym):
+    if model == "qwen":
+        cfg, shape = _preset_cfg("Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml"), KVShape.mha(28, 4, 128)
+    else:
+        cfg, shape = _preset_cfg("Meta-Llama-3.1-8B-Instruct_kivi_KVTuner4_0.yaml"), KVShape.mha(32, 8, 128)
+    lay = roundtrip_check(cfg.with_(asym=asym), shape, 64, n_pages=2, seed=3)
+    assert len({lay.chunk(0, i).bits for i in range(lay.num_layers)}) > 1, "the preset should mix bit widths"
+
+
+# ---- GPU: index patterns, memory kinds, grid sizes ----------------------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("n_pages", [1, 2, 17, 96])
+def test_page_counts(nat, n_pages):
+    cfg = QuantConfig(nbits_key=4, nbits_value=4)
+    roundtrip_check(cfg, KVShape.mha(2, 4, 128), 64, kind="normal", n_pages=n_pages, seed=n_pages)
+
+
+@gpu
+@pytest.mark.parametrize("blocks", [1, 3, 0, None])
+def test_load_grid_sizes(nat, blocks):
+    cfg = QuantConfig(nbits_key=8, nbits_value=2)
+    roundtrip_check(cfg, KVShape.mha(2, 8, 128), 64, n_pages=9, seed=5, blocks=blocks)
+
+
+def _layout_and_pages(seed=11, n=6, ps=32, shape=None, cfg=None):
+    cfg = cfg or QuantConfig(nbits_key=4, nbits_value=2, q_group_size=32)
+    layout = PageLayout(cfg, shape or KVShape.mha(3, 4, 128), ps)
+    rows = (n + 4) * ps
+    dev, cpu = make_pool(layout, rows, torch.bfloat16, "special", seed)
+    return layout, dev, cpu, rows
+
+
+@gpu
+def test_arbitrary_token_rows(nat):
+    """token_index need not be page-aligned runs: any distinct device rows work both ways."""
+    layout, dev, cpu, rows = _layout_and_pages()
+    gen = torch.Generator().manual_seed(1)
+    n = 5
+    tidx = torch.randperm(rows, generator=gen)[: n * layout.page_size]
+    ref = check_encode(layout, dev, cpu, tidx)
+    ids = torch.tensor([4, 0, 3, 1, 2])
+    host = torch.zeros(n, layout.page_bytes, dtype=torch.uint8)
+    host[ids] = ref
+    tidx2 = torch.randperm(rows, generator=gen)[: n * layout.page_size]
+    check_decode(layout, host, pin(host), ids, tidx2, rows, torch.bfloat16, 1)
+
+
+@gpu
+@pytest.mark.parametrize("memory", ["pinned-slice", "pinned-strided", "host-registered", "device"])
+def test_page_memory_kinds(nat, memory):
+    """Pages read zero-copy through their mapped device address (interior pointers, strided rows,
+    cudaHostRegister'd memory) or straight from device memory."""
+    layout, dev, cpu, rows = _layout_and_pages(seed=12)
+    ps, pb = layout.page_size, layout.page_bytes
+    tidx = page_rows([5, 1, 3, 0], ps)
+    ref = check_encode(layout, dev, cpu, tidx)
+    ids = torch.tensor([2, 5, 0, 3])
+    host = torch.zeros(6, pb, dtype=torch.uint8)
+    host[ids] = ref
+    keep = None
+    if memory == "pinned-slice":
+        big = torch.zeros(7, pb, dtype=torch.uint8).pin_memory()
+        big[1:] = host
+        pages = big[1:]
+    elif memory == "pinned-strided":
+        big = torch.zeros(6, pb + 384, dtype=torch.uint8).pin_memory()
+        big[:, :pb] = host
+        pages = big[:, :pb]
+    elif memory == "host-registered":
+        pages = host.clone()
+        rc = torch.cuda.cudart().cudaHostRegister(pages.data_ptr(), pages.numel(), 0)
+        assert int(rc) == 0, f"cudaHostRegister failed: {rc}"
+        keep = pages
+    else:
+        pages = host.cuda()
+    try:
+        check_decode(layout, host, pages, ids, page_rows([2, 0, 4, 1], ps), rows, torch.bfloat16, 12)
+    finally:
+        if keep is not None:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaHostUnregister(keep.data_ptr())
+
+
+@gpu
+def test_pageable_pages_rejected(nat):
+    layout, dev, cpu, rows = _layout_and_pages(seed=13)
+    pages = torch.zeros(2, layout.page_bytes, dtype=torch.uint8)  # not pinned
+    with pytest.raises(RuntimeError, match="pinned"):
+        native.decode_layer(layout, 0, pages, torch.tensor([0], device=DEV),
+                            [per[0] for per in dev], page_rows([0], layout.page_size).cuda())
+
+
+@gpu
+@pytest.mark.parametrize("staging_pages", [1, 4, 16])
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
+def test_backup_to_host(nat, strided, staging_pages):
+    layout, dev, cpu, rows = _layout_and_pages(seed=21, n=10)
+    ps, pb = layout.page_size, layout.page_bytes
+    slots = [9, 0, 3, 4, 5, 1, 7, 8, 2, 6]
+    tidx = page_rows(slots, ps)
+    ref = torch.empty(len(slots), pb, dtype=torch.uint8)
+    reference.encode_pages(layout, cpu, tidx, ref)
+    ids = torch.tensor([5, 6, 7, 0, 11, 2, 3, 4, 8, 1])  # runs and jumps
+    extra = 256 if strided else 0
+    host_buf = torch.full((12, pb + extra), POISON, dtype=torch.uint8).pin_memory()
+    host = host_buf[:, :pb]
+    staging_buf = torch.empty(4, pb + extra, dtype=torch.uint8, device=DEV)
+    stream = torch.cuda.Stream()  # like SGLang's write stream
+    with torch.cuda.stream(stream):
+        native.backup_to_host(layout, dev, to_dev(tidx), host, ids, staging_buf[:, :pb])
+        done = torch.cuda.Event()
+        done.record(stream)
+    done.synchronize()  # an event on the caller's stream covers the side-stream copies
+    for j, i in enumerate(ids.tolist()):
+        if not torch.equal(host[i], ref[j]):
+            raise AssertionError(f"host page {i} (source {j}):\n" + describe_page_diff(layout, host[i:i + 1], ref[j:j + 1]))
+    untouched = sorted(set(range(12)) - set(ids.tolist()))
+    assert (host_buf[untouched] == POISON).all()
+    if strided:
+        assert (host_buf[:, pb:] == POISON).all()
+
+
+@gpu
+def test_cpu_out_and_reference_fallback(nat):
+    """encode into a CPU `out`; a layout the kernels do not support falls back to the reference."""
+    layout, dev, cpu, rows = _layout_and_pages(seed=31)
+    tidx = page_rows([1, 2], layout.page_size)
+    out = torch.empty(2, layout.page_bytes, dtype=torch.uint8)
+    native.encode_pages(layout, dev, tidx, out)
+    ref = torch.empty_like(out)
+    reference.encode_pages(layout, cpu, tidx, ref)
+    assert torch.equal(out, ref)
+    odd_cfg = QuantConfig(q_group_size=32)
+    odd = PageLayout(odd_cfg, KVShape.mha(1, 1, 96), 32)
+    assert native.supports(odd) is not None
+    d2, c2 = make_pool(odd, 4 * 32, torch.bfloat16, "special", 3)
+    check_encode(odd, d2, c2, page_rows([3, 0], 32))
+
+
+@gpu
+def test_reference_same_on_cuda_and_cpu(nat):
+    """The ground truth itself must not depend on the device it runs on."""
+    layout = PageLayout(QuantConfig(nbits_key=2, nbits_value=4, asym=False, axis_key=0), KVShape.mha(2, 4, 128), 64)
+    dev, cpu = make_pool(layout, 4 * 64, torch.bfloat16, "special", 5)
+    tidx = page_rows([2, 0], 64)
+    a = torch.empty(2, layout.page_bytes, dtype=torch.uint8, device=DEV)
+    reference.encode_pages(layout, dev, to_dev(tidx), a)
+    b = torch.empty(2, layout.page_bytes, dtype=torch.uint8)
+    reference.encode_pages(layout, cpu, tidx, b)
+    if not torch.equal(a.cpu(), b):
+        raise AssertionError("reference on CUDA != reference on CPU:\n" + describe_page_diff(layout, a.cpu(), b))
+
+
+@gpu
+def test_dispatch_picks_native(nat):
+    assert dispatch.get_codec("cuda") is native
+    assert dispatch.get_codec(torch.device("cuda", 0)) is native
+    assert dispatch.codec_name(dispatch.get_codec("cuda")) == "native"
