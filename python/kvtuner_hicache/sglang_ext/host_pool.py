@@ -19,6 +19,7 @@ from sglang.srt.mem_cache.pool_host.common import ALLOC_MEMORY_FUNCS
 from kvtuner_hicache.config import ConfigError, KVShape, QuantConfig
 from kvtuner_hicache.page_format import HEADER_BYTES, PageLayout
 from kvtuner_hicache.quant.dispatch import codec_name, get_codec
+from kvtuner_hicache.sglang_ext import capture as kvtq_capture
 from kvtuner_hicache.sglang_ext.args import config_from_env
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ class _QuantizedHostPool(HostKVCache):
         self.residual = None  # set after the base init (which calls clear())
         self.codec = get_codec(device_pool.device)
         self._load_key: tuple[Any, Any] | None = None
+        self._staging: torch.Tensor | None = None  # GPU staging for the native backup, made on first use
+        self._capture: kvtq_capture.Capture | None = None  # set after the base init (needs page_layout)
         # Host budget in bytes: --hicache-size GB, else --hicache-ratio times the device pool's
         # bytes (not tokens), so the same host memory holds compression-times more tokens.
         dev_bytes_per_token = self._shape(device_pool).bf16_bytes_per_token() // 2 * device_pool.store_dtype.itemsize
@@ -105,6 +108,7 @@ class _QuantizedHostPool(HostKVCache):
             from kvtuner_hicache.sglang_ext.residual import ResidualTailStore
 
             self.residual = ResidualTailStore(self, self.residual_bytes)
+        self._capture = kvtq_capture.for_pool(self)  # DEBUG capture: None unless KVTQ_CAPTURE_DIR is set
         pl = self.page_layout
         # effective numbers: the 4 KiB row padding counted
         self.compression_vs_bf16 = pl.shape.bf16_bytes_per_token() / self.size_per_token
@@ -170,16 +174,26 @@ class _QuantizedHostPool(HostKVCache):
         buffers = self._device_buffers(device_pool)
         dev = device_indices.device
         pb = self.page_layout.page_bytes
-        for c in range(0, len(page_ids), STAGING_PAGES):
-            ids = page_ids[c : c + STAGING_PAGES]
-            n = len(ids)
-            staging = torch.empty(n, self.row_stride, dtype=torch.uint8, device=dev)
-            self.codec.encode_pages(self.page_layout, buffers, device_indices[c * ps : (c + n) * ps], staging[:, :pb])
-            # one DMA per run of consecutive host pages; staging stays alive on this stream
-            for s, first, length in _page_runs(ids):
-                self.kv_buffer[first : first + length].copy_(staging[s : s + length], non_blocking=True)
+        if hasattr(self.codec, "backup_to_host"):
+            # native: one call that overlaps the quantize kernel with the page DMAs (double-buffered
+            # staging), enqueued on the current (write) stream; the staging area lives with the pool
+            if self._staging is None or self._staging.device != dev:
+                self._staging = torch.empty(min(STAGING_PAGES, self.page_num), pb, dtype=torch.uint8, device=dev)
+            self.codec.backup_to_host(self.page_layout, buffers, device_indices, self.pages,
+                                      torch.tensor(page_ids, dtype=torch.int64), self._staging)
+        else:
+            for c in range(0, len(page_ids), STAGING_PAGES):
+                ids = page_ids[c : c + STAGING_PAGES]
+                n = len(ids)
+                staging = torch.empty(n, self.row_stride, dtype=torch.uint8, device=dev)
+                self.codec.encode_pages(self.page_layout, buffers, device_indices[c * ps : (c + n) * ps], staging[:, :pb])
+                # one DMA per run of consecutive host pages; staging stays alive on this stream
+                for s, first, length in _page_runs(ids):
+                    self.kv_buffer[first : first + length].copy_(staging[s : s + length], non_blocking=True)
         if self.residual is not None:
             self.residual.on_backup(device_pool, host_indices, device_indices)
+        if self._capture is not None:  # DEBUG capture (KVTQ_CAPTURE_DIR), see capture.py
+            self._capture.on_backup(device_pool, page_ids, device_indices)
 
     def load_to_device_per_layer(self, device_pool, host_indices, device_indices, layer_id, io_backend) -> None:
         if io_backend != "kernel":
@@ -197,6 +211,8 @@ class _QuantizedHostPool(HostKVCache):
         self.codec.decode_layer(self.page_layout, layer_id, self.pages, self._load_page_ids, buffers, device_indices)
         if self.residual is not None and self._load_plan is not None:
             self.residual.load_layer(self._load_plan, layer_id, buffers)
+        if self._capture is not None:  # DEBUG capture (KVTQ_CAPTURE_DIR), see capture.py
+            self._capture.on_load_layer(device_pool, self._load_page_ids, device_indices, layer_id)
 
     # ---- page accessors for L3 -----------------------------------------------------------------
 
@@ -216,6 +232,8 @@ class _QuantizedHostPool(HostKVCache):
         self.pages[pid].copy_(src)
         if self.residual is not None:
             self.residual.drop([pid])
+        if self._capture is not None:  # DEBUG capture (KVTQ_CAPTURE_DIR), see capture.py
+            self._capture.on_set_page(pid)
 
     # ---- slot lifetime: a freed page's bf16 tail must never outlive it ---------------------------
 
