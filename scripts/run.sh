@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The README's main job.
+#  - On a machine with an NVIDIA GPU: start an SGLang server whose HiCache L2/L3 hold quantized pages
+#    (the seed's launch command; MODEL, PORT and EXTRA_ARGS override the defaults).
+#  - On a CPU-only machine: run the accuracy harness on a real model through our page format
+#    (what HiCache's quantized L2/L3 does to a request), MODEL defaults to qwen2.5-coder-0.5b.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+[ -x .venv/bin/python ] || bash scripts/setup.sh
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  exec .venv/bin/python -m sglang.launch_server \
+    --model-path "${MODEL:-Qwen/Qwen2.5-7B-Instruct}" --port "${PORT:-30000}" --page-size 64 \
+    --enable-hierarchical-cache --hicache-size "${HICACHE_GB:-32}" \
+    --enable-kvtuner-hicache --kvtuner-hicache-nbits-key 4 --kvtuner-hicache-nbits-value 4 \
+    ${EXTRA_ARGS:-}
+fi
+MODEL=${MODEL:-qwen2.5-coder-0.5b}
+bash scripts/fetch_models.sh "$MODEL"
+bash scripts/fetch_models.sh data
+exec .venv/bin/python -m kvtuner_hicache.eval --model "$MODEL" --sweep default --json "${OUT:-.cache/accuracy_$MODEL.json}" "$@"
