@@ -55,13 +55,22 @@ def test_every_flag_reaches_the_config(kvtq_hooks, tiny_model, presets_dir):
     yaml_path = str(presets_dir / "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml")
     sa = _parse(tiny_model, *ENABLE, "--kvtuner-hicache-nbits-key", "8", "--kvtuner-hicache-nbits-value", "2",
                 "--no-kvtuner-hicache-asym", "--kvtuner-hicache-axis-key", "0", "--kvtuner-hicache-axis-value", "0",
-                "--kvtuner-hicache-q-group-size", "32", "--kvtuner-hicache-residual-length", "100",
-                "--kvtuner-hicache-config", yaml_path)
+                "--kvtuner-hicache-q-group-size", "32", "--kvtuner-hicache-residual-length", "100")
     cfg = getattr(sa, kargs.SERVER_ARGS_ATTR)
     assert (cfg.nbits_key, cfg.nbits_value, cfg.asym, cfg.axis_key, cfg.axis_value, cfg.q_group_size,
             cfg.residual_length) == (8, 2, False, 0, 0, 32, 100)
+    assert kargs.config_from_env() == cfg
+    sa = _parse(tiny_model, *ENABLE, "--kvtuner-hicache-config", yaml_path)
+    cfg = getattr(sa, kargs.SERVER_ARGS_ATTR)
     assert len(cfg.layer_bits) == 28 and yaml_path in cfg.layer_bits_source
     assert kargs.config_from_env() == cfg
+
+
+def test_stale_env_does_not_enable_a_cli_launch(kvtq_hooks, tiny_model):
+    kargs.set_env_config(QuantConfig(nbits_key=8))  # e.g. left over from an Engine session
+    sa = _parse(tiny_model, "--enable-hierarchical-cache")
+    assert getattr(sa, kargs.SERVER_ARGS_ATTR, None) is None
+    assert kargs.ENV_VAR not in os.environ
 
 
 def test_seed_asym_flag_still_works(kvtq_hooks, tiny_model):
@@ -85,9 +94,12 @@ def test_seed_asym_flag_still_works(kvtq_hooks, tiny_model):
     ([*ENABLE, "--kvtuner-hicache-residual-length", "-1"], "--kvtuner-hicache-residual-length"),
     ([*ENABLE, "--kvtuner-hicache-config", "/nonexistent.yaml"], "--kvtuner-hicache-config /nonexistent.yaml"),
     ([*ENABLE, "--kvtuner-hicache-nbits-key", "3"], "--kvtuner-hicache-nbits-key"),  # argparse choices
+    ([*ENABLE, "--kvtuner-hicache-config", "PRESET", "--kvtuner-hicache-nbits-value", "2"],
+     "--kvtuner-hicache-nbits-value has no effect with --kvtuner-hicache-config"),
 ])
-def test_cli_mistakes_fail_cleanly(kvtq_hooks, tiny_model, capsys, extra, needle):
-    err = _fails(capsys, tiny_model, *extra)
+def test_cli_mistakes_fail_cleanly(kvtq_hooks, tiny_model, capsys, presets_dir, extra, needle):
+    preset = str(presets_dir / "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml")
+    err = _fails(capsys, tiny_model, *[preset if x == "PRESET" else x for x in extra])
     assert needle in err
     assert "Traceback" not in err
 
@@ -123,10 +135,12 @@ def test_enable_for_engine(kvtq_hooks, monkeypatch, presets_dir):
         name = "kvtuner_hicache"
 
     monkeypatch.setattr(md, "entry_points", lambda group=None: [EP()])
-    cfg = enable_for_engine(nbits_key=2, nbits_value=8, config=str(presets_dir / "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml"))
+    cfg = enable_for_engine(axis_key=0, config=str(presets_dir / "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml"))
     assert kargs.config_from_env() == cfg and cfg.layer_bits is not None
     with pytest.raises(ConfigError, match="nbits-key"):
         enable_for_engine(nbits_key=3)
+    with pytest.raises(ConfigError, match="nbits_key has no effect with config="):
+        enable_for_engine(nbits_key=8, config=str(presets_dir / "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml"))
     monkeypatch.setenv("SGLANG_PLUGINS", "other")
     with pytest.raises(ConfigError, match="SGLANG_PLUGINS"):
         enable_for_engine()

@@ -28,6 +28,9 @@ def enable_for_engine(config: str | None = None, **cfg_kwargs: Any):
     from kvtuner_hicache.sglang_ext import args as kargs
 
     if config is not None:
+        clash = sorted({"nbits_key", "nbits_value"} & set(cfg_kwargs))
+        if clash:  # the table sets bits per layer; uniform bits beside it would be ignored
+            raise ConfigError(f"enable_for_engine: {', '.join(clash)} has no effect with config= (the per-layer table sets the bits)")
         cfg_kwargs["layer_bits"] = load_layer_bits(config)
         cfg_kwargs["layer_bits_source"] = f"config={config}"
     try:

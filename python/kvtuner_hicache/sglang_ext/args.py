@@ -86,6 +86,10 @@ def config_from_namespace(args: argparse.Namespace) -> QuantConfig | None:
     fields: dict[str, Any] = {f: given[k] for k, f in _FLAG_FIELDS.items() if f and k in given}
     path = given.get("kvtuner_hicache_config")
     if path is not None:
+        clash = [k for k in ("kvtuner_hicache_nbits_key", "kvtuner_hicache_nbits_value") if k in given]
+        if clash:  # the table sets bits per layer; a uniform bit flag beside it would be ignored
+            raise ConfigError("; ".join(f"{_flag(k)} has no effect with --kvtuner-hicache-config "
+                                        "(the per-layer table sets the bits)" for k in clash))
         fields["layer_bits"] = load_layer_bits(path)
         fields["layer_bits_source"] = f"--kvtuner-hicache-config {path}"
     return QuantConfig(**fields)

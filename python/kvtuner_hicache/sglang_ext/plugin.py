@@ -58,9 +58,10 @@ def _add_cli_args(orig, parser):
 def _from_cli_args(orig, cls, args):
     # CLI mistakes end like argparse's own: one line per mistake, exit status 2, no traceback.
     try:
-        cfg = kargs.config_from_namespace(args)
-        if cfg is not None:
-            kargs.set_env_config(cfg)  # before orig(): __post_init__ and spawned schedulers read it
+        # The command line is authoritative: without --enable-kvtuner-hicache a stale
+        # SGLANG_KVTUNER_HICACHE (say, from an Engine session) is cleared, never silently applied.
+        # Set before orig(): __post_init__ and the spawned schedulers read it.
+        kargs.set_env_config(kargs.config_from_namespace(args))
         return orig(cls, args)
     except ConfigError as e:
         sys.stderr.write(f"sglang serve: error: {kargs.format_error(e)}\n")
