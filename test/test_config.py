@@ -128,3 +128,13 @@ def test_fingerprint_is_stable_and_tracks_page_shaping_options():
 def test_parse_layer_bits_accepts_string_keys():
     table = parse_layer_bits({"0": {"nbits_key": 8, "nbits_value": 4}}, "inline")
     assert table == {0: LayerBits(8, 4)}
+
+
+def test_pipeline_stage_tables():
+    table = {i: LayerBits(4, 2) for i in range(8)}
+    stage = KVShape.mha(4, 2, 64)
+    QuantConfig(layer_bits=table).validate_for(stage, 64, total_layers=None, start_layer=4)  # stage 2 of 2
+    with pytest.raises(ConfigError, match="names layers the model lacks"):
+        QuantConfig(layer_bits=table).validate_for(stage, 64, total_layers=4)
+    with pytest.raises(ConfigError, match="missing layers 8-9 of this pipeline stage"):
+        QuantConfig(layer_bits=table).validate_for(stage, 64, total_layers=None, start_layer=6)

@@ -110,10 +110,13 @@ class QuantConfig:
             return self.layer_bits[layer]
         return LayerBits(self.nbits_key, self.nbits_value)
 
-    def validate_for(self, shape: KVShape, page_size: int, total_layers: int | None = None) -> None:
+    def validate_for(self, shape: KVShape, page_size: int, total_layers: int | None = 0,
+                     start_layer: int = 0) -> None:
         """Check the config against a model's KV shape and the server's page size.
 
-        `total_layers` is the model's layer count when this rank holds only some layers (PP).
+        `shape.num_layers` are this rank's layers, global indices `start_layer` onwards. A per-layer
+        table must name exactly the model's `total_layers` layers; with `total_layers=None` (a
+        pipeline stage that does not know the model's depth) it must cover this stage's layers.
 
         Raises one ConfigError listing every mistake, each naming the flag or file at fault.
         """
@@ -136,14 +139,19 @@ class QuantConfig:
                 )
         if self.layer_bits is not None:
             have = set(self.layer_bits)
-            n = total_layers or shape.num_layers
-            want = set(range(n))
-            if have - want:
-                errs.append(f"{src} names layers the model lacks (it has {n}: 0..{n - 1}): {sorted(have - want)}")
-            if want - have:
-                errs.append(f"{src} is missing layers {_ranges(sorted(want - have))} of {n}")
+            if total_layers is not None:
+                want = set(range(total_layers))
+                if have - want:
+                    errs.append(f"{src} names layers the model lacks (it has {total_layers}: "
+                                f"0..{total_layers - 1}): {sorted(have - want)}")
+                if want - have:
+                    errs.append(f"{src} is missing layers {_ranges(sorted(want - have))} of {total_layers}")
+            else:
+                want = set(range(start_layer, start_layer + shape.num_layers))
+                if want - have:
+                    errs.append(f"{src} is missing layers {_ranges(sorted(want - have))} of this pipeline stage")
         if shape.is_mla:
-            key_bits = {self.bits_for_layer(i).key for i in range(total_layers or shape.num_layers) if self._has_layer(i)}
+            key_bits = {self.bits_for_layer(i).key for i in range(start_layer, start_layer + shape.num_layers) if self._has_layer(i)}
             if any(b < 8 for b in key_bits):
                 errs.append(
                     "MLA models map key bits onto the rope part of the latent row, which is position "

@@ -90,9 +90,11 @@ def chunk_geometry(bits: int, axis: int, group: int, asym: bool, page_size: int,
 class PageLayout:
     """The byte map of one page for a (config, model shape, page size) triple."""
 
-    def __init__(self, cfg: QuantConfig, shape: KVShape, page_size: int, start_layer: int = 0, total_layers: int | None = None):
-        # shape.num_layers are this rank's layers; a per-layer table covers the whole model
-        cfg.validate_for(shape, page_size, total_layers=total_layers or start_layer + shape.num_layers)
+    def __init__(self, cfg: QuantConfig, shape: KVShape, page_size: int, start_layer: int = 0,
+                 total_layers: int | None = 0):
+        # shape.num_layers are this rank's layers; a per-layer table covers the whole model.
+        # total_layers: 0 = this rank holds the whole model; None = a pipeline stage of unknown depth.
+        cfg.validate_for(shape, page_size, total_layers=total_layers, start_layer=start_layer)
         self.cfg = cfg
         self.shape = shape
         self.page_size = page_size

@@ -30,6 +30,16 @@ RESIDUAL_BUDGET_FRACTION = 8  # 1/8 of the host byte budget goes to the bf16 tai
 _DEVICE_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _pipeline_parallel() -> bool:
+    """Whether this server splits layers over pipeline stages (then a stage cannot see the model's depth)."""
+    try:
+        from sglang.srt.server_args import get_global_server_args
+
+        return (getattr(get_global_server_args(), "pp_size", 1) or 1) > 1
+    except Exception:  # no global server args (tests, offline use): a single stage
+        return False
+
+
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
@@ -143,7 +153,8 @@ class _QuantizedHostPool(HostKVCache):
             )
         shape = self._shape(dp)
         self.layer_num = shape.num_layers
-        self.page_layout = PageLayout(self.quant_config, shape, self.page_size, start_layer=dp.start_layer)
+        self.page_layout = PageLayout(self.quant_config, shape, self.page_size, start_layer=dp.start_layer,
+                                      total_layers=None if _pipeline_parallel() else 0)
         self.row_stride = _align(self.page_layout.page_bytes, ROW_ALIGN)
         assert self.row_stride % self.page_size == 0, "page rows are whole bytes per token"
         return self.row_stride // self.page_size
