@@ -120,6 +120,8 @@ class QuantConfig:
 
         Raises one ConfigError listing every mistake, each naming the flag or file at fault.
         """
+        if total_layers == 0:  # the default: this rank holds the whole model
+            total_layers = start_layer + shape.num_layers
         errs: list[str] = []
         g = self.q_group_size
         src = self.layer_bits_source or "--kvtuner-hicache-config"
