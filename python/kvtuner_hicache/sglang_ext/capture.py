@@ -4,7 +4,7 @@ Off unless `KVTQ_CAPTURE_DIR` is set: then `for_pool()` returns a `Capture` and 
 pool calls it at three clearly marked points (`host_pool.py`); otherwise it returns None and the pool
 pays one `is not None` test per call. `benchmark/check_capture.py` reads what this writes.
 
-What is saved (bounded: `KVTQ_CAPTURE_PAGES` backup pages and as many loads per process):
+What is saved (bounded: `KVTQ_CAPTURE_PAGES` backup pages, and as many loads per source, per process):
 - on backup (`backup_from_device_all_layer`): for one page of each call, the device bf16 rows that
   were encoded (all local layers, every device buffer) plus the host page id and a CRC32 of the
   quantized payload that landed in the host page (after the write stream is synchronized);
@@ -72,7 +72,7 @@ class Capture:
         self._fps: dict[int, str] = {}  # payload crc -> backup file name
         self._loaded: set[tuple[int, str]] = set()  # (crc, source) already saved on load
         self.n_backup = 0
-        self.n_load = 0
+        self.n_loads = {"l2": 0, "l3": 0}  # separate budgets: L2 loads come first and must not starve L3
         pl = pool.page_layout
         meta = {
             "config": json.loads(config_to_json(pool.quant_config)),
@@ -144,22 +144,25 @@ class Capture:
 
     def on_load_layer(self, device_pool: Any, page_ids: torch.Tensor, device_indices: torch.Tensor, layer_id: int) -> None:
         """After load_to_device_per_layer enqueued layer `layer_id` on the current (load) stream."""
-        if layer_id != self.pool.layer_num - 1 or self.n_load >= self.limit:
+        if layer_id != self.pool.layer_num - 1 or min(self.n_loads.values()) >= self.limit:
             return
         with self._lock:
             if not self._pid_fp:
                 return
             cand = [(i, p, self._pid_fp.get(p)) for i, p in enumerate(page_ids.tolist())]
-            cand = [(i, p, fs) for i, p, fs in cand if fs is not None and (fs[0], fs[1]) not in self._loaded]
-        if not cand:
-            return
+            cand = [(i, p, fs) for i, p, fs in cand
+                    if fs is not None and fs not in self._loaded and self.n_loads[fs[1]] < self.limit]
         ps = self.pool.page_size
         for i, pid, (crc, source) in cand:
-            if self.n_load >= self.limit:
-                break
+            if self.n_loads[source] >= self.limit:
+                continue
             rows = self._rows(device_pool, device_indices[i * ps : (i + 1) * ps])  # ordered after the load
-            name = f"load_{self.n_load:04d}.pt"
+            name = f"load_{source}_{self.n_loads[source]:04d}.pt"
             self._save(name, {"pid": pid, "crc": crc, "source": source, "backup": self._fps[crc], "rows": rows})
             with self._lock:
                 self._loaded.add((crc, source))
-                self.n_load += 1
+                self.n_loads[source] += 1
+
+    @property
+    def n_load(self) -> int:
+        return sum(self.n_loads.values())

@@ -1,0 +1,25 @@
+#!/bin/bash
+# Runs ON THE GPU MACHINE from the repo root, .stage/ carried (scripts/device/make_bundle.sh):
+#   bash scripts/device/run_multiturn.sh [multiturn_arms.py options, e.g. --plan l2:bf16,l2:kv4 --budget 300]
+# Sets up /tmp/site (run_server.sh setup), runs every scenario x arm of benchmark/multiturn_arms.py
+# (one SGLang server each), checks the captured pages (benchmark/check_capture.py), and leaves in $OUT:
+#   run.log, setup.log, results.json, bench_multiturn.json, capture_check.json, logs.tgz (server logs),
+#   jit_cache.tgz (SGLang tvm-ffi + Triton + our kernel build caches: copy it to .stage/ for the next run).
+set -u
+OUT=${OUT:-/tmp/kvtq_out}
+WORK=${WORK:-/tmp/kvtq_work}
+mkdir -p "$OUT" "$WORK"
+save() {
+  tar -czf "$OUT/logs.tgz" -C "$WORK" logs 2>/dev/null
+  (cd ~ && tar -czf "$OUT/jit_cache.tgz" .cache/tvm-ffi .cache/kvtuner_hicache .triton/cache 2>/dev/null)
+  if [ "$(stat -c %s "$OUT/jit_cache.tgz" 2>/dev/null || echo 0)" -gt 15000000 ]; then
+    (cd ~ && tar -czf "$OUT/jit_cache.tgz" .cache/tvm-ffi .cache/kvtuner_hicache 2>/dev/null)
+  fi
+  ls -la "$OUT"
+}
+trap save EXIT
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; free -g | head -2; nproc
+  bash scripts/device/run_server.sh setup; } > "$OUT/setup.log" 2>&1
+rc=$?; cat "$OUT/setup.log"; [ $rc = 0 ] || exit 1
+PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmark/multiturn_arms.py --out-dir "$OUT" --work-dir "$WORK" "$@" 2>&1 | tee "$OUT/run.log"
+exit "${PIPESTATUS[0]}"
