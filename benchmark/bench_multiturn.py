@@ -234,6 +234,9 @@ def summarize(records: list[ReqRecord], wall: float, m0: dict[str, float], m1: d
         if k in m1:
             delta[k] = m1[k]  # gauges: the value at the end
     late = [r.ttft_s for r in ok if r.round >= 3]
+    # TTFT by where the request's prefix came from (a request with any storage hit counts as "storage")
+    by_src = {"storage": [r.ttft_s for r in ok if r.cached.get("storage", 0) > 0],
+              "host": [r.ttft_s for r in ok if r.cached.get("host", 0) > 0 and r.cached.get("storage", 0) == 0]}
     return {
         "requests": len(records), "errors": len(records) - len(ok),
         "first_error": next((r.error for r in records if r.error), None),
@@ -246,6 +249,10 @@ def summarize(records: list[ReqRecord], wall: float, m0: dict[str, float], m1: d
         "ttft_mean_s": statistics.fmean(ttft) if ttft else None, "ttft_p50_s": _pct(ttft, 0.5),
         "ttft_p90_s": _pct(ttft, 0.9), "ttft_p99_s": _pct(ttft, 0.99),
         "ttft_mean_round3plus_s": statistics.fmean(late) if late else None,
+        "storage_hit_requests": len(by_src["storage"]),
+        "ttft_mean_storage_hit_s": statistics.fmean(by_src["storage"]) if by_src["storage"] else None,
+        "host_hit_requests": len(by_src["host"]),
+        "ttft_mean_host_hit_s": statistics.fmean(by_src["host"]) if by_src["host"] else None,
         "tpot_mean_s": statistics.fmean(tpot) if tpot else None,
         "throughput_tok_s": (prompt + out_tok) / wall if wall > 0 else None,
         "output_tok_s": out_tok / wall if wall > 0 else None,

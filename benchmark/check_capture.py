@@ -86,6 +86,34 @@ def check(dirs: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def pack_sample(root: str, tgz: str, max_bytes: int = 15 << 20) -> dict[str, Any]:
+    """Write a small, self-contained part of capture `root` (first pool) to `tgz` so that this script can
+    re-check it elsewhere: meta.json plus loaded pages with the backups they reference, an L3 load
+    first, then L2 loads, while the files total at most `max_bytes` (uncompressed)."""
+    import tarfile
+
+    pools = sorted(p for p in glob.glob(os.path.join(root, "pool_*")) if os.path.isfile(os.path.join(p, "meta.json")))
+    if not pools:
+        return {"root": root, "error": "no capture"}
+    pool = pools[0]
+    loads = sorted(glob.glob(os.path.join(pool, "load_l3_*.pt")))[:1] + sorted(glob.glob(os.path.join(pool, "load_l2_*.pt")))
+    files = ["meta.json"]
+    size = os.path.getsize(os.path.join(pool, "meta.json"))
+    for f in loads:
+        need = [os.path.basename(f), torch.load(f, weights_only=False)["backup"]]
+        extra = [n for n in need if n not in files]
+        add = sum(os.path.getsize(os.path.join(pool, n)) for n in extra)
+        if size + add > max_bytes:
+            continue
+        files += extra
+        size += add
+    arc = os.path.join(os.path.basename(os.path.normpath(root)), os.path.basename(pool))
+    with tarfile.open(tgz, "w:gz", compresslevel=6) as t:
+        for n in files:
+            t.add(os.path.join(pool, n), arcname=os.path.join(arc, n))
+    return {"root": root, "tgz": tgz, "files": files, "bytes": size, "tgz_bytes": os.path.getsize(tgz)}
+
+
 def passed(r: dict[str, Any]) -> bool:
     return "error" not in r and r["l2"]["bad"] == 0 and r["l3"]["bad"] == 0 and r["l2"]["ok"] + r["l3"]["ok"] > 0
 

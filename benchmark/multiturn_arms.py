@@ -9,13 +9,16 @@ which keeps the whole run inside one device call. Benchmarks themselves run stri
 Scenarios (same host byte budget for every arm of a scenario):
   l2  GPU pool 16384 tokens, --hicache-size 1 (GB), no L3: prefixes come back from L2 (host) or are recomputed.
   l3  GPU pool 8192 tokens, --hicache-ratio 1.2 (bytes: 0.56 GB), L3 `file` backend (local disk), prefetch
-      wait_complete: L2 is too small for every arm, the oldest prefixes come back from L3. Our arms run
-      with the debug capture on (KVTQ_CAPTURE_DIR), checked afterwards by check_capture.py.
+      wait_complete: L2 is too small for every arm, the oldest prefixes come back from L3. By default our
+      l3 arms run with the debug capture on (KVTQ_CAPTURE_DIR), checked afterwards by check_capture.py;
+      --capture l2:kv8,l3:kv4,... picks the capture arms explicitly (any scenario).
 Arms: none (no HiCache, l2 only), bf16 (SGLang's HiCache), kv8, k8v4, kv4 (our defaults), mixed
 (KVTuner per-layer table).
 
 Writes to --out-dir: results.json (everything), bench_multiturn.json (one record per scenario x arm),
-capture_check.json; server logs go to <work-dir>/logs/ (the device wrapper tars them into $OUT).
+capture_check.json, and capture_<scenario>_<arm>.tgz for --capture-sample (a part of that capture small
+enough to come back, re-checkable with check_capture.py); server logs go to <work-dir>/logs/ (the device
+wrapper tars them into $OUT).
 """
 
 from __future__ import annotations
@@ -112,7 +115,8 @@ class Server:
         env = dict(os.environ)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.capture_dir = None
-        if sc["capture"] and arm not in ("none", "bf16"):
+        want_capture = (scenario, arm) in a.capture_set if a.capture_set is not None else sc["capture"]
+        if want_capture and arm not in ("none", "bf16"):
             self.capture_dir = os.path.join(a.work_dir, "capture", self.name)
             shutil.rmtree(self.capture_dir, ignore_errors=True)
             os.makedirs(self.capture_dir)
@@ -160,7 +164,8 @@ def gpu_name() -> str:
 
 
 def run_arm(srv: Server, a: argparse.Namespace, w: bm.Workload, deadline: float) -> dict[str, Any]:
-    rec: dict[str, Any] = {"arm": srv.arm, "scenario": srv.scenario, "port": srv.port, "args": srv.args}
+    rec: dict[str, Any] = {"arm": srv.arm, "scenario": srv.scenario, "run": a.run, "capture": srv.capture_dir is not None,
+                           "port": srv.port, "args": srv.args}
     try:
         rec["startup_s"] = bm.wait_ready(srv.url, max(10.0, min(a.server_wait, deadline - time.time() - 30)), srv.alive)
         rec["ready_after_launch_s"] = time.time() - srv.t_launch
@@ -216,11 +221,12 @@ def finish_record(rec: dict[str, Any], log_text: str, gpu: str) -> dict[str, Any
     return rec
 
 
-SUMMARY_FIELDS = ("arm", "scenario", "status", "gpu", "codec", "l2_capacity_tokens", "host_bytes_per_token",
+SUMMARY_FIELDS = ("arm", "scenario", "run", "status", "capture", "gpu", "codec", "l2_capacity_tokens", "host_bytes_per_token",
                   "compression_vs_bf16", "host_hit_tokens", "storage_hit_tokens", "device_hit_tokens", "hit_rate",
                   "prompt_tokens", "computed_prompt_tokens", "ttft_mean_s", "ttft_p50_s", "ttft_p90_s",
-                  "ttft_mean_round3plus_s", "tpot_mean_s", "throughput_tok_s", "req_s", "wall_s", "l2_bytes_loaded",
-                  "l2_bytes_backed_up_est", "l3_bytes_written", "l3_bytes_read", "startup_s")
+                  "ttft_mean_round3plus_s", "host_hit_requests", "ttft_mean_host_hit_s", "storage_hit_requests",
+                  "ttft_mean_storage_hit_s", "tpot_mean_s", "throughput_tok_s", "req_s", "wall_s", "l2_bytes_loaded",
+                  "l2_bytes_backed_up_est", "l3_backup_tokens", "l3_bytes_written", "l3_bytes_read", "startup_s")
 
 
 def summary_record(rec: dict[str, Any]) -> dict[str, Any]:
@@ -237,13 +243,15 @@ def print_table(recs: list[dict[str, Any]]) -> None:
     print(hdr)
     print("-" * len(hdr))
     for r in recs:
-        print(f"{r['scenario']:4} {r['arm']:6} {str(r.get('status'))[:8]:8} {str(r.get('codec') or '-')[:10]:10} "
+        arm = r["arm"] + ("*" if r.get("capture") else "")
+        print(f"{r['scenario']:4} {arm:6} {str(r.get('status'))[:8]:8} {str(r.get('codec') or '-')[:10]:10} "
               f"{_f(r.get('l2_capacity_tokens'), fmt='{:.0f}'):>7} {_f(r.get('host_bytes_per_token'), fmt='{:.0f}'):>6} "
               f"{_f(r.get('host_hit_tokens'), fmt='{:.0f}'):>9} {_f(r.get('storage_hit_tokens'), fmt='{:.0f}'):>9} "
               f"{_f(r.get('hit_rate'), 100, '{:.0f}'):>5} {_f(r.get('ttft_mean_s'), 1e3, '{:.0f}ms'):>9} "
               f"{_f(r.get('ttft_p50_s'), 1e3, '{:.0f}'):>6} {_f(r.get('ttft_p90_s'), 1e3, '{:.0f}'):>6} "
               f"{_f(r.get('tpot_mean_s'), 1e3, '{:.1f}'):>6} {_f(r.get('throughput_tok_s'), fmt='{:.0f}'):>7} "
               f"{_f(r.get('l2_bytes_loaded'), 1e-9, '{:.2f}'):>10} {_f(r.get('l3_bytes_written'), 1e-9, '{:.2f}'):>8}")
+    print("(arm* = debug capture on)")
 
 
 def write_outputs(a: argparse.Namespace, recs: list[dict[str, Any]], extra: dict[str, Any]) -> None:
@@ -268,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-wait", type=float, default=240)
     ap.add_argument("--arm-timeout", type=float, default=120)
     ap.add_argument("--capture-pages", type=int, default=16)
+    ap.add_argument("--capture", default="",
+                    help="comma-separated scenario:arm list run with the debug capture on (default: our arms of l3)")
+    ap.add_argument("--capture-sample", default="",
+                    help="scenario:arm list whose capture is also packed (part of it) as $OUT/capture_<scen>_<arm>.tgz")
+    ap.add_argument("--sample-mib", type=float, default=15.0, help="uncompressed size cap of one capture sample")
+    ap.add_argument("--run", type=int, default=None, help="run number written into every record")
     ap.add_argument("--prebuild-native", type=int, default=1)
     ap.add_argument("--fail-fast", type=int, default=1, help="abort everything when the first arm fails")
     ap.add_argument("--clients", type=int, default=16)
@@ -276,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=int, default=8)
     ap.add_argument("--parallel", type=int, default=4)
     a = ap.parse_args(argv)
+    a.capture_set = {tuple(p.split(":")) for p in a.capture.split(",") if p} if a.capture else None
     t_start = time.time()
     deadline = t_start + a.budget
     os.makedirs(a.out_dir, exist_ok=True)
@@ -318,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in running:
         s.stop()
     for sc, arm in plan:
-        recs.append({"arm": arm, "scenario": sc, "status": "skipped (time budget)"})
+        recs.append({"arm": arm, "scenario": sc, "run": a.run, "status": "skipped (time budget)"})
     # accuracy through the real path: loaded pages == reference dequantization of the backed-up rows
     cap_dirs = [r["capture_dir"] for r in recs if r.get("capture_dir") and r.get("status") == "ok"]
     check: list[Any] = []
@@ -329,8 +344,21 @@ def main(argv: list[str] | None = None) -> int:
                            env=env, capture_output=True, text=True, timeout=max(30, deadline + 60 - time.time()))
         print(p.stdout + p.stderr[-3000:], flush=True)
         check = json.load(open(cj)) if os.path.exists(cj) else [{"error": p.stderr[-2000:]}]
-    write_outputs(a, recs, {"gpu": gpu, "workload": w.__dict__, "capture_check": check, "aborted": aborted,
-                            "total_s": time.time() - t_start})
+    samples: list[Any] = []
+    for sa in (tuple(p.split(":")) for p in a.capture_sample.split(",") if p):
+        r = next((r for r in recs if (r["scenario"], r["arm"]) == sa and r.get("capture_dir") and r.get("status") == "ok"), None)
+        if r is None:
+            continue
+        try:
+            import check_capture
+
+            samples.append(check_capture.pack_sample(r["capture_dir"], os.path.join(a.out_dir, f"capture_{sa[0]}_{sa[1]}.tgz"),
+                                                     int(a.sample_mib * 1048576)))
+        except Exception as e:  # a sample is optional: never lose the run for it
+            samples.append({"root": r["capture_dir"], "error": f"{type(e).__name__}: {e}"})
+        print("capture sample:", samples[-1], flush=True)
+    write_outputs(a, recs, {"gpu": gpu, "workload": w.__dict__, "capture_check": check, "capture_samples": samples,
+                            "aborted": aborted, "total_s": time.time() - t_start})
     print_table([r for r in recs if "scenario" in r])
     print(f"[{time.time() - t_start:5.0f}s] done{'; ABORTED: ' + aborted if aborted else ''}", flush=True)
     return 3 if aborted else 0

@@ -4,16 +4,19 @@
 # Sets up /tmp/site (run_server.sh setup), runs every scenario x arm of benchmark/multiturn_arms.py
 # (one SGLang server each), checks the captured pages (benchmark/check_capture.py), and leaves in $OUT:
 #   run.log, setup.log, results.json, bench_multiturn.json, capture_check.json, logs.tgz (server logs),
-#   jit_cache.tgz (SGLang tvm-ffi + Triton + our kernel build caches: copy it to .stage/ for the next run).
+#   jit_cache.tgz (SGLang tvm-ffi + Triton + our kernel build caches: copy it to .stage/ for the next run;
+#   SAVE_JIT=0 skips it), capture_<scenario>_<arm>.tgz for multiturn_arms.py --capture-sample.
 set -u
 OUT=${OUT:-/tmp/kvtq_out}
 WORK=${WORK:-/tmp/kvtq_work}
 mkdir -p "$OUT" "$WORK"
 save() {
   tar -czf "$OUT/logs.tgz" -C "$WORK" logs 2>/dev/null
-  (cd ~ && tar -czf "$OUT/jit_cache.tgz" .cache/tvm-ffi .cache/kvtuner_hicache .triton/cache 2>/dev/null)
-  if [ "$(stat -c %s "$OUT/jit_cache.tgz" 2>/dev/null || echo 0)" -gt 15000000 ]; then
-    (cd ~ && tar -czf "$OUT/jit_cache.tgz" .cache/tvm-ffi .cache/kvtuner_hicache 2>/dev/null)
+  if [ "${SAVE_JIT:-1}" = 1 ]; then  # SAVE_JIT=0: no jit_cache.tgz (frees one of the 8 files that come back)
+    (cd ~ && tar -czf "$OUT/jit_cache.tgz" .cache/tvm-ffi .cache/kvtuner_hicache .triton/cache 2>/dev/null)
+    if [ "$(stat -c %s "$OUT/jit_cache.tgz" 2>/dev/null || echo 0)" -gt 15000000 ]; then
+      (cd ~ && tar -czf "$OUT/jit_cache.tgz" .cache/tvm-ffi .cache/kvtuner_hicache 2>/dev/null)
+    fi
   fi
   ls -la "$OUT"
 }
