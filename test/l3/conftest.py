@@ -16,9 +16,8 @@ import pytest
 pytest.importorskip("sglang")
 warnings.filterwarnings("ignore", message="Only CUDA")
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-RUN = REPO / ".cache" / "l3" / "run"
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # harness.py
+from harness import RUN  # noqa: E402
 
 
 def engine_env() -> dict[str, str]:

@@ -8,6 +8,7 @@ operation to the I/O thread), exactly as HiRadixCache does, and nothing else.
 from __future__ import annotations
 
 import itertools
+import pathlib
 import queue
 import threading
 import time
@@ -26,6 +27,9 @@ from sglang.srt.runtime_context import get_parallel
 LAYERS, HEADS, HEAD_DIM, PAGE = 4, 4, 128, 64
 KV4 = QuantConfig()  # the default: KV4 asymmetric, group 64
 _ids = itertools.count()
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+RUN = REPO / ".cache" / "l3" / "run"  # engine pids, mounts, env (scripts/l3/start_engines.sh)
 
 
 def device_pool(tokens: int = 16 * PAGE, seed: int = 0) -> MHATokenToKVPool:

@@ -17,7 +17,7 @@ import time
 import harness as H
 import pytest
 import torch
-from conftest import REPO, RUN
+from harness import REPO, RUN
 from kvtuner_hicache.config import QuantConfig
 
 pytestmark = pytest.mark.l3

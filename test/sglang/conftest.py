@@ -11,10 +11,7 @@ import pytest
 pytest.importorskip("sglang")
 warnings.filterwarnings("ignore", message="Only CUDA")
 
-import torch  # noqa: E402
-from kvtuner_hicache.config import QuantConfig  # noqa: E402
 from kvtuner_hicache.sglang_ext.args import ENV_VAR  # noqa: E402
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool  # noqa: E402
 
 _CLEAN_ENV = (ENV_VAR, "SGLANG_USE_HND_KVCACHE", "SGLANG_ENABLE_UNIFIED_RADIX_TREE")
 
@@ -53,36 +50,3 @@ def tiny_model(tmp_path_factory) -> str:
         "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16", "rope_theta": 10000.0,
     }))
     return str(d)
-
-
-def mha_device_pool(layers: int, heads: int, head_dim: int, page_size: int, tokens: int = 1024,
-                    v_head_dim: int | None = None, dtype=torch.bfloat16, seed: int = 0) -> MHATokenToKVPool:
-    pool = MHATokenToKVPool(size=tokens, page_size=page_size, dtype=dtype, head_num=heads, head_dim=head_dim,
-                            layer_num=layers, device="cpu", enable_memory_saver=False, v_head_dim=v_head_dim)
-    if pool.store_dtype in (torch.bfloat16, torch.float16):
-        g = torch.Generator().manual_seed(seed)
-        for b in pool.k_buffer + pool.v_buffer:
-            b.copy_(torch.randn(b.shape, generator=g) * 2 + 0.5)
-    return pool
-
-
-def mla_device_pool(layers: int, page_size: int, tokens: int = 1024, seed: int = 0) -> MLATokenToKVPool:
-    pool = MLATokenToKVPool(size=tokens, page_size=page_size, dtype=torch.bfloat16, kv_lora_rank=512,
-                            qk_rope_head_dim=64, layer_num=layers, device="cpu", enable_memory_saver=False)
-    g = torch.Generator().manual_seed(seed)
-    for b in pool.kv_buffer:
-        b.copy_(torch.randn(b.shape, generator=g))
-    return pool
-
-
-def quant_host_pool(device_pool, cfg: QuantConfig | None = None, ratio: float = 2.0, host_size: float = 0):
-    from kvtuner_hicache.sglang_ext.host_pool import QuantizedMHATokenToKVPoolHost, QuantizedMLATokenToKVPoolHost
-
-    cls = QuantizedMLATokenToKVPoolHost if isinstance(device_pool, MLATokenToKVPool) else QuantizedMHATokenToKVPoolHost
-    return cls(device_pool, ratio, host_size, device_pool.page_size, "page_first", quant_config=cfg or QuantConfig())
-
-
-def bf16_host_pool(device_pool, ratio: float = 2.0, host_size: float = 0):
-    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
-
-    return MHATokenToKVPoolHost(device_pool, ratio, host_size, device_pool.page_size, "page_first", pin_memory=False)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mha_device_pool, quant_host_pool
 from kvtuner_hicache.config import QuantConfig
 from kvtuner_hicache.sglang_ext import capture
+from sglang_pools import mha_device_pool, quant_host_pool
 
 pytestmark = pytest.mark.sglang
 

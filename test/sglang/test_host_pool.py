@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import bf16_host_pool, mha_device_pool, mla_device_pool, quant_host_pool
 from kvtuner_hicache.config import ConfigError, QuantConfig
 from kvtuner_hicache.config import load_layer_bits as load_yaml
 from kvtuner_hicache.page_format import HEADER_BYTES
 from kvtuner_hicache.quant import roundtrip_pages
+from sglang_pools import bf16_host_pool, mha_device_pool, mla_device_pool, quant_host_pool
 
 pytestmark = pytest.mark.sglang
 

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import mha_device_pool, mla_device_pool
 from kvtuner_hicache.config import ConfigError, QuantConfig
 from kvtuner_hicache.quant import roundtrip_pages
 from kvtuner_hicache.sglang_ext import args as kargs
 from kvtuner_hicache.sglang_ext import plugin
+from sglang_pools import mha_device_pool, mla_device_pool
 
 pytestmark = pytest.mark.sglang
 PS = 64

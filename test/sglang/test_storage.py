@@ -7,9 +7,9 @@ import os
 
 import pytest
 import torch
-from conftest import bf16_host_pool, mha_device_pool, mla_device_pool, quant_host_pool
 from kvtuner_hicache.config import QuantConfig
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+from sglang_pools import bf16_host_pool, mha_device_pool, mla_device_pool, quant_host_pool
 
 pytestmark = pytest.mark.sglang
 PS = 64

@@ -21,6 +21,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from kvtuner_hicache.config import ConfigError, QuantConfig
 from kvtuner_hicache.sglang_ext import args as kargs
+from kvtuner_hicache.sglang_ext.backends import registration as l3_registration
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,11 @@ def active_config(server_args: Any = None) -> QuantConfig | None:
 
 
 def _add_cli_args(orig, parser):
+    # One AROUND hook for every flag we add (SGLang warns about several on one target): the nine
+    # kvtuner flags, and the juicefs/lmcache backend names + --hicache-storage-backend-config.
     orig(parser)
     kargs.add_cli_args(parser)
+    l3_registration.extend_parser(parser)
 
 
 def _from_cli_args(orig, cls, args):
@@ -162,7 +166,7 @@ def register() -> None:
     _registered = True
     for target, hook, kind in _HOOKS:
         HookRegistry.register(target, hook, kind)
-    __import__("kvtuner_hicache.sglang_ext.backends.registration", fromlist=["_"]).register_hooks()  # issue #6: juicefs/lmcache L3 backends + --hicache-storage-backend-config alias
+    l3_registration.register_hooks()  # juicefs/lmcache L3 backends (their CLI part is in _add_cli_args)
 
 
 def _resolve(target: str) -> Any:

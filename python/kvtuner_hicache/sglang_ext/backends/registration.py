@@ -24,7 +24,6 @@ from kvtuner_hicache.sglang_ext.backends import BACKENDS
 
 logger = logging.getLogger(__name__)
 
-T_ADD_CLI = "sglang.srt.server_args.ServerArgs.add_cli_args"
 T_CREATE = "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory.create_backend"
 T_BUILTIN = "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory._create_builtin_backend"
 ALIAS_FLAG = "--hicache-storage-backend-config"
@@ -41,12 +40,6 @@ def extend_parser(parser: argparse.ArgumentParser) -> None:
         # SUPPRESS: leave SGLang's own default in place when only the canonical flag (or neither) is given
         parser.add_argument(ALIAS_FLAG, dest=EXTRA_DEST, default=argparse.SUPPRESS, metavar="JSON",
                             help="Alias of --hicache-storage-backend-extra-config (JSON or @file).")
-
-
-def _add_cli_args(orig: Any, parser: argparse.ArgumentParser) -> Any:
-    out = orig(parser)
-    extend_parser(parser)
-    return out
 
 
 def ensure_registered(factory: Any) -> None:
@@ -76,8 +69,8 @@ def _create_builtin_backend(orig: Any, cls: Any, backend_name: str, backend_clas
     return orig(cls, backend_name, backend_class, storage_config, mem_pool_host, *args, **kwargs)
 
 
+# The CLI part (extend_parser) runs inside the plugin's own add_cli_args hook: one AROUND hook per target.
 HOOKS: list[tuple[str, Any, HookType]] = [
-    (T_ADD_CLI, _add_cli_args, HookType.AROUND),
     (T_CREATE, _before_create_backend, HookType.BEFORE),
     (T_BUILTIN, _create_builtin_backend, HookType.AROUND),
 ]
