@@ -63,8 +63,9 @@ class QuantConfig:
     """The seed's flags, one field each, plus an optional per-layer bit table.
 
     Defaults depart from the seed on purpose (docs/accuracy.md has the numbers): keys are
-    grouped per channel and the quantizer is asymmetric, because per-token 4-bit keys
-    raise Qwen2.5 perplexity by 50-440 % while per-channel 4-bit keys are within noise.
+    grouped per channel and the quantizer is asymmetric. On Qwen2.5-Coder-1.5B, 4-bit
+    per-token keys raise perplexity by +31,513 % (the seed's symmetric defaults +146 %),
+    asymmetric per-channel 4-bit keys by +0.09 %.
     """
 
     nbits_key: int = 4
