@@ -158,3 +158,17 @@ def test_env_json_roundtrip_and_errors():
         kargs.config_from_json("{not json")
     with pytest.raises(ConfigError, match="nbits-key"):
         kargs.config_from_json(json.dumps({"nbits_key": 5}))
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+@pytest.mark.parametrize("backend, config, needle", [
+    ("juicefs", '{"mount_point": "/nonexistent/jfs"}', "mount point /nonexistent/jfs does not exist"),
+    ("juicefs", "{}", "needs a mount point"),
+    ("lmcache", '{"endpoint": "127.0.0.1:1", "connect_timeout_s": 2}', "cannot reach an LMCache server at 127.0.0.1:1"),
+])
+def test_seed_l3_commands_fail_fast_in_the_launcher(kvtq_hooks, tiny_model, capsys, quantized, backend, config, needle):
+    """The seed's L3 commands, with a missing mount or a dead server: one clear line before any model loads."""
+    extra = ENABLE if quantized else ["--enable-hierarchical-cache"]
+    err = _fails(capsys, tiny_model, *extra, "--hicache-storage-backend", backend,
+                 "--hicache-storage-backend-config", config)
+    assert needle in err and "Traceback" not in err

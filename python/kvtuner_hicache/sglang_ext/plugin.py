@@ -74,6 +74,10 @@ def _from_cli_args(orig, cls, args):
 
 def _post_init(orig, self):
     orig(self)
+    # our L3 backends fail fast in the launcher (quantized or not): missing mount, dead server
+    l3_errs = l3_registration.preflight_errors(self)
+    if l3_errs:
+        raise ConfigError("the L3 storage backend is not usable:\n  - " + "\n  - ".join(l3_errs))
     cfg = kargs.config_from_env()
     if cfg is None:
         return

@@ -98,6 +98,25 @@ class _Conn:
             pass
 
 
+def check_server(endpoint: str, timeout_s: float = 3.0) -> None:
+    """Raise BackendConfigError, with the command that fixes it, unless an LMCache server answers at `endpoint`."""
+    host, port = parse_endpoint(endpoint)
+    try:
+        c = _Conn(host, port, timeout_s, timeout_s)
+        try:
+            c.sock.sendall(request(HEALTH, wire_key("health")))
+            code, _ = c.reply()
+        finally:
+            c.close()
+        if code != OK:
+            raise ConnectionError(f"health check answered {code}")
+    except (OSError, ConnectionError, struct.error) as e:
+        raise BackendConfigError(
+            f"lmcache: cannot reach an LMCache server at {endpoint} ({type(e).__name__}: {e}); start one "
+            f"with `lmcache_server {host} {port} cpu` or fix \"endpoint\" in "
+            "--hicache-storage-backend-config") from None
+
+
 class LMCacheStore(ByteObjectStore):
     engine = "lmcache"
 
@@ -115,20 +134,7 @@ class LMCacheStore(ByteObjectStore):
         self._gen = 0  # bumped on failure: every thread drops its (possibly broken) connection
         self._conns: list[_Conn] = []
         self._clock = threading.Lock()
-        try:  # fail at start-up, with the command that fixes it, rather than on the first request
-            c = _Conn(self.host, self.port, self.connect_timeout_s, self.connect_timeout_s)
-            try:
-                c.sock.sendall(request(HEALTH, wire_key("health")))
-                code, _ = c.reply()
-            finally:
-                c.close()
-            if code != OK:
-                raise ConnectionError(f"health check answered {code}")
-        except (OSError, ConnectionError, struct.error) as e:
-            raise BackendConfigError(
-                f"lmcache: cannot reach an LMCache server at {self.endpoint} ({type(e).__name__}: {e}); start one "
-                f"with `lmcache_server {self.host} {self.port} cpu` or fix \"endpoint\" in "
-                "--hicache-storage-backend-config") from None
+        check_server(self.endpoint, self.connect_timeout_s)  # fail at start-up, not on the first request
         logger.info("kvtuner_hicache lmcache: server at %s:%d answers", self.host, self.port)
 
     def describe(self) -> str:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
+import os
 from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookType
@@ -89,3 +91,43 @@ def register_hooks() -> None:
 
     for target, fn, kind in HOOKS:
         HookRegistry.register(target, fn, kind)
+
+
+def preflight_errors(server_args: Any) -> list[str]:
+    """Start-up checks of our L3 backends in the launcher, before any model is loaded.
+
+    The backends check again when the scheduler builds them; this only makes a missing JuiceFS
+    mount or an unreachable LMCache server fail at once, whatever else the server was asked for.
+    """
+    name = getattr(server_args, BACKEND_DEST, None)
+    if name not in BACKENDS:
+        return []
+    raw = getattr(server_args, EXTRA_DEST, None) or "{}"
+    if isinstance(raw, str) and raw.startswith("@"):
+        return []  # a config file in another format: the backend itself checks it when built
+    try:
+        extra = raw if isinstance(raw, dict) else json.loads(raw)
+    except json.JSONDecodeError as e:
+        return [f"--hicache-storage-backend-config is not valid JSON: {e}"]
+    from kvtuner_hicache.sglang_ext.backends._base import BackendConfigError
+
+    try:
+        if name == "juicefs":
+            from kvtuner_hicache.sglang_ext.backends.juicefs import check_mount
+
+            mp = extra.get("mount_point") or os.environ.get("SGLANG_HICACHE_JUICEFS_MOUNT_POINT")
+            if not mp:
+                return ['--hicache-storage-backend juicefs needs a mount point: '
+                        '--hicache-storage-backend-config \'{"mount_point": "/mnt/jfs"}\'']
+            check_mount(str(mp), bool(extra.get("require_fuse", True)))
+        elif name == "lmcache":
+            from kvtuner_hicache.sglang_ext.backends.lmcache import check_server
+
+            ep = extra.get("endpoint") or os.environ.get("SGLANG_HICACHE_LMCACHE_ENDPOINT")
+            if not ep:
+                return ['--hicache-storage-backend lmcache needs a server: '
+                        '--hicache-storage-backend-config \'{"endpoint": "localhost:65432"}\'']
+            check_server(str(ep), float(extra.get("connect_timeout_s", 3.0)))
+    except (BackendConfigError, ValueError) as e:
+        return [str(e)]
+    return []
