@@ -41,12 +41,12 @@ def _clean_env():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    """A config-only Qwen2 checkpoint: enough for ServerArgs.__post_init__ to resolve on CPU."""
+    """A config-only Qwen2 checkpoint (28 layers like Qwen2.5-7B, head_dim 64): enough for ServerArgs to resolve on CPU."""
     d = tmp_path_factory.mktemp("tinyqwen")
     (d / "config.json").write_text(json.dumps({
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 256,
         "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "num_hidden_layers": 2, "vocab_size": 1000, "max_position_embeddings": 2048,
+        "num_hidden_layers": 28, "vocab_size": 1000, "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16", "rope_theta": 10000.0,
     }))
     return str(d)

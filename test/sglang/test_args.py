@@ -12,7 +12,7 @@ from kvtuner_hicache.sglang_ext import args as kargs
 
 pytestmark = pytest.mark.sglang
 
-ENABLE = ["--enable-hierarchical-cache", "--enable-kvtuner-hicache"]
+ENABLE = ["--enable-hierarchical-cache", "--enable-kvtuner-hicache", "--page-size", "64"]
 
 
 def _parse(tiny_model, *extra):
@@ -120,7 +120,7 @@ def test_engine_kwargs_use_env(kvtq_hooks, tiny_model):
     from sglang.srt.server_args import ServerArgs
 
     kargs.set_env_config(QuantConfig(nbits_key=8))
-    sa = ServerArgs(model_path=tiny_model, device="cpu", enable_hierarchical_cache=True)
+    sa = ServerArgs(model_path=tiny_model, device="cpu", enable_hierarchical_cache=True, page_size=64)
     assert getattr(sa, kargs.SERVER_ARGS_ATTR).nbits_key == 8
     with pytest.raises(ConfigError, match="requires --enable-hierarchical-cache"):
         ServerArgs(model_path=tiny_model, device="cpu")
@@ -171,4 +171,18 @@ def test_seed_l3_commands_fail_fast_in_the_launcher(kvtq_hooks, tiny_model, caps
     extra = ENABLE if quantized else ["--enable-hierarchical-cache"]
     err = _fails(capsys, tiny_model, *extra, "--hicache-storage-backend", backend,
                  "--hicache-storage-backend-config", config)
+    assert needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--enable-hierarchical-cache", "--enable-kvtuner-hicache"],  # SGLang's default page size is 1
+     "--kvtuner-hicache-q-group-size 64 does not divide --page-size 1"),
+    ([*ENABLE, "--kvtuner-hicache-axis-key", "0", "--kvtuner-hicache-q-group-size", "128"],
+     "does not divide the key head dimension 64"),
+    ([*ENABLE, "--kvtuner-hicache-config", "LLAMA"], "names layers the model lacks (it has 28"),
+])
+def test_model_mismatches_fail_in_the_launcher(kvtq_hooks, tiny_model, capsys, presets_dir, extra, needle):
+    """Page size, group and per-layer table are checked against the local config.json before any process starts."""
+    llama = str(presets_dir / "Meta-Llama-3.1-8B-Instruct_kivi_KVTuner4_1.yaml")
+    err = _fails(capsys, tiny_model, *[llama if x == "LLAMA" else x for x in extra])
     assert needle in err and "Traceback" not in err

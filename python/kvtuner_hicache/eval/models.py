@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvtuner_hicache.config import KVShape
+from kvtuner_hicache.model_shape import kv_shape_from_hf
 
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma-3-270m")
 REPO = pathlib.Path(__file__).resolve().parents[3]
@@ -59,11 +60,7 @@ def ensure_model(name: str, allow_fetch: bool = True) -> pathlib.Path:
 
 def kv_shape_of(config: Any) -> KVShape:
     """The per-layer KV shape of an HF config (text part for multimodal configs)."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return KVShape.mha(cfg.num_hidden_layers, kv_heads, head_dim)
+    return kv_shape_from_hf(config)
 
 
 @dataclass

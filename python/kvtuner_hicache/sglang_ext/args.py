@@ -170,8 +170,26 @@ def server_args_errors(sa: Any) -> list[str]:
     return errs
 
 
+def model_errors(sa: Any, cfg: QuantConfig) -> list[str]:
+    """Page size, group/axes and per-layer table against the model, in the launcher when its
+    config.json is local (the host pool checks again per rank, with the real shapes)."""
+    from kvtuner_hicache.model_shape import kv_shape_from_model_path
+
+    shape = kv_shape_from_model_path(str(getattr(sa, "model_path", "") or ""))
+    if shape is None:
+        return []
+    page_size = getattr(sa, "page_size", None) or 1  # SGLang's default on CUDA
+    try:
+        cfg.validate_for(shape, page_size)
+    except ConfigError as e:
+        return [line.strip()[2:] for line in str(e).splitlines()[1:] if line.strip().startswith("- ")]
+    return []
+
+
 def validate_server_args(sa: Any, cfg: QuantConfig) -> None:
     errs = server_args_errors(sa)
+    if not errs:
+        errs = model_errors(sa, cfg)
     if errs:
         raise ConfigError("kvtuner_hicache cannot run with these server arguments:\n  - " + "\n  - ".join(errs))
 
