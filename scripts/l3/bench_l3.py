@@ -17,7 +17,6 @@ sys.path[:0] = [str(REPO / "python"), str(REPO / "test" / "l3")]
 
 import conftest  # noqa: E402
 import harness as H  # noqa: E402
-from kvtuner_hicache.sglang_ext.backends.registration import register_hooks  # noqa: E402
 from kvtuner_hicache.sglang_ext.plugin import register  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
@@ -25,8 +24,7 @@ PAGES, RUNS = 12, 5  # the harness device pool holds 16 pages
 
 
 def main() -> None:
-    register()
-    register_hooks()
+    register()  # our hooks and the L3 backend hooks
     HookRegistry.apply_hooks()
     env = conftest.engine_env()
     sys.path.insert(0, env["L3_MOONCAKE_PYTHONPATH"])

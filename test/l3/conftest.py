@@ -44,12 +44,10 @@ def require(name: str) -> str:
 @pytest.fixture(scope="session")
 def hooks():
     """Our plugin's hooks plus the L3 backend hooks, applied as SGLang's load_plugins() would."""
-    from kvtuner_hicache.sglang_ext.backends.registration import register_hooks
     from kvtuner_hicache.sglang_ext.plugin import register
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    register()
-    register_hooks()
+    register()  # our hooks and the L3 backend hooks
     HookRegistry.apply_hooks()
     return True
 

@@ -168,9 +168,9 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    for target, hook, kind in _HOOKS:
+    # plus the juicefs/lmcache L3 backend hooks (their CLI part is in _add_cli_args)
+    for target, hook, kind in _HOOKS + l3_registration.HOOKS:
         HookRegistry.register(target, hook, kind)
-    l3_registration.register_hooks()  # juicefs/lmcache L3 backends (their CLI part is in _add_cli_args)
 
 
 def _resolve(target: str) -> Any:

@@ -1,7 +1,7 @@
 """How the backend names `juicefs` and `lmcache` get into SGLang 0.5.17 (hooks for the plugin).
 
-- `ServerArgs.add_cli_args` (AROUND): add our names to `--hicache-storage-backend`'s fixed choices
-  and add `--hicache-storage-backend-config` as an alias of `--hicache-storage-backend-extra-config`
+- `ServerArgs.add_cli_args` (the plugin's own AROUND hook calls `extend_parser`): add our names
+  to `--hicache-storage-backend`'s fixed choices and add `--hicache-storage-backend-config` as an alias of `--hicache-storage-backend-extra-config`
   (same dest, so SGLang sees only its own field).
 - `StorageBackendFactory.create_backend` (BEFORE): put our names in the factory's registry (a class
   dict) so the normal lookup path runs; it changes no arguments.
@@ -76,21 +76,6 @@ HOOKS: list[tuple[str, Any, HookType]] = [
     (T_CREATE, _before_create_backend, HookType.BEFORE),
     (T_BUILTIN, _create_builtin_backend, HookType.AROUND),
 ]
-
-
-_registered = False
-
-
-def register_hooks() -> None:
-    """Register HOOKS with SGLang's HookRegistry (the plugin's register() calls this). Idempotent."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
-    from sglang.srt.plugins.hook_registry import HookRegistry
-
-    for target, fn, kind in HOOKS:
-        HookRegistry.register(target, fn, kind)
 
 
 def preflight_errors(server_args: Any) -> list[str]:
