@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -252,19 +253,174 @@ def parse_layer_bits(data: Any, source: str) -> dict[int, LayerBits]:
     return table
 
 
-def load_layer_bits(path: str | os.PathLike) -> dict[int, LayerBits]:
-    """Load a KVTuner per-layer YAML (or JSON) file."""
+TABLE_META_PREFIX = "#@kvtuner-hicache "
+"""A per-layer YAML may carry one comment line `#@kvtuner-hicache {json}`: the flags it was
+calibrated with. Being a comment, every YAML reader (KVTuner's included) ignores it."""
+
+# recorded flag -> (QuantConfig field, server flag)
+_RECORDED_FLAGS: dict[str, tuple[str, str]] = {
+    "axis_key": ("axis_key", "--kvtuner-hicache-axis-key"),
+    "axis_value": ("axis_value", "--kvtuner-hicache-axis-value"),
+    "q_group_size": ("q_group_size", "--kvtuner-hicache-q-group-size"),
+    "asym": ("asym", "--kvtuner-hicache-asym"),
+}
+
+
+class LayerTable(dict):  # type: ignore[type-arg]
+    """A per-layer table `{layer: LayerBits}` (a plain dict to every existing caller) that also
+    remembers where it came from (`source`) and the flags it was calibrated with (`meta`, the
+    `#@kvtuner-hicache` block, or None for a table without one, e.g. a KVTuner preset).
+
+    `QuantConfig(layer_bits=table)` keeps the object, so `table_flag_errors(cfg)` can check the
+    config's flags against `meta` later.
+    """
+
+    meta: dict[str, Any] | None = None
+    source: str | None = None
+
+
+def table_meta_line(meta: Mapping[str, Any]) -> str:
+    """The comment line that records `meta` in a per-layer YAML (see TABLE_META_PREFIX)."""
+    return TABLE_META_PREFIX + json.dumps(dict(meta), sort_keys=True, separators=(", ", ": "))
+
+
+def parse_table_meta(text: str, source: str = "table") -> dict[str, Any] | None:
+    """The `#@kvtuner-hicache {json}` block of a YAML text, or None when it has none."""
+    for line in text.splitlines():
+        if line.startswith(TABLE_META_PREFIX):
+            try:
+                meta = json.loads(line[len(TABLE_META_PREFIX):])
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{source}: unreadable {TABLE_META_PREFIX.strip()} line: {e}") from e
+            if not isinstance(meta, dict):
+                raise ConfigError(f"{source}: {TABLE_META_PREFIX.strip()} must be a JSON object")
+            return meta
+    return None
+
+
+def load_layer_bits(path: str | os.PathLike) -> LayerTable:
+    """Load a KVTuner per-layer YAML (or JSON) file.
+
+    Returns a LayerTable: a dict {layer: LayerBits} with `.meta` (the recorded calibration flags,
+    None if the file has no `#@kvtuner-hicache` line) and `.source` (the path).
+    """
     import yaml  # local: only needed when a table is given
 
     path = os.fspath(path)
+    source = f"--kvtuner-hicache-config {path}"
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            text = f.read()
     except OSError as e:
-        raise ConfigError(f"--kvtuner-hicache-config {path}: cannot read: {e.strerror}") from e
+        raise ConfigError(f"{source}: cannot read: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"--kvtuner-hicache-config {path}: not valid YAML: {e}") from e
-    return parse_layer_bits(data, f"--kvtuner-hicache-config {path}")
+        raise ConfigError(f"{source}: not valid YAML: {e}") from e
+    table = LayerTable(parse_layer_bits(data, source))
+    table.meta = parse_table_meta(text, source)
+    table.source = path
+    return table
+
+
+def _flag_value(name: str, value: Any) -> str:
+    if name == "asym":
+        return "--kvtuner-hicache-asym" if value else "--no-kvtuner-hicache-asym"
+    flag = _RECORDED_FLAGS[name][1]
+    return f"{flag} {value}"
+
+
+def table_flag_errors(cfg: QuantConfig, meta: Mapping[str, Any] | None = None) -> list[str]:
+    """Which flags of `cfg` disagree with the flags its per-layer table was calibrated with.
+
+    `meta` defaults to `cfg.layer_bits.meta` (set by `load_layer_bits` from the table's
+    `#@kvtuner-hicache` line). Checked: axis_key, axis_value, q_group_size, asym: the flags that
+    change what a layer's bits cost in accuracy. (The page size is recorded for information only:
+    groups never cross a page, so a table's bits mean the same at every page size its group fits.)
+    Returns one message per disagreement, naming the recorded value and the flag to pass; [] when
+    all agree, when `cfg` has no table, or when the table records nothing (KVTuner's presets:
+    see `preset_model_warning`).
+    """
+    if meta is None:
+        meta = getattr(cfg.layer_bits, "meta", None)
+    if not meta or cfg.layer_bits is None:
+        return []
+    src = getattr(cfg.layer_bits, "source", None) or cfg.layer_bits_source or "the per-layer table"
+    errs = []
+    for name, (fld, _flag) in _RECORDED_FLAGS.items():
+        if name not in meta:
+            continue
+        want, have = meta[name], getattr(cfg, fld)
+        if (bool(want) != bool(have)) if name == "asym" else (int(want) != int(have)):
+            errs.append(f"{src} was calibrated with {_flag_value(name, want)}, but this config has "
+                        f"{_flag_value(name, have)}: pass {_flag_value(name, want)} (or recalibrate "
+                        "with python -m kvtuner_hicache.calibrate for these flags)")
+    return errs
+
+
+def check_table_flags(cfg: QuantConfig) -> None:
+    """Raise one ConfigError listing every `table_flag_errors(cfg)`; nothing when they agree."""
+    errs = table_flag_errors(cfg)
+    if errs:
+        raise ConfigError("the per-layer table does not match the quantization flags:\n  - " + "\n  - ".join(errs))
+
+
+def quant_config_from_table(table: Mapping[int, LayerBits], **overrides: Any) -> QuantConfig:
+    """A QuantConfig holding `table` with the flags recorded in its metadata (project defaults for
+    flags it does not record); `overrides` win (and are then checked by `table_flag_errors`)."""
+    meta = getattr(table, "meta", None) or {}
+    fields: dict[str, Any] = {fld: meta[name] for name, (fld, _) in _RECORDED_FLAGS.items() if name in meta}
+    fields.update(overrides)
+    return QuantConfig(layer_bits=table, layer_bits_source=getattr(table, "source", None), **fields)
+
+
+_PRESET_NAME = re.compile(r"^(?P<model>.+?)_(?P<mode>kivi|pertoken)_KVTuner(?P<budget>\d+)_(?P<point>\d+)$", re.I)
+
+
+def _model_key(name: str) -> str:
+    """'Qwen/Qwen2.5-7B-Instruct' or '/m/qwen2.5-7b-instruct/' -> 'qwen257binstruct'."""
+    base = os.path.basename(os.path.normpath(str(name))) or str(name)
+    return re.sub(r"[^a-z0-9]", "", base.lower())
+
+
+def table_model(path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> str | None:
+    """The model a table was tuned on: `meta['model']`, else a KVTuner preset file name's
+    `<model>_<kivi|pertoken>_KVTuner<b>_<p>.yaml`, else None."""
+    if meta and meta.get("model"):
+        return str(meta["model"])
+    m = _PRESET_NAME.match(os.path.splitext(os.path.basename(os.fspath(path)))[0])
+    return m["model"] if m else None
+
+
+def preset_model_warning(path: str | os.PathLike, model_path: str, cfg: QuantConfig | None = None) -> str | None:
+    """A warning when the table at `path` was tuned on another model than `model_path`, else None.
+
+    The tuned-on model comes from the table's recorded metadata or a KVTuner preset's file name.
+    Names are compared after lower-casing and dropping everything but letters and digits, and a
+    match of either name inside the other counts (so 'qwen2.5-coder-1.5b' matches
+    'Qwen/Qwen2.5-Coder-1.5B-Instruct'). With `cfg`, a KVTuner preset's mode (kivi: per-channel
+    keys, per-token values, group 32; pertoken: per-token keys and values, group = head_dim) is
+    also compared with cfg's axes and mentioned when it differs. None when nothing is known.
+    """
+    meta = getattr(cfg.layer_bits, "meta", None) if cfg is not None else None
+    tuned = table_model(path, meta)
+    notes = []
+    if tuned is not None:
+        a, b = _model_key(tuned), _model_key(model_path)
+        if a and b and a not in b and b not in a:
+            notes.append(f"per-layer table {os.fspath(path)} was tuned on {tuned}, not on {model_path}: its layer "
+                         "choices reflect that model's sensitivities (on Qwen2.5-Coder-1.5B a Qwen2.5-7B "
+                         "KVTuner table was worse than uniform KV4 at fewer bits, docs/accuracy.md); "
+                         "calibrate one for this model with python -m kvtuner_hicache.calibrate")
+    m = _PRESET_NAME.match(os.path.splitext(os.path.basename(os.fspath(path)))[0])
+    if m and cfg is not None and not meta:
+        mode = m["mode"].lower()
+        want = (AXIS_PER_CHANNEL, AXIS_PER_TOKEN) if mode == "kivi" else (AXIS_PER_TOKEN, AXIS_PER_TOKEN)
+        if (cfg.axis_key, cfg.axis_value) != want:
+            notes.append(f"{os.path.basename(os.fspath(path))} is a KVTuner '{mode}' preset (keys axis {want[0]}, "
+                         f"values axis {want[1]}), used here with --kvtuner-hicache-axis-key {cfg.axis_key} "
+                         f"--kvtuner-hicache-axis-value {cfg.axis_value}")
+    return "; ".join(notes) if notes else None
 
 
 def mean_bits(cfg: QuantConfig, num_layers: int) -> float:

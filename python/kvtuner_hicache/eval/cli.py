@@ -27,7 +27,7 @@ from kvtuner_hicache.eval.harness import (
     run_text,
     stderr_log,
 )
-from kvtuner_hicache.eval.report import markdown, record
+from kvtuner_hicache.eval.report import LEGEND, markdown, pairwise, pairwise_markdown, record
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0, help="MMLU item shuffle")
     p.add_argument("--no-fetch", action="store_true", help="fail instead of running scripts/fetch_models.sh")
+    p.add_argument("--compare", default="",
+                   help="paired config-vs-config comparisons to report, 'A:B,C:D' (A against B); "
+                        "every config is always compared with bf16")
     p.add_argument("--json", dest="json_out", help="write the records here")
     return p
 
@@ -149,7 +152,9 @@ def run(args: argparse.Namespace, argv: Sequence[str], log: Any = stderr_log) ->
         rec.update(common)
         rec["timings"] = {"roundtrip_s": round(t.roundtrip_s, 3), "score_s": round(t.score_s, 3)} if t else {}
         records.append(rec)
+    pairs = [tuple(x.split(":", 1)) for x in args.compare.split(",") if ":" in x]
     result = {
+        "pairwise": pairwise(records, pairs),  # type: ignore[arg-type]
         "meta": {
             **common,
             "model_path": str(lm.path),
@@ -179,6 +184,10 @@ def render(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [f"# {meta['model']}: {meta['windows']} windows x ({meta['prefix_len']} prefix + {meta['score_len']} scored), "
              f"page {meta['page_size']}", "", markdown(result["records"]), ""]
+    if result.get("pairwise"):
+        lines += ["Paired comparisons between configs (same windows and tokens):", "",
+                  pairwise_markdown(result["pairwise"]), ""]
+    lines += [LEGEND, ""]
     for s in meta["skipped"]:
         lines.append(f"- skipped {s['config']}: {s['reason']}")
     for r in result["records"]:

@@ -13,7 +13,8 @@ A config name is one of
     seed                      the seed's (KVTuner FlexibleQuantizedCacheConfig) defaults:
                               4/4 bits, symmetric, per-token K and V, group 64, residual 128
     mixed                     per-layer table built from the model's key outliers (see `mixed_table`)
-    table:PATH                a KVTuner per-layer YAML table, with the project's default axes/group
+    table:PATH                a KVTuner per-layer YAML table, with the axes/group/asym it records
+                              (`#@kvtuner-hicache` line), else the project's defaults
 
 Every quantized config goes through the exact page format (`PageLayout` + `roundtrip_pages`).
 """
@@ -33,6 +34,7 @@ from kvtuner_hicache.config import (
     LayerBits,
     QuantConfig,
     load_layer_bits,
+    quant_config_from_table,
 )
 from kvtuner_hicache.page_format import PageLayout
 
@@ -152,8 +154,9 @@ def parse_config(name: str, ctx: ConfigContext) -> EvalConfig:
         desc = f"K8V4 in key-outlier layers {list(layers)}, K4V2 elsewhere; Kc Vt asym g64"
     elif base.startswith("table:"):
         path = base[len("table:"):]
-        q = QuantConfig(layer_bits=load_layer_bits(path), layer_bits_source=path)
-        desc = f"per-layer table {path}"
+        table = load_layer_bits(path)
+        q = quant_config_from_table(table)  # the flags the table records, else the defaults
+        desc = f"per-layer table {path}" + (" (its recorded flags)" if table.meta else "")
     else:
         m = _UNIFORM.match(base)
         if not m:

@@ -144,18 +144,25 @@ def make_ref(logits: torch.Tensor) -> Ref:
     return Ref(lp, lp.argmax(dim=-1))
 
 
-def compare(logits: torch.Tensor, targets: torch.Tensor, ref: Ref | None, chunk: int = 128) -> tuple[float, float, int]:
-    """(sum NLL of targets, sum KL(ref || this), top-1 agreements) over T positions of [T, V] logits."""
-    nll = kl = 0.0
+def compare_tokens(logits: torch.Tensor, targets: torch.Tensor, ref: Ref | None, chunk: int = 128) -> tuple[torch.Tensor, float, int]:
+    """(per-position NLL of targets [T], sum KL(ref || this), top-1 agreements) of [T, V] logits."""
+    nlls = []
+    kl = 0.0
     top = 0
     for s in range(0, logits.shape[0], chunk):
         lp = torch.log_softmax(logits[s:s + chunk].float(), dim=-1)
-        nll -= float(lp.gather(-1, targets[s:s + chunk, None]).sum())
+        nlls.append(-lp.gather(-1, targets[s:s + chunk, None])[:, 0])
         if ref is not None:
             rl = ref.logp[s:s + chunk]
             kl += float((rl.exp() * (rl - lp)).sum())
             top += int((lp.argmax(dim=-1) == ref.top1[s:s + chunk]).sum())
-    return nll, kl, top
+    return torch.cat(nlls) if nlls else torch.zeros(0), kl, top
+
+
+def compare(logits: torch.Tensor, targets: torch.Tensor, ref: Ref | None, chunk: int = 128) -> tuple[float, float, int]:
+    """(sum NLL of targets, sum KL(ref || this), top-1 agreements) over T positions of [T, V] logits."""
+    nll, kl, top = compare_tokens(logits, targets, ref, chunk)
+    return float(nll.sum()), kl, top
 
 
 # ---- the harness --------------------------------------------------------------------------------
@@ -227,22 +234,45 @@ class Harness:
 
 @dataclass
 class Acc:
-    """Accumulated per-config scores over windows or items."""
+    """Accumulated per-config scores over windows or items, with the per-unit values that the
+    paired statistics (`kvtuner_hicache.eval.stats`) resample."""
 
     nll: float = 0.0
     kl: float = 0.0
     top1: int = 0
     n: int = 0
-    per_window_nll: list[float] = field(default_factory=list)
+    per_window_nll: list[float] = field(default_factory=list)  # mean NLL per scored token, per window
+    per_window_tokens: list[int] = field(default_factory=list)
+    per_token_nll: list[list[float]] = field(default_factory=list)  # per window, per scored token
     correct: int = 0
     agree: int = 0
     items: int = 0
+    item_nll: list[float] = field(default_factory=list)  # GSM8K: answer NLL sum per item
+    item_tokens: list[int] = field(default_factory=list)  # GSM8K: answer tokens per item
+    item_correct: list[int] = field(default_factory=list)  # MMLU: 1 if the letter is right
+    item_kl: list[float] = field(default_factory=list)  # KL per item (GSM8K: sum over tokens; MMLU: 4-way)
 
     def add(self, nll: float, kl: float, top1: int, n: int) -> None:
         self.nll += nll
         self.kl += kl
         self.top1 += top1
         self.n += n
+
+    def add_window(self, nll: torch.Tensor, kl: float, top1: int) -> None:
+        """One text window: per-position NLL [T]."""
+        n = int(nll.numel())
+        total = float(nll.sum())
+        self.add(total, kl, top1, n)
+        self.per_window_nll.append(total / n)
+        self.per_window_tokens.append(n)
+        self.per_token_nll.append([round(float(x), 6) for x in nll])
+
+    def add_item(self, nll: float, kl: float, top1: int, n: int) -> None:
+        """One GSM8K item: answer NLL sum over n answer tokens."""
+        self.add(nll, kl, top1, n)
+        self.item_nll.append(nll)
+        self.item_tokens.append(n)
+        self.item_kl.append(kl)
 
 
 def run_text(h: Harness, windows: Sequence[Sequence[int]], prefix_len: int, configs: Sequence[EvalConfig],
@@ -264,17 +294,15 @@ def run_text(h: Harness, windows: Sequence[Sequence[int]], prefix_len: int, conf
         targets = torch.tensor(win[prefix_len + 1:], dtype=torch.long)
         (_, base_logits), = h.forward(cache, [(base.name, h.variant(kv, base))], feed)
         ref = make_ref(base_logits)
-        nll, _, _ = compare(base_logits, targets, None)
-        acc[base.name].add(nll, 0.0, len(feed), len(feed))
-        acc[base.name].per_window_nll.append(nll / len(feed))
+        nll_t, _, _ = compare_tokens(base_logits, targets, None)
+        acc[base.name].add_window(nll_t, 0.0, len(feed))
         del base_logits
         for s in range(0, len(configs), h.batch):
             chunk = configs[s:s + h.batch]
             kvs = [(c.name, h.variant(kv, c)) for c in chunk]
             for name, logits in h.forward(cache, kvs, feed):
-                nll, kl, top = compare(logits, targets, ref)
-                acc[name].add(nll, kl, top, len(feed))
-                acc[name].per_window_nll.append(nll / len(feed))
+                nll_t, kl, top = compare_tokens(logits, targets, ref)
+                acc[name].add_window(nll_t, kl, top)
         h.log(f"window {w + 1}/{len(windows)} done in {time.perf_counter() - t0:.0f}s "
               f"(base ppl {math.exp(acc[base.name].per_window_nll[-1]):.3f})")
     return acc
@@ -312,10 +340,10 @@ def run_gsm8k(h: Harness, tok: Any, shots: Sequence[D.QA], items: Sequence[D.QA]
         bl = bl[:-1]
         ref = make_ref(bl)
         nll, _, _ = compare(bl, targets, None)
-        acc[base.name].add(nll, 0.0, len(a_ids), len(a_ids))
+        acc[base.name].add_item(nll, 0.0, len(a_ids), len(a_ids))
         for name, logits in h.forward(cache, variants, ids, keep):
             nll, kl, top = compare(logits[:-1], targets, ref)
-            acc[name].add(nll, kl, top, len(a_ids))
+            acc[name].add_item(nll, kl, top, len(a_ids))
         h.log(f"gsm8k item {i + 1}/{len(items)} ({len(a_ids)} answer tokens)")
     return acc, len(prefix)
 
@@ -353,6 +381,8 @@ def run_mmlu(h: Harness, tok: Any, shots: Sequence[D.MCQ], items: Sequence[D.MCQ
         a = acc[base.name]
         a.items += 1
         a.correct += int(bpred == item.answer)
+        a.item_correct.append(int(bpred == item.answer))
+        a.item_kl.append(0.0)
         a.agree += 1
         chunked = [(c.name, c) for c in configs]
         for s in range(0, len(chunked), h.batch):
@@ -363,7 +393,10 @@ def run_mmlu(h: Harness, tok: Any, shots: Sequence[D.MCQ], items: Sequence[D.MCQ
                 a = acc[name]
                 a.items += 1
                 a.correct += int(pred == item.answer)
+                a.item_correct.append(int(pred == item.answer))
                 a.agree += int(pred == bpred)
-                a.kl += float((blp.exp() * (blp - lp)).sum())
+                k = float((blp.exp() * (blp - lp)).sum())
+                a.kl += k
+                a.item_kl.append(k)
         h.log(f"mmlu item {i + 1}/{len(items)} ({q} of {len(ids)} prompt tokens cached)")
     return acc, quantized / max(1, len(items))

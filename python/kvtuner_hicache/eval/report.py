@@ -7,9 +7,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvtuner_hicache.config import KVShape
+from kvtuner_hicache.eval import stats as S
 from kvtuner_hicache.eval.configs import EvalConfig
 from kvtuner_hicache.eval.harness import Acc
 from kvtuner_hicache.page_format import PageLayout
+
+STORE_BLOCK = 32  # scored tokens per stored block sum (the JSON keeps these, not every token)
+BLOCK = 64  # tokens per unit of the block bootstrap (a multiple of STORE_BLOCK)
 
 
 def sizes(cfg: EvalConfig, layout: PageLayout | None, shape: KVShape, page_size: int, prefix_len: int) -> dict[str, float]:
@@ -45,6 +49,9 @@ def record(cfg: EvalConfig, layout: PageLayout | None, shape: KVShape, page_size
     rec.update(sizes(cfg, layout, shape, page_size, prefix_len))
     if text is not None and text_base is not None and text.n:
         ppl, base = _ppl(text.nll / text.n), _ppl(text_base.nll / text_base.n)
+        win_sums = [m * n for m, n in zip(text.per_window_nll, text.per_window_tokens, strict=True)]
+        base_sums = [m * n for m, n in zip(text_base.per_window_nll, text_base.per_window_tokens, strict=True)]
+        blk, blk_n = S.blocks(text.per_token_nll, STORE_BLOCK)
         rec.update({
             "ppl": ppl,
             "ppl_base": base,
@@ -55,35 +62,124 @@ def record(cfg: EvalConfig, layout: PageLayout | None, shape: KVShape, page_size
             "top1_agreement": text.top1 / text.n,
             "kl": text.kl / text.n,
             "scored_tokens": text.n,
+            "nll_sum_per_window": win_sums,
+            "tokens_per_window": list(text.per_window_tokens),
+            "nll_sum_per_block32": [round(x, 5) for x in blk],
+            "tokens_per_block32": blk_n,
         })
+        bblk, bblk_n = S.blocks(text_base.per_token_nll, STORE_BLOCK)
+        rec["stats"] = {"ppl_delta_pct": text_delta(rec, {"nll_sum_per_window": base_sums,
+                                                          "tokens_per_window": list(text_base.per_window_tokens),
+                                                          "nll_sum_per_block32": bblk, "tokens_per_block32": bblk_n})}
     if gsm is not None and gsm_base is not None and gsm.n:
         nll, base = gsm.nll / gsm.n, gsm_base.nll / gsm_base.n
         rec["gsm8k"] = {"answer_nll": nll, "answer_nll_base": base, "delta_nll": nll - base,
-                        "kl": gsm.kl / gsm.n, "top1_agreement": gsm.top1 / gsm.n, "answer_tokens": gsm.n}
+                        "kl": gsm.kl / gsm.n, "top1_agreement": gsm.top1 / gsm.n, "answer_tokens": gsm.n,
+                        "item_nll": gsm.item_nll, "item_tokens": gsm.item_tokens, "item_kl": gsm.item_kl,
+                        "item_nll_base": gsm_base.item_nll}
+        rec["gsm8k"]["delta_nll_ci"] = S.paired_mean_delta(gsm.item_nll, gsm_base.item_nll, gsm.item_tokens).as_dict()
+        rec["gsm8k"]["answer_nll_ci"] = S.mean_interval(gsm.item_nll, gsm.item_tokens).as_dict()
     if mmlu is not None and mmlu_base is not None and mmlu.items:
         rec["mmlu"] = {"acc": mmlu.correct / mmlu.items, "acc_base": mmlu_base.correct / mmlu_base.items,
-                       "kl": mmlu.kl / mmlu.items, "agreement": mmlu.agree / mmlu.items, "items": mmlu.items}
+                       "kl": mmlu.kl / mmlu.items, "agreement": mmlu.agree / mmlu.items, "items": mmlu.items,
+                       "item_correct": mmlu.item_correct, "item_correct_base": mmlu_base.item_correct,
+                       "item_kl": mmlu.item_kl}
+        rec["mmlu"]["acc_ci"] = S.mean_interval(mmlu.item_correct).as_dict()
+        rec["mmlu"]["delta_acc_ci"] = S.paired_mean_delta(mmlu.item_correct, mmlu_base.item_correct).as_dict()
     return rec
+
+
+def text_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Δ ppl % of record a against record b (same run: same windows, same scored tokens), with the
+    window (cluster) bootstrap interval, the 64-token block bootstrap interval, and the number of
+    windows a ±0.3 % interval would need at this per-window spread."""
+    wa, wb, wn = a["nll_sum_per_window"], b["nll_sum_per_window"], a["tokens_per_window"]
+    if len(wa) != len(wb) or list(wn) != list(b["tokens_per_window"]):
+        raise ValueError("records are not paired: different windows or scored tokens")
+    win = S.paired_ppl_delta(wa, wb, wn, unit="window")
+    per_window = [100.0 * math.expm1((x - y) / n) for x, y, n in zip(wa, wb, wn, strict=True)]
+    out: dict[str, Any] = {"window": win.as_dict(), "windows_for_0.3pct": S.windows_needed(per_window, 0.3)}
+    ba, bb, bn = a.get("nll_sum_per_block32"), b.get("nll_sum_per_block32"), a.get("tokens_per_block32")
+    if ba and bb and len(ba) == len(bb):
+        k = BLOCK // STORE_BLOCK
+        merge = lambda xs: [sum(xs[i:i + k]) for i in range(0, len(xs), k)]  # noqa: E731
+        out["block64"] = S.paired_ppl_delta(merge(ba), merge(bb), merge(bn), unit="block64").as_dict()
+    return out
+
+
+def pairwise(records: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Paired Δ ppl % between configs of one run: [{a, b, window: Interval dict, block64: ...}]."""
+    by = {r["config"]: r for r in records}
+    out = []
+    for a, b in pairs:
+        if a not in by or b not in by or "nll_sum_per_window" not in by[a] or "nll_sum_per_window" not in by[b]:
+            continue
+        d = text_delta(by[a], by[b])
+        d.update({"a": a, "b": b, "bits_a": by[a]["effective_bits"], "bits_b": by[b]["effective_bits"],
+                  "kl_a": by[a].get("kl"), "kl_b": by[b].get("kl")})
+        out.append(d)
+    return out
 
 
 def _f(x: Any, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _ci(d: dict[str, Any] | None, fmt: str = "+.2f") -> str:
+    if not d:
+        return "-"
+    return f"{d['value']:{fmt}} [{d['lo']:{fmt}}, {d['hi']:{fmt}}]" + (" **R**" if d.get("resolved") else "")
+
+
+LEGEND = """Legend. One run: every config is scored on the same windows, tokens and items as the `bf16`
+reference (KV cast to bf16 and back = the unquantized device pool).
+- config: `K{bits}{t|c}V{bits}{t|c}-{a|s}-g{G}[+rN]` = key bits and grouping (t per-token groups
+  along head_dim, c per-channel groups along the tokens of a page), value bits and grouping,
+  a = asymmetric (min + scale) / s = symmetric, G elements per group, +rN = last N tokens kept bf16;
+  `seed` = K4tV4t-s-g64+r128 (the seed's defaults); `mixed` = K8V4 in the key-outlier layers,
+  K4V2 elsewhere; `table:PATH` = a per-layer table (from python -m kvtuner_hicache.calibrate).
+- eff. bits: bits per KV element in a page, everything counted (codes, fp16 scale/min, header);
+  × = compression vs bf16.
+- Δ ppl % [95% CI]: perplexity of the continuation behind the quantized prefix vs bf16, with a
+  paired bootstrap interval over windows (2,000 resamples, seed 0); **R** = resolved (interval
+  excludes 0). block CI: the same over 64-token blocks (narrower; ignores within-window
+  correlation, shown for reference).
+- KL: mean KL(bf16 ‖ config) of the next-token distributions; top-1: argmax agreement with bf16.
+- GSM8K ΔNLL: reference-answer NLL per answer token (nats) vs bf16, behind a quantized few-shot
+  prefix, paired bootstrap over items. MMLU acc: answer-letter accuracy (bootstrap over items);
+  MMLU Δacc: paired vs bf16."""
+
+
 def markdown(records: Sequence[dict[str, Any]]) -> str:
-    """The results table: one row per config."""
-    head = ("| config | eff. bits | prefix bits | × vs bf16 | ppl | Δ% | Δ% windows (min..max) | top-1 | KL | "
-            "GSM8K ΔNLL | MMLU acc | MMLU KL |")
+    """The results table: one row per config (intervals from the paired bootstrap, see LEGEND)."""
+    head = ("| config | eff. bits | × vs bf16 | ppl | Δ ppl % [95% CI] | block CI | top-1 | KL | "
+            "GSM8K ΔNLL [95% CI] | MMLU acc [95% CI] | MMLU Δacc [95% CI] |")
     rows = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in records:
-        pw = r.get("ppl_delta_pct_per_window") or []
-        rng = f"{min(pw):+.2f}..{max(pw):+.2f}" if len(pw) > 1 else "-"
+        st = (r.get("stats") or {}).get("ppl_delta_pct") or {}
         g = r.get("gsm8k") or {}
         m = r.get("mmlu") or {}
+        blk = st.get("block64")
+        ref = r.get("is_reference") or r.get("config") == "bf16"
+        blk_s = "-" if ref or not blk else f"[{blk['lo']:+.2f}, {blk['hi']:+.2f}]"
         rows.append(
-            f"| {r['config']} | {r['effective_bits']:.3f} | {r['prefix_effective_bits']:.3f} | "
-            f"{r['compression_ratio']:.2f} | {_f(r.get('ppl'), '.3f')} | {_f(r.get('ppl_delta_pct'), '+.2f')} | {rng} | "
-            f"{_f(r.get('top1_agreement'), '.4f')} | {_f(r.get('kl'), '.5f')} | {_f(g.get('delta_nll'), '+.4f')} | "
-            f"{_f(m.get('acc'), '.3f')} | {_f(m.get('kl'), '.5f')} |"
+            f"| {r['config']} | {r['effective_bits']:.3f} | {r['compression_ratio']:.2f} | {_f(r.get('ppl'), '.3f')} | "
+            f"{'ref' if ref else _ci(st.get('window'))} | "
+            f"{blk_s} | "
+            f"{_f(r.get('top1_agreement'), '.4f')} | {_f(r.get('kl'), '.5f')} | "
+            f"{'ref' if ref and g else _ci(g.get('delta_nll_ci'), '+.4f')} | {_ci(m.get('acc_ci'), '.3f').replace(' **R**', '')} | "
+            f"{'ref' if ref and m else _ci(m.get('delta_acc_ci'), '+.3f')} |"
         )
     return "\n".join(rows)
+
+
+def pairwise_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Between-config comparisons (a vs b), one row each."""
+    out = ["| a | b | bits a / b | Δ ppl % a vs b [95% CI, windows] | block CI | resolved | KL a / b |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for d in rows:
+        w, blk = d["window"], d.get("block64")
+        kl = f"{d['kl_a']:.4f} / {d['kl_b']:.4f}" if d.get("kl_a") is not None and d.get("kl_b") is not None else "-"
+        out.append(f"| {d['a']} | {d['b']} | {d['bits_a']:.3f} / {d['bits_b']:.3f} | {_ci(w).replace(' **R**', '')} | "
+                   f"{'-' if not blk else _ci(blk).replace(' **R**', '')} | {'yes' if w['resolved'] else 'no'} | {kl} |")
+    return "\n".join(out)

@@ -1,0 +1,111 @@
+"""Paired bootstrap statistics of the accuracy harness (no model needed)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from kvtuner_hicache.eval import stats as S
+from kvtuner_hicache.eval.report import markdown, pairwise, pairwise_markdown, text_delta
+
+
+def _windows(n: int, shift: float, noise: float, seed: int, tokens: int = 512) -> tuple[list[float], list[float], list[int]]:
+    """Per-window NLL sums of a reference and a config whose per-token NLL is `shift` higher, plus
+    window-level noise shared by both (the text) and config-only noise."""
+    rng = random.Random(seed)
+    ref, cfg = [], []
+    for _ in range(n):
+        text = rng.gauss(2.8, 0.3)  # the window's difficulty, common to both configs
+        ref.append(text * tokens)
+        cfg.append((text + shift + rng.gauss(0.0, noise)) * tokens)
+    return cfg, ref, [tokens] * n
+
+
+def test_point_estimate_is_the_pooled_ppl_ratio():
+    a, b, n = [1000.0, 1100.0], [990.0, 1080.0], [500, 500]
+    assert S.ppl_delta_pct(a, b, n) == pytest.approx(100 * (math.exp(30 / 1000) - 1))
+    iv = S.paired_ppl_delta(a, b, n)
+    assert iv.value == pytest.approx(S.ppl_delta_pct(a, b, n))
+    assert iv.lo <= iv.value <= iv.hi and iv.n == 2
+
+
+def test_interval_is_deterministic_and_seeded():
+    a, b, n = _windows(10, 0.01, 0.005, 1)
+    assert S.paired_ppl_delta(a, b, n) == S.paired_ppl_delta(a, b, n)
+    assert S.paired_ppl_delta(a, b, n, seed=1) != S.paired_ppl_delta(a, b, n, seed=2)
+
+
+def test_pairing_removes_the_shared_text_noise():
+    # a +1 % shift with large window-to-window text variation: paired, it is resolved
+    a, b, n = _windows(12, 0.01, 0.002, 3)
+    iv = S.paired_ppl_delta(a, b, n)
+    assert iv.resolved and iv.lo > 0 and iv.value == pytest.approx(1.0, abs=0.2)
+
+
+def test_no_difference_is_not_resolved_and_one_window_never_is():
+    a, b, n = _windows(12, 0.0, 0.01, 4)
+    assert not S.paired_ppl_delta(a, b, n).resolved
+    one = S.paired_ppl_delta(a[:1], b[:1], n[:1])
+    assert one.lo == one.hi == one.value and not one.resolved
+
+
+def test_coverage_of_the_window_bootstrap():
+    # ~95 % of intervals should contain the true shift; allow a generous band for 100 trials
+    true_pct = 100 * math.expm1(0.004)
+    ivs = [S.paired_ppl_delta(*_windows(20, 0.004, 0.01, s)) for s in range(100)]
+    hits = sum(iv.lo <= true_pct <= iv.hi for iv in ivs)
+    assert 82 <= hits <= 100
+
+
+def test_unpaired_inputs_are_refused():
+    with pytest.raises(ValueError, match="paired units"):
+        S.paired_ppl_delta([1.0, 2.0], [1.0], [1, 1])
+    with pytest.raises(ValueError, match="paired units"):
+        S.paired_mean_delta([1.0], [1.0, 0.0])
+
+
+def test_mean_and_accuracy_intervals():
+    correct = [1, 0, 1, 1, 0, 1, 1, 1, 0, 1] * 4
+    iv = S.mean_interval(correct)
+    assert iv.value == pytest.approx(0.7) and iv.lo < 0.7 < iv.hi and iv.resolved
+    same = S.paired_mean_delta(correct, correct)
+    assert same.value == same.lo == same.hi == 0.0 and not same.resolved
+    # GSM8K-style: per-item NLL sums weighted by answer tokens
+    d = S.paired_mean_delta([12.0, 30.0], [10.0, 29.0], [100, 200])
+    assert d.value == pytest.approx(3.0 / 300)
+
+
+def test_blocks_and_windows_needed():
+    sums, counts = S.blocks([[1.0] * 70, [2.0] * 64], 32)
+    assert counts == [32, 32, 6, 32, 32] and sums == [32.0, 32.0, 6.0, 64.0, 64.0]
+    # spread 0.8 % per window: ±0.3 % needs (1.96 * 0.8 / 0.3)^2 = 27.3 -> 28 windows
+    x = [0.8, -0.8] * 10
+    sd = math.sqrt(sum(v * v for v in x) / (len(x) - 1))
+    assert S.windows_needed(x, 0.3) == math.ceil((1.96 * sd / 0.3) ** 2)
+    assert S.windows_needed([1.0], 0.3) is None
+
+
+def _record(name: str, win: list[float], tokens: list[int], bits: float, kl: float) -> dict:
+    per_block = [w / 16 for w in win for _ in range(16)]  # 512 tokens = 16 blocks of 32
+    return {"config": name, "effective_bits": bits, "compression_ratio": 16 / bits, "kl": kl,
+            "nll_sum_per_window": win, "tokens_per_window": tokens, "nll_sum_per_block32": per_block,
+            "tokens_per_block32": [32] * len(per_block)}
+
+
+def test_records_compare_pairwise_and_render():
+    a, b, n = _windows(8, 0.01, 0.002, 5)
+    c, _, _ = _windows(8, 0.011, 0.002, 5)
+    ra, rb, rc = _record("K4cV2t-a-g64", a, n, 3.5, 0.01), _record("bf16", b, n, 16, 0.0), _record("table:x", c, n, 3.4, 0.012)
+    d = text_delta(ra, rb)
+    assert d["window"]["resolved"] and d["block64"]["n"] == 8 * 8 and d["windows_for_0.3pct"] >= 2
+    rows = pairwise([ra, rb, rc], [("table:x", "K4cV2t-a-g64"), ("missing", "bf16")])
+    assert [r["a"] for r in rows] == ["table:x"]
+    assert "table:x" in pairwise_markdown(rows)
+    ra["stats"] = {"ppl_delta_pct": d}
+    ra["ppl"] = 18.0
+    rb["is_reference"] = True
+    table = markdown([rb, ra])
+    assert "**R**" in table and "| ref |" in table
+    with pytest.raises(ValueError, match="not paired"):
+        text_delta(ra, _record("other", a[:4], n[:4], 3.5, 0.0))
