@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from kvtuner_hicache.config import KVShape, LayerBits, QuantConfig, load_layer_bits
-from kvtuner_hicache.page_format import ALIGN, HEADER_BYTES, HEADER_CRC_OFFSET, PageLayout
+from kvtuner_hicache.page_format import (
+    ALIGN,
+    HEADER_BYTES,
+    HEADER_CRC_OFFSET,
+    PageLayout,
+    crc32c,
+    key_digest,
+    model_digest,
+    page_crc,
+)
 from kvtuner_hicache.quant.reference import (
     decode_layer,
     dequantize_chunk,
@@ -105,18 +114,28 @@ def test_chunk_roundtrip_error_follows_bits():
     assert errs[0] < 1e-4 and errs[1] < 0.02
 
 
-def test_header_checks_detect_corruption_truncation_and_foreign_config():
-    shape = KVShape.mha(2, 2, 64)
-    lay = PageLayout(QuantConfig(), shape, 64)
+def _sealed_page(lay: PageLayout, shape: KVShape, model: bytes, key: bytes) -> bytearray:
     page = torch.empty(1, lay.page_bytes, dtype=torch.uint8)
     encode_pages(lay, _random_pool(shape, 64), torch.arange(64), page)
     raw = bytearray(page[0].numpy().tobytes())
-    crc = lay.payload_crc(raw)
-    raw[HEADER_CRC_OFFSET : HEADER_CRC_OFFSET + 4] = crc.to_bytes(4, "little")
-    assert lay.check_page(raw) is None
+    assert lay.check_page(raw, verify_crc=False) is None  # the encoder's header: unsealed but valid
+    assert lay.check_page(raw) == "checksum mismatch"  # CRC 0 until sealed
+    lay.seal(raw, model, key)
+    return raw
+
+
+MODEL, KEY = model_digest("org/model|tp0/1"), key_digest("a" * 64)
+
+
+def test_header_checks_detect_corruption_truncation_and_foreign_config():
+    shape = KVShape.mha(2, 2, 64)
+    lay = PageLayout(QuantConfig(), shape, 64)
+    raw = _sealed_page(lay, shape, MODEL, KEY)
+    assert lay.check_page(raw, model=MODEL, key=KEY) is None
+    assert int.from_bytes(raw[HEADER_CRC_OFFSET:HEADER_BYTES], "little") == page_crc(raw)
     bad = bytearray(raw)
     bad[HEADER_BYTES + 100] ^= 0x10
-    assert lay.check_page(bad) == "payload checksum mismatch"
+    assert lay.check_page(bad) == "checksum mismatch"
     assert "size" in lay.check_page(raw[:-1])
     assert lay.check_page(bytes(lay.page_bytes)) == "bad magic"
     other = PageLayout(QuantConfig(nbits_value=2), shape, 64)
@@ -125,4 +144,45 @@ def test_header_checks_detect_corruption_truncation_and_foreign_config():
     same_size_other_cfg = PageLayout(QuantConfig(axis_key=0), shape, 64)
     assert same_size_other_cfg.page_bytes == lay.page_bytes
     assert same_size_other_cfg.check_page(raw) == "written by another quantization config"
-    assert lay.tag.startswith("kvtq1-") and lay.tag != same_size_other_cfg.tag
+    assert lay.tag.startswith("kvtq2-") and lay.tag != same_size_other_cfg.tag
+
+
+def test_page_is_bound_to_its_key_and_model():
+    shape = KVShape.mha(2, 2, 64)
+    lay = PageLayout(QuantConfig(), shape, 64)
+    raw = _sealed_page(lay, shape, MODEL, KEY)
+    assert lay.check_page(raw, model=MODEL, key=key_digest("b" * 64)) == "stored under another key"
+    assert lay.check_page(raw, model=model_digest("other/model|tp0/1"), key=KEY) == "written by another model or rank"
+    assert lay.first_bad_page([raw, raw], [KEY, key_digest("b" * 64)], MODEL) == (1, "stored under another key")
+    assert lay.first_bad_page([raw], [KEY], MODEL) is None
+
+
+@pytest.mark.parametrize("offset", list(range(0, HEADER_BYTES, 3)))
+def test_every_header_byte_is_covered(offset):
+    """A flip anywhere in the header (layout fields, digests, reserved bytes, CRC) is caught."""
+    shape = KVShape.mha(1, 2, 64)
+    lay = PageLayout(QuantConfig(), shape, 64)
+    raw = _sealed_page(lay, shape, MODEL, KEY)
+    raw[offset] ^= 0x01
+    assert lay.check_page(raw, model=MODEL, key=KEY) is not None
+    assert lay.first_bad_page([raw], [KEY], MODEL) is not None
+
+
+def test_format_1_pages_are_rejected_never_misread():
+    """A v1 page (same payload offsets, v1 header) of the same layout is a miss, not a load."""
+    import struct
+    import zlib
+
+    shape = KVShape.mha(2, 2, 64)
+    lay = PageLayout(QuantConfig(), shape, 64)
+    raw = _sealed_page(lay, shape, MODEL, KEY)
+    v1 = struct.pack("<4sHHHHHI16sI", b"KVTQ", 1, 128, 64, lay.num_layers, 2, lay.page_bytes, lay.fingerprint,
+                     zlib.crc32(memoryview(raw)[HEADER_BYTES:]))
+    raw[:HEADER_BYTES] = v1 + bytes(HEADER_BYTES - len(v1))
+    assert lay.check_page(raw, model=MODEL, key=KEY) == "page format 1, expected 2"
+    assert lay.first_bad_page([raw], [KEY], MODEL) == (0, "page format 1, expected 2")
+
+
+def test_crc32c_is_the_castagnoli_polynomial():
+    assert crc32c(b"123456789") == 0xE3069283  # the standard check value
+    assert crc32c(b"6789", crc32c(b"12345")) == 0xE3069283

@@ -11,7 +11,14 @@ and stream 1 the "V part" that zero-copy L3 backends address with two pointers p
 One chunk = one (stream, layer): packed codes | fp16 scales | fp16 mins (asym only), each
 sub-array starting at a multiple of ALIGN bytes. Codes are in natural [token, head, dim]
 order, packed little-endian inside each byte (element i of a byte sits at bits i*b).
-Pure Python: no torch, no sglang.
+
+Header (format 2, docs/page-format.md has the table): layout fields and fingerprint, then two
+16-byte identity digests that the storage layer fills right before a page goes to L3 (`seal`):
+the model identity (`model_digest`) and the page's storage key (`key_digest`), and last a CRC32C
+over the whole page with the CRC field itself skipped. `check_page` / `first_bad_page` verify a
+page against the layout, the model and the key it was asked for. Encoders write the header with
+both digests and the CRC zero; such an unsealed page only passes `check_page(verify_crc=False)`.
+Pure Python plus the `crc32c` package (hardware CRC32C): no torch, no sglang.
 """
 
 from __future__ import annotations
@@ -19,19 +26,61 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 from kvtuner_hicache.config import AXIS_PER_CHANNEL, KVShape, QuantConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = b"KVTQ"
 HEADER_BYTES = 128
 ALIGN = 128  # every sub-array starts 128-byte aligned: whole sectors for GPU and PCIe reads
 META_BYTES = 2  # fp16 scale / min; see docs/page-format.md for the measured fp16-vs-fp32 choice
-_HEADER = struct.Struct("<4sHHHHHI16sI")  # magic, version, header_bytes, page_size, layers, streams, page_bytes, fp, crc
-HEADER_CRC_OFFSET = _HEADER.size - 4
+# magic, version, header_bytes, page_size, layers, streams, page_bytes, layout fingerprint,
+# model digest, key digest; then zero up to the CRC32C in the header's last 4 bytes
+_HEADER = struct.Struct("<4sHHIHHQ16s16s16s")
+_VERSION = struct.Struct("<4sH")
+DIGEST_BYTES = 16
+MODEL_DIGEST_OFFSET = 40
+KEY_DIGEST_OFFSET = 56
+HEADER_CRC_OFFSET = HEADER_BYTES - 4  # CRC32C of bytes [0, 124) and [128, page_bytes)
+NO_DIGEST = bytes(DIGEST_BYTES)
+assert _HEADER.size == KEY_DIGEST_OFFSET + DIGEST_BYTES <= HEADER_CRC_OFFSET
+
+
+def _load_crc32c() -> Any:
+    try:
+        import crc32c
+    except ImportError as e:  # pragma: no cover - the pin is in scripts/requirements-cpu.txt
+        raise ImportError("kvtuner_hicache needs the `crc32c` package (hardware CRC32C) for its L3 page "
+                          "checks: pip install crc32c") from e
+    return crc32c.crc32c
+
+
+_crc32c = _load_crc32c()
+
+
+def crc32c(data: Any, value: int = 0) -> int:
+    """CRC32C (Castagnoli) of a bytes-like object, continuing from `value`; no copy is made."""
+    return _crc32c(data, value)
+
+
+def key_digest(key: str) -> bytes:
+    """16 bytes naming a storage key (the key SGLang asks for, before any namespace suffix)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:DIGEST_BYTES]
+
+
+def model_digest(identity: str) -> bytes:
+    """16 bytes naming the model (and rank slice) a page belongs to; see `storage.model_identity`."""
+    return hashlib.sha256(b"kvtq-model\0" + identity.encode("utf-8", "surrogatepass")).digest()[:DIGEST_BYTES]
+
+
+def page_crc(page: Any) -> int:
+    """CRC32C of a whole page except the 4-byte CRC field (`page`: any contiguous bytes-like object)."""
+    mv = memoryview(page).cast("B")
+    return crc32c(mv[HEADER_BYTES:], crc32c(mv[:HEADER_CRC_OFFSET]))
 
 
 def _align(n: int) -> int:
@@ -165,34 +214,84 @@ class PageLayout:
 
     @property
     def tag(self) -> str:
-        """Filename-safe namespace tag for storage keys, e.g. `kvtq1-3f2a...`."""
+        """Filename-safe namespace tag for storage keys, e.g. `kvtq2-3f2a...`."""
         return f"kvtq{FORMAT_VERSION}-{self.fingerprint.hex()}"
 
-    def header(self, crc: int = 0) -> bytes:
+    def header(self, crc: int = 0, model: bytes = NO_DIGEST, key: bytes = NO_DIGEST) -> bytes:
+        """The 128-byte header; encoders write it with both digests and the CRC zero."""
         head = _HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_BYTES, self.page_size, self.num_layers,
-                            len(self.streams), self.page_bytes, self.fingerprint, crc)
-        return head + bytes(HEADER_BYTES - len(head))
+                            len(self.streams), self.page_bytes, self.fingerprint, model, key)
+        return head + bytes(HEADER_CRC_OFFSET - len(head)) + struct.pack("<I", crc)
 
-    @staticmethod
-    def payload_crc(page: memoryview | bytes) -> int:
-        """CRC32 of everything after the header; stored in the header by the storage layer."""
-        return zlib.crc32(memoryview(page)[HEADER_BYTES:])
+    def seal(self, page: Any, model: bytes, key: bytes) -> int:
+        """Bind a page to its model and key and fill its CRC, in place; returns the CRC.
 
-    def check_page(self, page: memoryview | bytes, verify_crc: bool = True) -> str | None:
-        """None when `page` is a valid page of this layout, else the reason it is not."""
-        page = memoryview(page).cast("B")
-        if len(page) != self.page_bytes:
-            return f"size {len(page)} != {self.page_bytes}"
-        magic, ver, hb, ps, nl, ns, pb, fp, crc = _HEADER.unpack_from(page, 0)
+        `page` is a writable, contiguous bytes-like object of `page_bytes` bytes (a numpy view of
+        the host page). The layout part of the header is left as the encoder wrote it.
+        """
+        mv = memoryview(page).cast("B")
+        mv[MODEL_DIGEST_OFFSET:MODEL_DIGEST_OFFSET + DIGEST_BYTES] = model
+        mv[KEY_DIGEST_OFFSET:KEY_DIGEST_OFFSET + DIGEST_BYTES] = key
+        crc = page_crc(mv)
+        mv[HEADER_CRC_OFFSET:HEADER_BYTES] = struct.pack("<I", crc)
+        return crc
+
+    def check_page(self, page: Any, verify_crc: bool = True, model: bytes | None = None,
+                   key: bytes | None = None) -> str | None:
+        """None when `page` is a valid page of this layout, else the reason it is not.
+
+        With `verify_crc` the CRC32C over header and payload must match; with `model` / `key`
+        the page must have been sealed for that model digest / key digest.
+        """
+        mv = memoryview(page).cast("B")
+        if len(mv) != self.page_bytes:
+            return f"size {len(mv)} != {self.page_bytes}"
+        return self._check_header(mv, model, key) or (self._check_crc(mv) if verify_crc else None)
+
+    def first_bad_page(self, pages: Sequence[Any], keys: Sequence[bytes], model: bytes) -> tuple[int, str] | None:
+        """Check a batch of pages read for `keys` (key digests): (index, reason) of the first bad one.
+
+        The expected header is built once per batch; each page then costs one 124-byte compare and
+        one CRC32C pass over its bytes (zero-copy memoryviews), in order, stopping at the first bad.
+        """
+        template = bytearray(self.header(model=model)[:HEADER_CRC_OFFSET])
+        size = self.page_bytes
+        k0, k1 = KEY_DIGEST_OFFSET, KEY_DIGEST_OFFSET + DIGEST_BYTES
+        for i, (page, key) in enumerate(zip(pages, keys, strict=True)):
+            mv = memoryview(page).cast("B")
+            if len(mv) != size:
+                return i, f"size {len(mv)} != {size}"
+            template[k0:k1] = key
+            if mv[:HEADER_CRC_OFFSET] != template:
+                return i, self._check_header(mv, model, key) or "header corrupt"
+            reason = self._check_crc(mv)
+            if reason:
+                return i, reason
+        return None
+
+    def _check_header(self, mv: memoryview, model: bytes | None, key: bytes | None) -> str | None:
+        magic, ver = _VERSION.unpack_from(mv, 0)
         if magic != MAGIC:
             return "bad magic"
-        if (ver, hb, ps, nl, ns, pb) != (FORMAT_VERSION, HEADER_BYTES, self.page_size, self.num_layers, len(self.streams), self.page_bytes):
+        if ver != FORMAT_VERSION:
+            return f"page format {ver}, expected {FORMAT_VERSION}"
+        _, _, hb, ps, nl, ns, pb, fp, md, kd = _HEADER.unpack_from(mv, 0)
+        if (hb, ps, nl, ns, pb) != (HEADER_BYTES, self.page_size, self.num_layers, len(self.streams), self.page_bytes):
             return "header describes another format"
         if fp != self.fingerprint:
             return "written by another quantization config"
-        if verify_crc and crc != self.payload_crc(page):
-            return "payload checksum mismatch"
+        if model is not None and md != model:
+            return "written by another model or rank"
+        if key is not None and kd != key:
+            return "stored under another key"
+        if any(mv[_HEADER.size:HEADER_CRC_OFFSET]):
+            return "header corrupt (reserved bytes)"
         return None
+
+    @staticmethod
+    def _check_crc(mv: memoryview) -> str | None:
+        (stored,) = struct.unpack_from("<I", mv, HEADER_CRC_OFFSET)
+        return None if page_crc(mv) == stored else "checksum mismatch"
 
     def describe(self) -> str:
         return (f"{self.cfg.short_name()} page_size={self.page_size}: {self.page_bytes} B/page, "
@@ -204,4 +303,5 @@ def layout_for(cfg: QuantConfig, shape: KVShape, page_size: int) -> PageLayout:
     return PageLayout(cfg, shape, page_size)
 
 
-__all__ = ["AXIS_PER_CHANNEL", "ALIGN", "ChunkSpec", "FORMAT_VERSION", "HEADER_BYTES", "PageLayout", "StreamSpec", "layout_for"]
+__all__ = ["AXIS_PER_CHANNEL", "ALIGN", "ChunkSpec", "FORMAT_VERSION", "HEADER_BYTES", "HEADER_CRC_OFFSET", "NO_DIGEST",
+           "PageLayout", "StreamSpec", "crc32c", "key_digest", "layout_for", "model_digest", "page_crc"]
