@@ -166,6 +166,24 @@ __device__ __forceinline__ void put_meta(uint8_t* chunk, const ChunkDesc& c, int
   if (c.asym) reinterpret_cast<uint16_t*>(chunk + c.min_off)[g] = q.m16;
 }
 
+// ---- bad indices --------------------------------------------------------------------------------
+
+// First bad index wins: one atomicCAS on device memory elects the reporter, which writes the report
+// (mapped host memory) with `code` last, so a host that sees a non-zero code sees the whole report.
+__device__ __noinline__ void report_error(const ErrorSink& e, int code, int64_t value, int64_t bound) {
+  if (e.word == nullptr) return;
+  if (atomicCAS(e.word, 0, code) == 0) {
+    volatile int64_t* r = e.report;
+    r[1] = value;
+    r[2] = bound;
+    __threadfence_system();
+    r[0] = code;
+    __threadfence_system();
+  }
+}
+
+__device__ __forceinline__ bool bad_index(int64_t v, int64_t bound) { return (uint64_t)v >= (uint64_t)bound; }
+
 // ---- encode -------------------------------------------------------------------------------------
 
 struct EncShared {
@@ -201,9 +219,10 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int W8 = c.width >> 3;
   const int items = A.page_size * W8;
-  const T* src = reinterpret_cast<const T*>(A.ptrs[c.buffer * A.num_layers + c.layer]);
+  const T* src = reinterpret_cast<const T*>(A.ptrs[c.buffer ? 1 : 0][c.layer]);
   const int64_t rs = c.buffer ? A.row_stride[1] : A.row_stride[0];
   const int64_t hs = c.buffer ? A.head_stride[1] : A.head_stride[0];
+  const int64_t nrows = c.buffer ? A.rows[1] : A.rows[0];
   const int64_t* tok = A.token_index + (int64_t)p * A.page_size;
   const int G = c.group, bits = c.bits;
   const bool asym = c.asym != 0;
@@ -218,7 +237,8 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
       const int col = (i - t * W8) * 8;
       const int h = col / c.dim, d = col - h * c.dim;
       const int64_t row = tok[t];
-      raw[j] = *reinterpret_cast<const uint4*>(src + row * rs + h * hs + c.col_off + d);
+      if (bad_index(row, nrows)) report_error(A.err, kErrEncodeRow, row, nrows);
+      else raw[j] = *reinterpret_cast<const uint4*>(src + row * rs + h * hs + c.col_off + d);
     }
   }
 
@@ -284,9 +304,10 @@ __device__ __forceinline__ void encode_axis1(const EncodeArgs& A, const ChunkDes
   const int h = col / c.dim, d = col - h * c.dim;
   const int t0 = tile * G;
   const int nt = (G + TR - 1) / TR;
-  const T* src = reinterpret_cast<const T*>(A.ptrs[c.buffer * A.num_layers + c.layer]);
+  const T* src = reinterpret_cast<const T*>(A.ptrs[c.buffer ? 1 : 0][c.layer]);
   const int64_t rs = c.buffer ? A.row_stride[1] : A.row_stride[0];
   const int64_t hs = c.buffer ? A.head_stride[1] : A.head_stride[0];
+  const int64_t nrows = c.buffer ? A.rows[1] : A.rows[0];
   const int64_t* tok = A.token_index + (int64_t)p * A.page_size + t0;
 
   uint4 raw[kEncMaxTokensPerThread];
@@ -294,7 +315,11 @@ __device__ __forceinline__ void encode_axis1(const EncodeArgs& A, const ChunkDes
   for (int m = 0; m < kEncMaxTokensPerThread; ++m) {
     raw[m] = make_uint4(0u, 0u, 0u, 0u);
     const int t = tr + m * TR;
-    if (m < nt && colvalid && t < G) raw[m] = *reinterpret_cast<const uint4*>(src + tok[t] * rs + h * hs + c.col_off + d);
+    if (m < nt && colvalid && t < G) {
+      const int64_t row = tok[t];
+      if (bad_index(row, nrows)) report_error(A.err, kErrEncodeRow, row, nrows);
+      else raw[m] = *reinterpret_cast<const uint4*>(src + row * rs + h * hs + c.col_off + d);
+    }
   }
   float lmn[8], lmx[8];
 #pragma unroll
@@ -389,6 +414,7 @@ struct UnitCtx {
   int nwords;       // 16-byte code words
   int m0, mcount;   // metadata range (fp16 entries)
   bool meta_vec;    // metadata range is 16-byte aligned
+  bool valid;       // the page id is in range (else the unit reads and writes nothing)
   const uint8_t* codes;
   const uint8_t* scale;
   const uint8_t* minp;
@@ -403,7 +429,12 @@ __device__ __forceinline__ UnitCtx unit_ctx(const DecodeArgs& A, int unit) {
   const int uu = x.s ? r - (int)A.st[0].units : r;
   const int W = (int)S.width, G = (int)S.group, TU = (int)S.unit_tokens;
   x.t0 = uu * TU;
-  const int64_t page_id = A.page_ids[x.p];
+  int64_t page_id = A.page_ids[x.p];
+  x.valid = !bad_index(page_id, A.num_pages);
+  if (!x.valid) {
+    if (threadIdx.x == 0) report_error(A.err, kErrDecodePage, page_id, A.num_pages);
+    page_id = 0;
+  }
   const uint8_t* chunk = A.pages + page_id * A.page_stride + S.offset;
   x.nwords = (int)((int64_t)TU * W * S.bits / 128);
   x.codes = chunk + (int64_t)x.t0 * W * S.bits / 8;
@@ -428,6 +459,7 @@ struct UnitRegs {
 
 // Issue every global (host) load of a unit into registers: 16-byte words, coalesced.
 __device__ __forceinline__ void unit_load(const DecodeArgs& A, const UnitCtx& x, UnitRegs& R) {
+  if (!x.valid) return;
   const int tid = threadIdx.x;
   const bool asym = (x.s ? A.st[1].asym : A.st[0].asym) != 0;
 #pragma unroll
@@ -450,6 +482,7 @@ __device__ __forceinline__ void unit_load(const DecodeArgs& A, const UnitCtx& x,
 
 __device__ __forceinline__ void unit_stash(const DecodeArgs& A, const UnitCtx& x, const UnitRegs& R, uint8_t* s_codes,
                                            uint16_t* s_scale, uint16_t* s_min) {
+  if (!x.valid) return;
   const int tid = threadIdx.x;
   const bool asym = (x.s ? A.st[1].asym : A.st[0].asym) != 0;
 #pragma unroll
@@ -478,6 +511,7 @@ __device__ __forceinline__ void unit_stash(const DecodeArgs& A, const UnitCtx& x
 template <typename T, int BITS>
 __device__ __forceinline__ void unit_emit(const DecodeArgs& A, const UnitCtx& x, const uint8_t* s_codes, const uint16_t* s_scale,
                           const uint16_t* s_min) {
+  if (!x.valid) return;
   const DecodeStream S = x.s ? A.st[1] : A.st[0];
   const int W = (int)S.width, W8 = W >> 3, G = (int)S.group, dim = (int)S.dim, TU = (int)S.unit_tokens;
   const bool asym = S.asym != 0;
@@ -486,12 +520,18 @@ __device__ __forceinline__ void unit_emit(const DecodeArgs& A, const UnitCtx& x,
   T* base = reinterpret_cast<T*>(b ? A.dst[1] : A.dst[0]);
   const int64_t rs = b ? A.row_stride[1] : A.row_stride[0];
   const int64_t hs = b ? A.head_stride[1] : A.head_stride[0];
+  const int64_t nrows = b ? A.rows[1] : A.rows[0];
   const int64_t* tok = A.token_index + (int64_t)x.p * A.page_size + x.t0;
   const int npieces = TU * W8;
   const int tile0 = x.t0 / G;
   for (int q = threadIdx.x; q < npieces; q += kThreads) {
     const int lt = q / W8;
     const int col = (q - lt * W8) * 8;
+    const int64_t row = tok[lt];
+    if (bad_index(row, nrows)) {
+      report_error(A.err, kErrDecodeRow, row, nrows);
+      continue;
+    }
     uint32_t u[8];
     load_codes8<BITS>(s_codes + q * BITS, u);
     float val[8];
@@ -531,7 +571,7 @@ __device__ __forceinline__ void unit_emit(const DecodeArgs& A, const UnitCtx& x,
     o.z = Elem<T>::pack2(val[4], val[5]);
     o.w = Elem<T>::pack2(val[6], val[7]);
     const int h = col / dim, d = col - h * dim;
-    *reinterpret_cast<uint4*>(base + tok[lt] * rs + h * hs + col_off + d) = o;
+    *reinterpret_cast<uint4*>(base + row * rs + h * hs + col_off + d) = o;
   }
 }
 
@@ -543,7 +583,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeArgs A) {
   uint8_t* s_codes = smem;
   uint16_t* s_scale = reinterpret_cast<uint16_t*>(smem + A.smem_codes);
   uint16_t* s_min = s_scale + A.smem_meta;
-  const int total = A.n_pages * A.units_per_page;
+  const int64_t total = (int64_t)A.n_pages * A.units_per_page;  // < 2^31: launch_decode checks
   int unit = blockIdx.x;
   if (unit >= total) return;
   UnitCtx cur = unit_ctx(A, unit);
@@ -552,7 +592,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeArgs A) {
   while (true) {
     unit_stash(A, cur, R, s_codes, s_scale, s_min);
     __syncthreads();
-    const int next = unit + gridDim.x;
+    const int next = unit + (int)gridDim.x;
     UnitCtx nxt;
     if (next < total) {
       nxt = unit_ctx(A, next);
@@ -566,55 +606,6 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeArgs A) {
     __syncthreads();
     unit = next;
     cur = nxt;
-  }
-}
-
-// ---- bf16 baselines (benchmark only) -------------------------------------------------------------
-
-constexpr int kRowChunks = 4;  // up to 4 x 512 B per row per warp in flight
-
-__device__ __forceinline__ void warp_copy_row(uint8_t* dst, const uint8_t* src, int row_bytes, int lane) {
-  for (int base = 0; base < row_bytes; base += 512 * kRowChunks) {
-    uint4 r[kRowChunks];
-#pragma unroll
-    for (int j = 0; j < kRowChunks; ++j) {
-      const int o = base + j * 512 + lane * 16;
-      if (o < row_bytes) r[j] = *reinterpret_cast<const uint4*>(src + o);
-    }
-#pragma unroll
-    for (int j = 0; j < kRowChunks; ++j) {
-      const int o = base + j * 512 + lane * 16;
-      if (o < row_bytes) *reinterpret_cast<uint4*>(dst + o) = r[j];
-    }
-  }
-}
-
-__global__ void bf16_load_layer_kernel(const uint8_t* hk, const uint8_t* hv, uint8_t* dk, uint8_t* dv, const int64_t* hidx,
-                                       const int64_t* didx, int64_t n, int64_t host_tok_stride, int64_t host_layer_off,
-                                       int64_t dev_row_stride, int row_bytes) {
-  const int lane = threadIdx.x & 31;
-  const int64_t nwarps = (int64_t)gridDim.x * (blockDim.x >> 5);
-  for (int64_t r = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < n; r += nwarps) {
-    const int64_t hoff = hidx[r] * host_tok_stride + host_layer_off;
-    const int64_t doff = didx[r] * dev_row_stride;
-    warp_copy_row(dk + doff, hk + hoff, row_bytes, lane);
-    warp_copy_row(dv + doff, hv + hoff, row_bytes, lane);
-  }
-}
-
-__global__ void bf16_backup_all_kernel(const uint64_t* kp, const uint64_t* vp, uint8_t* hk, uint8_t* hv, const int64_t* hidx,
-                                       const int64_t* didx, int64_t n, int L, int64_t host_tok_stride, int64_t dev_row_stride,
-                                       int row_bytes) {
-  const int lane = threadIdx.x & 31;
-  const int64_t nwarps = (int64_t)gridDim.x * (blockDim.x >> 5);
-  const int64_t rows = n * L;
-  for (int64_t r = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += nwarps) {
-    const int64_t i = r / L;
-    const int l = (int)(r - i * L);
-    const int64_t hoff = hidx[i] * host_tok_stride + (int64_t)l * row_bytes;
-    const int64_t doff = didx[i] * dev_row_stride;
-    warp_copy_row(hk + hoff, reinterpret_cast<const uint8_t*>(kp[l]) + doff, row_bytes, lane);
-    warp_copy_row(hv + hoff, reinterpret_cast<const uint8_t*>(vp[l]) + doff, row_bytes, lane);
   }
 }
 
@@ -639,6 +630,7 @@ cudaError_t launch_encode(const EncodeArgs& a, int dtype, cudaStream_t stream) {
 cudaError_t launch_decode(const DecodeArgs& a, int dtype, int blocks, cudaStream_t stream) {
   const int64_t total = (int64_t)a.n_pages * a.units_per_page;
   if (total <= 0) return cudaSuccess;
+  if (total > 0x7fffffffLL) return cudaErrorInvalidValue;  // unit numbers are int inside the kernel
   if (blocks <= 0 || blocks > total) blocks = (int)total;
   const size_t smem = (size_t)a.smem_codes + (size_t)a.smem_meta * 4;
   if (dtype == kBF16) {
@@ -654,26 +646,6 @@ cudaError_t launch_decode(const DecodeArgs& a, int dtype, int blocks, cudaStream
     }
     decode_kernel<__half><<<blocks, kThreads, smem, stream>>>(a);
   }
-  return cudaGetLastError();
-}
-
-cudaError_t launch_bf16_load_layer(const uint8_t* host_k, const uint8_t* host_v, uint8_t* dev_k, uint8_t* dev_v,
-                                   const int64_t* host_idx, const int64_t* dev_idx, int64_t n, int64_t host_tok_stride,
-                                   int64_t host_layer_off, int64_t dev_row_stride, int row_bytes, int blocks, int threads,
-                                   cudaStream_t stream) {
-  if (n <= 0) return cudaSuccess;
-  bf16_load_layer_kernel<<<blocks, threads, 0, stream>>>(host_k, host_v, dev_k, dev_v, host_idx, dev_idx, n, host_tok_stride,
-                                                         host_layer_off, dev_row_stride, row_bytes);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_bf16_backup_all(const uint64_t* k_ptrs, const uint64_t* v_ptrs, uint8_t* host_k, uint8_t* host_v,
-                                   const int64_t* host_idx, const int64_t* dev_idx, int64_t n, int num_layers,
-                                   int64_t host_tok_stride, int64_t dev_row_stride, int row_bytes, int blocks, int threads,
-                                   cudaStream_t stream) {
-  if (n <= 0) return cudaSuccess;
-  bf16_backup_all_kernel<<<blocks, threads, 0, stream>>>(k_ptrs, v_ptrs, host_k, host_v, host_idx, dev_idx, n, num_layers,
-                                                         host_tok_stride, dev_row_stride, row_bytes);
   return cudaGetLastError();
 }
 

@@ -18,6 +18,16 @@ constexpr int kDecMetaWordsPerThread = 2;   // decode: 16-byte words per metadat
 constexpr int kDecMaxCodeBytes = kThreads * kDecCodeWordsPerThread * 16;  // 16 KiB per unit
 constexpr int kDecMaxMeta = kThreads * kDecMetaWordsPerThread * 8;         // fp16 entries per array
 
+// Where a kernel reports a bad index instead of faulting. `word` is device memory (0 until the first
+// error; an atomicCAS elects one reporter), `report` is device-accessible memory (mapped pinned host
+// memory, so that the host reads it without a copy): [code, value, bound, 0], `code` written last.
+// A kernel that meets a bad index skips that access (nothing is read or written out of bounds).
+enum ErrorCode : int { kErrNone = 0, kErrEncodeRow = 1, kErrDecodePage = 2, kErrDecodeRow = 3 };
+struct ErrorSink {
+  int32_t* word;
+  int64_t* report;
+};
+
 // One (stream, layer) chunk of a page, as the encoder needs it. All int32 so that Python can
 // build the table as one int32 tensor [chunks, kChunkFields] (field order = declaration order).
 struct ChunkDesc {
@@ -39,13 +49,15 @@ static_assert(sizeof(ChunkDesc) == kChunkFields * 4, "ChunkDesc must be packed i
 struct EncodeArgs {
   const ChunkDesc* chunks;      // device
   const int32_t* unit_chunk;    // device, [units_per_page]: unit -> chunk
-  const uint64_t* ptrs;         // device, [nbuf * num_layers]: buffer b, layer l at b * L + l
+  const uint64_t* ptrs[2];      // device, per buffer b: [num_layers] layer data pointers (the pool's own table)
   const int64_t* token_index;   // device, [n_pages * page_size]
   const uint8_t* header;        // device, 128 bytes
   uint8_t* out;                 // device, [n_pages, page_bytes] (row stride out_stride)
   int64_t out_stride;
   int64_t row_stride[2];        // elements, per device buffer
   int64_t head_stride[2];
+  int64_t rows[2];              // rows per device buffer (token_index is range-checked against them)
+  ErrorSink err;
   int32_t num_layers, page_size, units_per_page, n_pages, page_base;
 };
 
@@ -66,10 +78,13 @@ struct DecodeArgs {
   DecodeStream st[2];
   const uint8_t* pages;         // device-accessible (pinned host mapped, or device memory)
   int64_t page_stride;          // bytes between pages
+  int64_t num_pages;            // pages in the pool (page_ids are range-checked against it)
   const int64_t* page_ids;      // device, [n_pages]
   const int64_t* token_index;   // device, [n_pages * page_size]
   void* dst[2];
   int64_t row_stride[2], head_stride[2];
+  int64_t rows[2];              // rows per device buffer (token_index is range-checked against them)
+  ErrorSink err;
   int32_t nstreams, page_size, n_pages, units_per_page;
   int32_t smem_codes;           // bytes reserved for codes (multiple of 16)
   int32_t smem_meta;            // fp16 entries reserved per metadata array (multiple of 8)
@@ -79,17 +94,5 @@ enum DType : int { kBF16 = 0, kFP16 = 1 };
 
 cudaError_t launch_encode(const EncodeArgs& a, int dtype, cudaStream_t stream);
 cudaError_t launch_decode(const DecodeArgs& a, int dtype, int blocks, cudaStream_t stream);
-
-// ---- bf16 baselines for the benchmark (SGLang-like access pattern; not used by the codec) ----
-// Per-layer load: one warp per token row, host pool page_first [slots, L, row_bytes] per K/V.
-cudaError_t launch_bf16_load_layer(const uint8_t* host_k, const uint8_t* host_v, uint8_t* dev_k, uint8_t* dev_v,
-                                   const int64_t* host_idx, const int64_t* dev_idx, int64_t n, int64_t host_tok_stride,
-                                   int64_t host_layer_off, int64_t dev_row_stride, int row_bytes, int blocks,
-                                   int threads, cudaStream_t stream);
-// All-layer backup: one warp per (token, layer) row, zero-copy stores into page_first host memory.
-cudaError_t launch_bf16_backup_all(const uint64_t* k_ptrs, const uint64_t* v_ptrs, uint8_t* host_k, uint8_t* host_v,
-                                   const int64_t* host_idx, const int64_t* dev_idx, int64_t n, int num_layers,
-                                   int64_t host_tok_stride, int64_t dev_row_stride, int row_bytes, int blocks,
-                                   int threads, cudaStream_t stream);
 
 }  // namespace kvtq

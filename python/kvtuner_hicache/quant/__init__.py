@@ -1,4 +1,8 @@
-"""Quantize/dequantize whole host pages. `reference` is pure torch; native kernels share its signatures."""
+"""Quantize/dequantize whole host pages.
+
+`reference` is the pure-torch ground truth; `native` loads the CUDA kernels (the kvtuner-hicache-kernel
+wheel); `codec` has the per-pool codec objects (`PageCodec`, `make_codec`); `capture` the debug wrapper.
+"""
 
 from kvtuner_hicache.quant.reference import decode_layer, encode_pages, roundtrip_pages
 

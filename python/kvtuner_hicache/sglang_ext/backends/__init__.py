@@ -1,16 +1,10 @@
-"""Our own L3 storage engines for SGLang HiCache: `juicefs` and `lmcache` (see docs/storage.md).
+"""Compatibility shim: the L3 backends moved to the top-level package `kvtuner_hicache_l3`.
 
-SGLang only knows its built-in backend names; `registration.HOOKS` adds ours (CLI choices, the
-`--hicache-storage-backend-config` alias, and construction through StorageBackendFactory). The
-classes import sglang, so they are loaded lazily by name.
+Remove once nothing imports `kvtuner_hicache.sglang_ext.backends` (see `registration`).
 """
 
 from __future__ import annotations
 
-# backend name -> (module, class); the classes take (HiCacheStorageConfig, extra_config dict)
-BACKENDS: dict[str, tuple[str, str]] = {
-    "juicefs": ("kvtuner_hicache.sglang_ext.backends.juicefs", "JuiceFSStore"),
-    "lmcache": ("kvtuner_hicache.sglang_ext.backends.lmcache", "LMCacheStore"),
-}
+from kvtuner_hicache_l3 import BACKENDS
 
 __all__ = ["BACKENDS"]

@@ -1,0 +1,391 @@
+"""One page codec object per quantized host pool: backup (device rows -> host pages) and per-layer load.
+
+Lifecycle (the pool's side of the contract):
+
+    codec = make_codec(layout, device_kv, host_pages, device)   # once, in the pool's constructor
+    codec.backup(host_page_ids, device_rows)                      # HiCache write-back (write stream)
+    codec.load_layer(layer, page_ids, device_rows)                # one call per local layer (load stream)
+    codec.pages_written(page_ids)                                 # host pages overwritten from L3 (optional)
+    codec.shutdown()                                              # drains and releases streams/events
+
+Stream contract: both calls only enqueue work on the caller's current CUDA stream and never
+synchronize (the reference codec, a slow opt-in, is synchronous). When `backup` returns, everything it
+did, including the DMAs on the codec's own side stream, is ordered before any work enqueued afterwards
+on the caller's stream, so SGLang's events recorded there cover the host writes. `load_layer` writes the
+layer's device rows on the caller's stream.
+
+Index contract: `host_page_ids` are CPU int64 [n] host page numbers (range-checked on the host before
+anything is enqueued: IndexError). `page_ids` of a load are int64 [n] (GPU, as SGLang passes them; CPU ids
+are checked on the host and copied). `device_rows` are int64 [n * page_size] device token rows on the GPU.
+GPU-resident indices are range-checked inside the kernels: a bad one is skipped (nothing is read or
+written out of bounds, the CUDA context stays usable) and raises IndexError at the codec's next call or
+at `check()`.
+
+Device buffers: the codec never caches a layer tensor by address. `load_layer` reads the layer's tensors
+from their owner on every call; `backup` uses the owner's own pointer tables (SGLang's
+`k_data_ptrs`/`v_data_ptrs`, MLA `data_ptrs`) after checking once that they match the tensors, and a
+cheap identity check per call rebuilds them when a layer tensor was replaced (memory saver, VMM).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from kvtuner_hicache.page_format import PageLayout
+from kvtuner_hicache.quant import native, reference
+
+log = logging.getLogger(__name__)
+
+ENV_ALLOW_REFERENCE = "KVTQ_ALLOW_REFERENCE_CODEC"
+STAGING_PAGES = 64  # pages encoded per staging chunk on backup
+
+
+class NativeCodecUnavailable(RuntimeError):
+    """On a CUDA device the native kernels are required unless the user opts in to the reference codec."""
+
+
+# ---- the device side ---------------------------------------------------------------------------------
+
+
+class DeviceKV:
+    """The device KV pool's per-layer tensors and pointer tables, read live from their owner.
+
+    `names` are the owner's attributes holding one list of per-layer tensors per device buffer, in the
+    order PageLayout's StreamSpec.buffer indexes (MHA: k_buffer, v_buffer; MLA: kv_buffer). `tables`
+    are the owner's own per-buffer uint64/int64 [L] device tensors of layer data pointers, or None.
+    """
+
+    def __init__(self, owner: Any, names: Sequence[str], tables: Sequence[str | None] | None = None):
+        self.owner = owner
+        self.names = tuple(names)
+        self.table_names = tuple(tables) if tables is not None else (None,) * len(self.names)
+        assert len(self.table_names) == len(self.names)
+
+    @classmethod
+    def from_lists(cls, buffers: Sequence[Sequence[torch.Tensor]]) -> DeviceKV:
+        """Plain lists buffers[b][layer] (tests, tools). A tensor replaced inside a list is seen."""
+        owner = SimpleNamespace(**{f"buffer{b}": per for b, per in enumerate(buffers)})
+        return cls(owner, [f"buffer{b}" for b in range(len(buffers))])
+
+    @classmethod
+    def from_sglang_pool(cls, device_pool: Any) -> DeviceKV:
+        """SGLang's MHATokenToKVPool (k_buffer/v_buffer, k_data_ptrs/v_data_ptrs) or MLATokenToKVPool
+        (kv_buffer, data_ptrs). Attributes are read on every access, so a rebuilt pool is followed."""
+        if hasattr(device_pool, "kv_buffer") and not hasattr(device_pool, "v_buffer"):
+            return cls(device_pool, ["kv_buffer"], ["data_ptrs"])
+        return cls(device_pool, ["k_buffer", "v_buffer"], ["k_data_ptrs", "v_data_ptrs"])
+
+    def buffers(self) -> list[Sequence[torch.Tensor]]:
+        return [getattr(self.owner, n) for n in self.names]
+
+    def layer(self, layer: int) -> list[torch.Tensor]:
+        return [getattr(self.owner, n)[layer] for n in self.names]
+
+    def tables(self) -> list[torch.Tensor | None]:
+        return [getattr(self.owner, t, None) if t else None for t in self.table_names]
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self.owner, self.names[0])[0].device
+
+
+def as_device_kv(device_buffers: Any) -> DeviceKV:
+    """DeviceKV from a DeviceKV, an SGLang device pool, or plain lists buffers[b][layer]."""
+    if isinstance(device_buffers, DeviceKV):
+        return device_buffers
+    if hasattr(device_buffers, "k_buffer") or hasattr(device_buffers, "kv_buffer"):
+        return DeviceKV.from_sglang_pool(device_buffers)
+    return DeviceKV.from_lists(device_buffers)
+
+
+# ---- the interface ------------------------------------------------------------------------------------
+
+
+class PageCodec(ABC):
+    """Quantize device rows into host pages and dequantize them back, layer by layer (module docstring)."""
+
+    name: str = "?"
+
+    def __init__(self, layout: PageLayout, device_kv: DeviceKV, host_pages: torch.Tensor):
+        if host_pages.dtype != torch.uint8 or host_pages.dim() != 2 or host_pages.size(1) != layout.page_bytes:
+            raise ValueError(f"host_pages must be uint8 [num_pages, {layout.page_bytes}], got "
+                             f"{host_pages.dtype} {tuple(host_pages.shape)}")
+        self.layout = layout
+        self.device_kv = device_kv
+        self.host_pages = host_pages
+        self.num_pages = host_pages.size(0)
+
+    @abstractmethod
+    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+        """Quantize the pages at `device_rows` (whole pages) into host pages `host_page_ids`."""
+
+    @abstractmethod
+    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+        """Dequantize local layer `layer` of host pages `page_ids` into the device rows."""
+
+    def pages_written(self, host_page_ids: Sequence[int]) -> None:  # noqa: B027 - optional hook
+        """Host pages were overwritten from outside the codec (an L3 page set into L2)."""
+
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """Raise IndexError for a bad index that an earlier asynchronous call met (no-op if none)."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Drain and release the codec's streams and events; the codec is unusable afterwards."""
+
+    def describe(self) -> str:
+        """For the pool's start-up log line: the codec's name and what it runs on."""
+        return self.name
+
+    def _host_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.device.type != "cpu" or ids.dtype != torch.int64 or not ids.is_contiguous():
+            ids = ids.to(device="cpu", dtype=torch.int64).contiguous()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_pages):
+            bad = ids[(ids < 0) | (ids >= self.num_pages)][0].item()
+            raise IndexError(f"kvtuner_hicache: host page id {bad} out of range [0, {self.num_pages})")
+        return ids
+
+
+# ---- reference (pure torch) ----------------------------------------------------------------------------
+
+
+class ReferenceCodec(PageCodec):
+    """The ground-truth codec (quant/reference.py) behind the same interface: CPU pools and tests, and
+    an explicit opt-in on CUDA (KVTQ_ALLOW_REFERENCE_CODEC=1). Synchronous; indices checked on the host."""
+
+    name = "reference"
+
+    def __init__(self, layout: PageLayout, device_kv: DeviceKV, host_pages: torch.Tensor,
+                 staging_pages: int = STAGING_PAGES):
+        super().__init__(layout, device_kv, host_pages)
+        self.staging_pages = max(1, staging_pages)
+        self._closed = False
+
+    def _rows(self, rows: torch.Tensor, bound: int) -> torch.Tensor:
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= bound):
+            bad = rows[(rows < 0) | (rows >= bound)][0].item()
+            raise IndexError(f"kvtuner_hicache: device row {bad} out of range [0, {bound})")
+        return rows
+
+    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+        assert not self._closed, "codec was shut down"
+        ids = self._host_ids(host_page_ids)
+        ps = self.layout.page_size
+        n = ids.numel()
+        if device_rows.numel() != n * ps:
+            raise ValueError(f"{device_rows.numel()} device rows for {n} pages of {ps}")
+        if n == 0:
+            return
+        bufs = self.device_kv.buffers()
+        self._rows(device_rows, bufs[0][0].size(0))
+        dev = bufs[0][0].device
+        for start in range(0, n, self.staging_pages):
+            m = min(self.staging_pages, n - start)
+            staged = torch.empty(m, self.layout.page_bytes, dtype=torch.uint8, device=dev)
+            reference.encode_pages(self.layout, bufs, device_rows[start * ps:(start + m) * ps], staged)
+            self.host_pages[ids[start:start + m]] = staged.to(self.host_pages.device)
+
+    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+        assert not self._closed, "codec was shut down"
+        ids = self._host_ids(page_ids)
+        bufs = self.device_kv.layer(layer)
+        self._rows(device_rows, bufs[0].size(0))
+        reference.decode_layer(self.layout, layer, self.host_pages, ids, bufs, device_rows)
+
+    def shutdown(self) -> None:
+        self._closed = True
+
+    def describe(self) -> str:
+        return "reference (pure torch)"
+
+
+# ---- native (torch.ops.kvtq) ---------------------------------------------------------------------------
+
+
+class NativeCodec(PageCodec):
+    """The CUDA kernels, with everything resolved once: the layout's plan, the mapped address of the
+    host pages, the staging area, an error sink and an owned backup stream with its events."""
+
+    name = "native"
+
+    def __init__(self, layout: PageLayout, device_kv: DeviceKV, host_pages: torch.Tensor, device: torch.device,
+                 *, staging: torch.Tensor | None = None, staging_pages: int = STAGING_PAGES,
+                 load_blocks: int | None = None):
+        super().__init__(layout, device_kv, host_pages)
+        ops = native.ops()
+        self.plan = native.plan_for(layout)
+        if self.plan.reason is not None:
+            raise NativeCodecUnavailable(f"the native kernels do not support this page layout: {self.plan.reason}")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        if host_pages.device.type == "cpu" and not host_pages.is_pinned():
+            raise ValueError("host_pages must be pinned memory (the load kernel reads it zero-copy)")
+        self.blocks = native.load_blocks() if load_blocks is None else int(load_blocks)
+        self.err = native.ErrorSink(device)
+        pages_ptr = int(ops.mapped_pointer(host_pages))  # resolved once: never per call
+        self._cfg = native.decode_cfg(host_pages, pages_ptr, layout, self.plan, self.blocks, self.err)
+        self._chunks, self._units, self._header = self.plan.device_tables(device)
+        if staging is None:
+            staging = torch.empty(max(1, min(staging_pages, self.num_pages)), layout.page_bytes, dtype=torch.uint8,
+                                  device=device)
+        if staging.device != device or staging.dim() != 2 or staging.size(1) != layout.page_bytes:
+            raise ValueError(f"staging must be uint8 [pages, {layout.page_bytes}] on {device}")
+        self.staging = staging
+        self._side = torch.classes.kvtq.BackupStream(device.index)
+        self._decode = ops.decode.default
+        self._backup = ops.backup.default
+        # per-layer decode descriptors, and the batch size from which big units fill the grid
+        self._desc_big = self.plan.dec_desc
+        self._desc_small = self.plan.dec_desc_small
+        thr = 2 * self.blocks if self.blocks > 0 else 256
+        self._big_from = [-(-thr // max(1, u)) for u in self.plan.dec_units_big]
+        self._nbuf = self.plan.nbuf
+        self._key: tuple[Any, ...] | None = None
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._geom: torch.Tensor | None = None
+        self._closed = False
+        self.pointer_rebuilds = 0
+        self._refresh_pointers()
+
+    # -- pointer tables: the owner's, verified once; rebuilt when a layer tensor is replaced --
+
+    def _identity(self) -> tuple[Any, ...]:
+        bufs = self.device_kv.buffers()[: self._nbuf]
+        return (*(t for per in bufs for t in per), *self.device_kv.tables()[: self._nbuf])
+
+    def _refresh_pointers(self) -> None:
+        bufs = self.device_kv.buffers()[: self._nbuf]
+        rs, hs, nr, dtype = native.validate_buffers(self.layout, bufs)
+        if bufs[0][0].device != self.device:
+            raise ValueError(f"device buffers on {bufs[0][0].device}, codec on {self.device}")
+        want = [[t.data_ptr() for t in per] for per in bufs]
+        tabs: list[torch.Tensor] = []
+        for b, table in enumerate(self.device_kv.tables()[: self._nbuf]):
+            ok = (table is not None and table.device == self.device and table.element_size() == 8
+                  and table.is_contiguous() and table.numel() == len(want[b]))
+            if ok:
+                t64 = table.view(torch.int64)
+                ok = [v & 0xFFFFFFFFFFFFFFFF for v in t64.tolist()] == want[b]  # one D2H read per rebuild
+            if ok:
+                tabs.append(t64)
+            else:
+                if table is not None:
+                    log.warning("kvtuner_hicache: the device pool's pointer table %d does not match its layer "
+                                "tensors; using the codec's own", b)
+                tabs.append(torch.tensor(want[b], dtype=torch.int64).to(self.device))
+        self._tables = (tabs[0], tabs[1] if len(tabs) > 1 else tabs[0])
+        self._geom = native.geometry(self.layout, self.plan, rs, hs, nr, dtype, self.err)
+        self._key = self._identity()
+        self.pointer_rebuilds += 1
+
+    def _pointers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self._identity()
+        old = self._key
+        if old is None or len(key) != len(old) or not all(map(operator.is_, key, old)):
+            self._refresh_pointers()
+        assert self._tables is not None
+        return self._tables
+
+    # -- the interface --
+
+    def check(self) -> None:
+        self.err.check()
+
+    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+        if self._closed:
+            raise RuntimeError("kvtuner_hicache: backup on a codec that was shut down")
+        self.err.check()
+        ids = host_page_ids
+        if ids.device.type != "cpu" or ids.dtype != torch.int64 or not ids.is_contiguous():
+            ids = ids.to(device="cpu", dtype=torch.int64).contiguous()
+        if ids.numel() == 0:
+            return
+        rows = device_rows
+        if rows.device != self.device or rows.dtype != torch.int64 or not rows.is_contiguous():
+            rows = rows.to(device=self.device, dtype=torch.int64).contiguous()
+        p0, p1 = self._pointers()
+        self._backup(self._chunks, self._units, p0, p1, rows, self._header, self.staging, self.host_pages, ids,
+                     self._geom, self.err.word, self._side)  # host ids range-checked in C++: IndexError
+
+    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+        if self.err.pending():
+            self.err.check()
+        if not page_ids.is_cuda:
+            page_ids = self._host_ids(page_ids).to(self.device, non_blocking=True)
+        if not device_rows.is_cuda:
+            device_rows = device_rows.to(device=self.device, dtype=torch.int64)
+        d = self.device_kv.layer(layer)  # live tensors: a replaced layer tensor is used at once
+        desc = self._desc_big[layer] if page_ids.numel() >= self._big_from[layer] else self._desc_small[layer]
+        self._decode(desc, self._cfg, page_ids, device_rows, d[0], d[-1], self.err.word)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._side.release()  # waits for the side stream's copies, destroys the stream and its events
+        torch.cuda.current_stream(self.device).synchronize()
+        self.err.check()
+
+    def describe(self) -> str:
+        return f"native ({native.build_name()})"
+
+
+# ---- the factory ---------------------------------------------------------------------------------------
+
+
+def _allow_reference(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    return os.environ.get(ENV_ALLOW_REFERENCE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def make_codec(layout: PageLayout, device_buffers: Any, host_pages: torch.Tensor, device: torch.device | str, *,
+               staging: torch.Tensor | None = None, staging_pages: int = STAGING_PAGES, load_blocks: int | None = None,
+               allow_reference: bool | None = None, capture_meta: dict | None = None) -> PageCodec:
+    """Choose and build the pool's codec, once.
+
+    device_buffers: a DeviceKV, an SGLang device pool (MHA/MLA) or plain lists buffers[b][layer].
+    host_pages: uint8 [num_pages, page_bytes], pinned on a CUDA host (a view of the host pool's rows).
+    On a CPU device: ReferenceCodec. On CUDA: NativeCodec; if the kernels are missing, broken or do not
+    support the layout, NativeCodecUnavailable (with how to install them) unless the user opted in to
+    the reference codec (`allow_reference`, else env KVTQ_ALLOW_REFERENCE_CODEC=1): then a WARNING and
+    ReferenceCodec. With KVTQ_CAPTURE_DIR set, the codec is wrapped in a CapturingCodec (debug).
+    """
+    dev = torch.device(device)
+    kv = as_device_kv(device_buffers)
+    codec: PageCodec
+    if dev.type != "cuda":
+        codec = ReferenceCodec(layout, kv, host_pages, staging_pages)
+    else:
+        reason = None
+        if not native.available():
+            reason = native.unavailable_reason()
+        else:
+            try:
+                codec = NativeCodec(layout, kv, host_pages, dev, staging=staging, staging_pages=staging_pages,
+                                    load_blocks=load_blocks)
+            except NativeCodecUnavailable as e:
+                reason = str(e)
+        if reason is not None:
+            if not _allow_reference(allow_reference):
+                raise NativeCodecUnavailable(
+                    f"kvtuner_hicache: the native CUDA kernels cannot serve this pool: {reason}. To run with the "
+                    f"slow pure-torch reference codec instead, set {ENV_ALLOW_REFERENCE}=1.")
+            log.warning("kvtuner_hicache: SLOW reference codec on %s (%s=1): %s", dev, ENV_ALLOW_REFERENCE, reason)
+            codec = ReferenceCodec(layout, kv, host_pages, staging_pages)
+    from kvtuner_hicache.quant import capture
+
+    return capture.wrap_if_enabled(codec, capture_meta)
+
+
+__all__ = ["ENV_ALLOW_REFERENCE", "STAGING_PAGES", "DeviceKV", "NativeCodec", "NativeCodecUnavailable", "PageCodec",
+           "ReferenceCodec", "as_device_kv", "make_codec"]
