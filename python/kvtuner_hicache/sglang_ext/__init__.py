@@ -26,6 +26,11 @@ def enable_for_engine(config: str | None = None, **cfg_kwargs: Any):
 
     from kvtuner_hicache.config import ConfigError, QuantConfig, load_layer_bits
     from kvtuner_hicache.sglang_ext import args as kargs
+    from kvtuner_hicache.sglang_ext.eras import unsupported_release_error
+
+    release_err = unsupported_release_error()
+    if release_err:
+        raise ConfigError(release_err.replace("--enable-kvtuner-hicache", "enable_for_engine"))
 
     if config is not None:
         clash = sorted({"nbits_key", "nbits_value"} & set(cfg_kwargs))

@@ -16,8 +16,6 @@ from typing import Any
 from kvtuner_hicache.config import ALLOWED_BITS, ConfigError, LayerBits, QuantConfig, load_layer_bits
 
 ENV_VAR = "SGLANG_KVTUNER_HICACHE"
-# Attribute stored on ServerArgs (underscore names survive its read-only seal and pickling).
-SERVER_ARGS_ATTR = "_kvtuner_hicache"
 
 ALLOWED_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "float16", "fp16")
 
@@ -65,8 +63,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         f"in a host tail store (1/8 of the host budget); 0 disables (default "
                         f"{d.residual_length}).")
     g.add_argument("--kvtuner-hicache-config", type=str, default=None, metavar="PATH",
-                   help="KVTuner per-layer YAML {layer: {nbits_key, nbits_value}}; overrides the "
-                        "uniform bit flags.")
+                   help="KVTuner per-layer YAML {layer: {nbits_key, nbits_value}} that sets the bits "
+                        "of every layer; giving --kvtuner-hicache-nbits-key/-value beside it is an error.")
 
 
 def config_from_namespace(args: argparse.Namespace) -> QuantConfig | None:
@@ -135,8 +133,8 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def server_args_errors(sa: Any) -> list[str]:
-    """Every reason these (resolved) ServerArgs cannot run a quantized HiCache."""
+def server_args_errors(sa: Any, era: Any = None) -> list[str]:
+    """Every reason these (resolved) ServerArgs cannot run a quantized HiCache on this era."""
     errs: list[str] = []
     if not getattr(sa, "enable_hierarchical_cache", False):
         errs.append("--enable-kvtuner-hicache requires --enable-hierarchical-cache "
@@ -164,9 +162,16 @@ def server_args_errors(sa: Any) -> list[str]:
         errs.append("--dcp-size > 1 is not supported by the quantized host pool")
     if _env_true("SGLANG_USE_HND_KVCACHE"):
         errs.append("SGLANG_USE_HND_KVCACHE=1 (HND device layout) is not supported; unset it")
-    if _env_true("SGLANG_ENABLE_UNIFIED_RADIX_TREE"):
-        errs.append("SGLANG_ENABLE_UNIFIED_RADIX_TREE=1 is not supported yet (the quantized pool plugs "
-                    "into HiRadixCache only); unset it")
+    if era is not None and era.pool_seam == "hiradix" and _env_true("SGLANG_ENABLE_UNIFIED_RADIX_TREE"):
+        errs.append("SGLANG_ENABLE_UNIFIED_RADIX_TREE=1 is not supported on this SGLang release (the quantized "
+                    "pool plugs into HiRadixCache there); unset it")
+    mode = getattr(sa, "hicache_host_memory_mode", "cache") or "cache"
+    if mode != "cache":
+        errs.append(f"--hicache-host-memory-mode {mode} is not supported: quantized pages need the host pool "
+                    "as a cache tier (use --hicache-host-memory-mode cache)")
+    if getattr(sa, "disaggregation_decode_enable_offload_kvcache", False):
+        errs.append("--disaggregation-decode-enable-offload-kvcache is not supported: the PD decode offload "
+                    "pool would stay bf16; drop it or run without --enable-kvtuner-hicache")
     return errs
 
 
@@ -186,14 +191,11 @@ def model_errors(sa: Any, cfg: QuantConfig) -> list[str]:
     return []
 
 
-def validate_server_args(sa: Any, cfg: QuantConfig) -> None:
-    errs = server_args_errors(sa)
+def validate_server_args(sa: Any, cfg: QuantConfig, era: Any = None) -> None:
+    """Raise one ConfigError listing every reason `sa` (resolved) cannot run `cfg`."""
+    errs = server_args_errors(sa, era)
     if not errs:
         errs = model_errors(sa, cfg)
     if errs:
         raise ConfigError("kvtuner_hicache cannot run with these server arguments:\n  - " + "\n  - ".join(errs))
 
-
-def format_error(err: BaseException) -> str:
-    """One line per mistake, argparse style (the ConfigError messages are already listed)."""
-    return str(err)

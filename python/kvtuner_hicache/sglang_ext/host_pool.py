@@ -1,4 +1,4 @@
-"""Quantized HiCache host pools (L2) for SGLang 0.5.17.
+"""Quantized HiCache host pools (L2) for every supported SGLang release (0.5.17 to 0.5.23).
 
 One host row per page: `kv_buffer = uint8[page_num, row_stride]`, the page itself is the first
 `page_bytes` of the row (docs/page-format.md); `row_stride` is page_bytes rounded up to 4 KiB so
@@ -20,7 +20,7 @@ from kvtuner_hicache.config import ConfigError, KVShape, QuantConfig
 from kvtuner_hicache.page_format import HEADER_BYTES, PageLayout
 from kvtuner_hicache.quant.dispatch import codec_name, get_codec
 from kvtuner_hicache.sglang_ext import capture as kvtq_capture
-from kvtuner_hicache.sglang_ext.args import config_from_env
+from kvtuner_hicache.sglang_ext.eras import Era, active_era, active_release, unsupported_release_error
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +33,10 @@ _DEVICE_DTYPES = (torch.bfloat16, torch.float16)
 def _pipeline_parallel() -> bool:
     """Whether this server splits layers over pipeline stages (then a stage cannot see the model's depth)."""
     try:
-        from sglang.srt.server_args import get_global_server_args
+        from sglang.srt.runtime_context import get_parallel
 
-        return (getattr(get_global_server_args(), "pp_size", 1) or 1) > 1
-    except Exception:  # no global server args (tests, offline use): a single stage
+        return (getattr(get_parallel(), "pp_size", 1) or 1) > 1
+    except Exception:  # no published runtime context (tests, offline use): a single stage
         return False
 
 
@@ -57,62 +57,65 @@ def _page_runs(page_ids: list[int]) -> list[tuple[int, int, int]]:
 
 
 class _QuantizedHostPool(HostKVCache):
-    """Shared body of the MHA and MLA pools; subclasses describe the device buffers."""
+    """Shared body of the MHA and MLA pools; subclasses describe the device buffers.
+
+    Built by the plugin's pool seam of the running era (never by SGLang's own constructors), with
+    the QuantConfig passed in: `Pool(device_pool, quant_config=..., host_to_device_ratio=...,
+    host_size=..., page_size=..., layout=...)`. The base class is initialised through the era's
+    shim (`eras.Era.init_host_base`), so one class serves every supported release.
+    """
 
     kvtq_quantized = True  # what the plugin's verification looks for
 
     def __init__(
         self,
         device_pool: Any,
+        *,
+        quant_config: QuantConfig,
         host_to_device_ratio: float,
         host_size: float,
         page_size: int,
         layout: str,
-        pin_memory: bool = True,
-        device: str = "cpu",
         allocator_type: str = "default",
-        dcp_size: int = 1,
-        dcp_rank: int = 0,
-        *,
         pool_label: str = "kv",
-        quant_config: QuantConfig | None = None,
-        override_kv_cache_dim: int | None = None,
+        pin_memory: bool = True,
+        era: Era | None = None,
     ):
-        cfg = quant_config if quant_config is not None else config_from_env()
-        if cfg is None:
-            raise ConfigError("quantized host pool built without a config (SGLANG_KVTUNER_HICACHE unset)")
+        if not isinstance(quant_config, QuantConfig):
+            raise ConfigError("quantized host pool built without a QuantConfig")
         if layout != "page_first":
             raise ConfigError(f"quantized HiCache needs --hicache-mem-layout page_first, got {layout}")
-        if dcp_size != 1:
-            raise ConfigError("quantized HiCache does not support --dcp-size > 1")
-        if override_kv_cache_dim is not None:
-            raise ConfigError("quantized HiCache does not support an overridden MLA cache dim (fp8 DSA)")
         if getattr(device_pool, "layer_shard_enabled", False):
             raise ConfigError("quantized HiCache does not support layer-sharded device KV pools")
-        self.quant_config = cfg
+        era = era or active_era()
+        if era is None:
+            raise ConfigError(unsupported_release_error() or "unsupported SGLang release")
+        self.device_pool = device_pool
+        self.quant_config = quant_config
         self.residual = None  # set after the base init (which calls clear())
         self.codec = get_codec(device_pool.device)
         self._load_key: tuple[Any, Any] | None = None
         self._staging: torch.Tensor | None = None  # GPU staging for the native backup, made on first use
         self._capture: kvtq_capture.Capture | None = None  # set after the base init (needs page_layout)
         # Host budget in bytes: --hicache-size GB, else --hicache-ratio times the device pool's
-        # bytes (not tokens), so the same host memory holds compression-times more tokens.
+        # bytes (not tokens), so the same host memory holds compression-times more tokens. SGLang's
+        # host-memory auto-sizing (0.5.21+) caps the ratio by bytes too, so it grants bytes.
         dev_bytes_per_token = self._shape(device_pool).bf16_bytes_per_token() // 2 * device_pool.store_dtype.itemsize
         budget = host_size * 1e9 if host_size > 0 else device_pool.size * host_to_device_ratio * dev_bytes_per_token
-        self.residual_bytes = int(budget // RESIDUAL_BUDGET_FRACTION) if cfg.residual_length > 0 else 0
+        self.host_budget_bytes = int(budget)
+        self.residual_bytes = int(budget // RESIDUAL_BUDGET_FRACTION) if quant_config.residual_length > 0 else 0
         # Pinning needs a CUDA/HIP device; a CPU device pool (tests, CPU serving) keeps plain pages.
         pin = pin_memory and str(device_pool.device) not in ("cpu",)
-        super().__init__(
-            device_pool,
-            host_to_device_ratio,
-            (budget - self.residual_bytes) / 1e9,
-            page_size,
-            layout,
-            pin,
-            device,
-            allocator_type,
-            pool_label=pool_label,
-        )
+        self.dtype = torch.uint8  # storage backends size and view pages by .dtype
+        self.page_size = page_size  # the base sets it again; the geometry below needs it first
+        size_per_token = self.get_size_per_token()
+        era.init_host_base(self, device_pool, size_per_token=size_per_token,
+                           host_size_gb=(budget - self.residual_bytes) / 1e9, page_size=page_size,
+                           layout=layout, pin_memory=pin, device="cpu", allocator_type=allocator_type,
+                           pool_label=pool_label)
+        self.dtype = torch.uint8  # the positional-era base resets it to the device dtype
+        if era.has_storage_format_tag:
+            self.storage_format_tag = self.page_layout.tag  # SGLang appends it to the L3 model name
         self.can_use_write_back_jit = True  # keeps backup host indices on the CPU (page ids read there)
         if self.residual_bytes:
             from kvtuner_hicache.sglang_ext.residual import ResidualTailStore
@@ -122,13 +125,15 @@ class _QuantizedHostPool(HostKVCache):
         pl = self.page_layout
         # effective numbers: the 4 KiB row padding counted
         self.compression_vs_bf16 = pl.shape.bf16_bytes_per_token() / self.size_per_token
+        self.bf16_equivalent_tokens = int(self.size * self.size_per_token // pl.shape.bf16_bytes_per_token())
         logger.info(
-            "kvtuner_hicache %s host pool: %d tokens (%d pages), %d B/token (%.3f bits/element, "
-            "%.2fx vs bf16, %s), %.2f GB; codec=%s; L3 namespace %s%s",
-            pool_label, self.size, self.page_num, self.size_per_token,
-            self.size_per_token * 8 / pl.elements_per_token, self.compression_vs_bf16, cfg.short_name(),
-            self.size * self.size_per_token / 1e9,
-            codec_name(self.codec), pl.tag,
+            "kvtuner_hicache %s host pool: %d tokens (%d pages) in %.2f GB, %d B/token (%.3f bits/element, "
+            "%.2fx vs bf16: a bf16 pool of these bytes holds %d tokens), %s; codec=%s; SGLang %s (era %s); "
+            "L3 namespace %s%s",
+            pool_label, self.size, self.page_num, self.size * self.size_per_token / 1e9, self.size_per_token,
+            self.size_per_token * 8 / pl.elements_per_token, self.compression_vs_bf16,
+            self.bf16_equivalent_tokens, quant_config.short_name(), codec_name(self.codec),
+            active_release(), era.name, pl.tag,
             f"; bf16 tail store {self.residual_bytes / 1e9:.2f} GB" if self.residual_bytes else "",
         )
 
@@ -153,6 +158,7 @@ class _QuantizedHostPool(HostKVCache):
             )
         shape = self._shape(dp)
         self.layer_num = shape.num_layers
+        self.target_layer_num = shape.num_layers  # no packed MTP draft layers (rejected at the seam)
         self.page_layout = PageLayout(self.quant_config, shape, self.page_size, start_layer=dp.start_layer,
                                       total_layers=None if _pipeline_parallel() else 0)
         self.row_stride = _align(self.page_layout.page_bytes, ROW_ALIGN)
@@ -206,7 +212,10 @@ class _QuantizedHostPool(HostKVCache):
         if self._capture is not None:  # DEBUG capture (KVTQ_CAPTURE_DIR), see capture.py
             self._capture.on_backup(device_pool, page_ids, device_indices)
 
-    def load_to_device_per_layer(self, device_pool, host_indices, device_indices, layer_id, io_backend) -> None:
+    def load_to_device_per_layer(self, device_pool, host_indices, device_indices, layer_id, io_backend,
+                                 *, is_draft: bool = False) -> None:
+        if is_draft:  # 0.5.18+ passes it; our pools never hold packed draft layers
+            raise RuntimeError("quantized HiCache host pools hold no MTP draft layers (is_draft=True)")
         if io_backend != "kernel":
             raise ValueError(f"quantized HiCache supports io_backend 'kernel' only, got {io_backend!r}")
         # The controller calls this once per local layer with the same index tensors: derive the
@@ -279,8 +288,7 @@ class QuantizedMHATokenToKVPoolHost(_QuantizedHostPool):
 
     device_pool: MHATokenToKVPool
 
-    def __init__(self, device_pool, host_to_device_ratio, host_size, page_size, layout, pin_memory=True,
-                 device="cpu", allocator_type="default", *, pool_label="kv", quant_config=None):
+    def __init__(self, device_pool: Any, **kwargs: Any):
         if getattr(device_pool, "kv_cache_layout", "nhd") != "nhd":
             raise ConfigError(
                 f"quantized HiCache needs the NHD device KV layout, this pool is {device_pool.kv_cache_layout} "
@@ -288,8 +296,7 @@ class QuantizedMHATokenToKVPoolHost(_QuantizedHostPool):
             )
         if getattr(device_pool, "is_quantized_kv_cache", False):
             raise ConfigError("quantized HiCache does not take an FP4/FP8-quantized device KV cache")
-        super().__init__(device_pool, host_to_device_ratio, host_size, page_size, layout, pin_memory, device,
-                         allocator_type, pool_label=pool_label, quant_config=quant_config)
+        super().__init__(device_pool, **kwargs)
 
     @staticmethod
     def _shape(device_pool) -> KVShape:
@@ -321,14 +328,12 @@ class QuantizedMLATokenToKVPoolHost(_QuantizedHostPool):
 
     device_pool: MLATokenToKVPool
 
-    def __init__(self, device_pool, host_to_device_ratio, host_size, page_size, layout, pin_memory=True,
-                 device="cpu", allocator_type="default", override_kv_cache_dim=None, dcp_size=1, dcp_rank=0,
-                 *, pool_label="kv", quant_config=None):
+    def __init__(self, device_pool: Any, **kwargs: Any):
         if getattr(device_pool, "use_dsa", False):
             raise ConfigError("quantized HiCache does not support DSA (sparse-attention MLA) pools")
-        super().__init__(device_pool, host_to_device_ratio, host_size, page_size, layout, pin_memory, device,
-                         allocator_type, dcp_size, dcp_rank, pool_label=pool_label, quant_config=quant_config,
-                         override_kv_cache_dim=override_kv_cache_dim)
+        if getattr(device_pool, "kv_cache_dim", None) not in (None, device_pool.kv_lora_rank + device_pool.qk_rope_head_dim):
+            raise ConfigError("quantized HiCache does not support an MLA row wider than latent + rope (fp8 DSA)")
+        super().__init__(device_pool, **kwargs)
 
     @staticmethod
     def _shape(device_pool) -> KVShape:
@@ -350,7 +355,7 @@ class QuantizedMLATokenToKVPoolHost(_QuantizedHostPool):
         return [self.page_ptr(p) for p in pids], [pb] * len(pids)
 
 
-def mha_host_pool_cls_for(device_pool: Any) -> type:
-    """Replacement for SGLang's get_mha_host_pool_cls inside HiRadixCache: one class for both
-    symmetric and asymmetric (head_dim != v_head_dim) K/V, the page layout handles both."""
-    return QuantizedMHATokenToKVPoolHost
+def quantized_pool_cls_for(device_pool: Any) -> type[_QuantizedHostPool]:
+    """Our pool class for a device pool: one class for symmetric and asymmetric (head_dim !=
+    v_head_dim) MHA, the page layout handles both; MLA has its own."""
+    return QuantizedMLATokenToKVPoolHost if isinstance(device_pool, MLATokenToKVPool) else QuantizedMHATokenToKVPoolHost
