@@ -1,9 +1,10 @@
 """Native CUDA codec vs the pure-torch reference: bit-exact page bytes (encode) and device rows (decode).
 
-GPU tests are marked `gpu` (scripts/gpu_test.sh runs them on the GPU machine); they skip without CUDA
-and fail if CUDA is there but the kernels do not build. The few unmarked tests run on CPU-only CI.
-The reference runs on CPU copies of the same inputs, so the GPU result is compared with the ground
-truth computed independently of CUDA.
+GPU tests are marked `gpu` (scripts/gpu_test.sh runs them on the GPU machine, from the installed kernel
+wheel with nvcc off the PATH); they skip without CUDA and fail if CUDA is there but the kernels are not
+installed. The reference runs on CPU copies of the same inputs, so the GPU result is compared with the
+ground truth computed independently of CUDA. Loads go through NativeCodec.load_layer (the serving path),
+backups through NativeCodec.backup; encode_pages is the module-level wrapper of the same operator.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from kvtuner_hicache.config import KVShape, QuantConfig, load_layer_bits
 from kvtuner_hicache.page_format import PageLayout
 from kvtuner_hicache.quant import dispatch, native, reference
+from kvtuner_hicache.quant.codec import DeviceKV, NativeCodec
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 HAS_CUDA = torch.cuda.is_available()
@@ -49,7 +51,7 @@ def nat():
     if not HAS_CUDA:
         pytest.skip("no CUDA device")
     if not native.available():
-        pytest.fail(f"CUDA is available but the native kernels did not build: {native.unavailable_reason()}")
+        pytest.fail(f"CUDA is available but the native kernels are not loaded: {native.unavailable_reason()}")
     return native
 
 
@@ -190,10 +192,14 @@ def check_decode(layout: PageLayout, host_pages_cpu: torch.Tensor, pages_for_ker
     """native decode (zero-copy from `pages_for_kernel`) == reference decode, whole buffers compared."""
     dev, cpu = make_pool(layout, rows, dtype, "normal", seed + 1000)  # poison: untouched rows must stay
     pid_dev, tidx_dev = to_dev(page_ids), to_dev(tidx)
+    codec = NativeCodec(layout, DeviceKV.from_lists(dev), pages_for_kernel, torch.device(DEV), staging_pages=1,
+                        load_blocks=blocks)
     for layer in range(layout.num_layers):
-        native.decode_layer(layout, layer, pages_for_kernel, pid_dev, [per[layer] for per in dev], tidx_dev, blocks=blocks)
+        codec.load_layer(layer, pid_dev, tidx_dev)
         reference.decode_layer(layout, layer, host_pages_cpu, page_ids, [per[layer] for per in cpu], tidx)
     sync()
+    codec.check()
+    codec.shutdown()
     assert_rows_equal(dev, cpu, "decode")
 
 
@@ -220,27 +226,32 @@ def roundtrip_check(cfg: QuantConfig, shape: KVShape, ps: int, dtype=torch.bfloa
     return layout
 
 
-# ---- CPU-only tests (CI) ---------------------------------------------------------------------------
+# ---- the library ----------------------------------------------------------------------------------
 
 
-def test_native_imports_and_reports_on_cpu():
-    ok = native.available()
-    assert isinstance(ok, bool)
-    if not HAS_CUDA:
-        assert not ok and native.unavailable_reason()
-    assert dispatch.get_codec("cpu") is reference
-    assert dispatch.codec_name(dispatch.get_codec("cpu")) == "reference"
-    assert dispatch.codec_name(native) == "native"
+@gpu
+def test_installed_wheel_and_exported_limits(nat):
+    """The kernels come from the installed wheel (not a JIT build) unless KVTQ_JIT_BUILD is set, and the
+    planner's limits are the library's own."""
+    import shutil
 
+    if os.environ.get(native.ENV_JIT, "") in ("", "0"):
+        import kvtuner_hicache_kernel
 
-def test_plan_tables_on_cpu():
-    lay = PageLayout(QuantConfig(), KVShape.mha(28, 4, 128), 64)
-    p = native.plan_for(lay)
-    assert p.reason is None
-    assert p.units_per_page == 28 * (2 + 4)  # K per-channel: 2 column blocks; V per-token: 4 x 1024 items
-    assert p.dec_desc[0].shape == (2, 16)
-    odd = PageLayout(QuantConfig(q_group_size=32, axis_key=0), KVShape.mha(1, 1, 96), 32)
-    assert native.supports(odd) is not None  # width 96 is not a multiple of 64: reference fallback
+        assert native.build_name().startswith(f"kvtuner-hicache-kernel {native.KERNEL_VERSION}")
+        assert "sgl-kernel" not in str(kvtuner_hicache_kernel.LIBRARY), "loaded from the checkout, not the wheel"
+        assert torch.ops.kvtq.abi_stamp().startswith(kvtuner_hicache_kernel.expected_stamp())
+    if os.environ.get("KVTQ_EXPECT_NO_NVCC") == "1":
+        assert shutil.which("nvcc") is None, "scripts/gpu_test.sh hides nvcc: the tests must run without it"
+    lim = native.limits()
+    lay = PageLayout(QuantConfig(), KVShape.mha(4, 4, 128), 64)
+    plan = native.plan_for(lay)
+    assert plan.reason is None
+    assert plan.dec_desc[0].shape == (2, lim["decode_fields"])
+    assert len(plan.chunk_rows[0]) == lim["chunk_fields"]
+    big = PageLayout(QuantConfig(q_group_size=lim["enc_max_group_per_channel"] * 2, axis_key=1, axis_value=1),
+                     KVShape.mha(1, 2, 128), lim["enc_max_group_per_channel"] * 2)
+    assert native.supports(big) is not None
 
 
 # ---- GPU: the full config matrix --------------------------------------------------------------------
@@ -410,6 +421,8 @@ def test_pageable_pages_rejected(nat):
     with pytest.raises(RuntimeError, match="pinned"):
         native.decode_layer(layout, 0, pages, torch.tensor([0], device=DEV),
                             [per[0] for per in dev], page_rows([0], layout.page_size).cuda())
+    with pytest.raises(ValueError, match="pinned"):
+        NativeCodec(layout, DeviceKV.from_lists(dev), pages, torch.device(DEV))
 
 
 @gpu
@@ -426,10 +439,11 @@ def test_backup_to_host(nat, strided, staging_pages):
     extra = 256 if strided else 0
     host_buf = torch.full((12, pb + extra), POISON, dtype=torch.uint8).pin_memory()
     host = host_buf[:, :pb]
-    staging_buf = torch.empty(4, pb + extra, dtype=torch.uint8, device=DEV)
+    staging_buf = torch.empty(staging_pages, pb + extra, dtype=torch.uint8, device=DEV)
+    codec = NativeCodec(layout, DeviceKV.from_lists(dev), host, torch.device(DEV), staging=staging_buf[:, :pb])
     stream = torch.cuda.Stream()  # like SGLang's write stream
     with torch.cuda.stream(stream):
-        native.backup_to_host(layout, dev, to_dev(tidx), host, ids, staging_buf[:, :pb])
+        codec.backup(ids, to_dev(tidx))
         done = torch.cuda.Event()
         done.record(stream)
     done.synchronize()  # an event on the caller's stream covers the side-stream copies
@@ -440,11 +454,29 @@ def test_backup_to_host(nat, strided, staging_pages):
     assert (host_buf[untouched] == POISON).all()
     if strided:
         assert (host_buf[:, pb:] == POISON).all()
+    codec.check()
+    codec.shutdown()
 
 
 @gpu
-def test_cpu_out_and_reference_fallback(nat):
-    """encode into a CPU `out`; a layout the kernels do not support falls back to the reference."""
+def test_module_backup_wrapper(nat):
+    layout, dev, cpu, rows = _layout_and_pages(seed=22, n=5)
+    tidx = page_rows([4, 0, 2], layout.page_size)
+    ref = torch.empty(3, layout.page_bytes, dtype=torch.uint8)
+    reference.encode_pages(layout, cpu, tidx, ref)
+    host = torch.zeros(4, layout.page_bytes, dtype=torch.uint8).pin_memory()
+    staging = torch.empty(2, layout.page_bytes, dtype=torch.uint8, device=DEV)
+    native.backup_to_host(layout, dev, to_dev(tidx), host, torch.tensor([3, 0, 1]), staging)
+    sync()
+    assert torch.equal(host[[3, 0, 1]], ref)
+
+
+@gpu
+def test_cpu_out_and_unsupported_layout(nat):
+    """encode into a CPU `out`; a layout the kernels do not support is an error on CUDA (no silent
+    reference fallback) unless the user opts in."""
+    from kvtuner_hicache.quant.codec import NativeCodecUnavailable, ReferenceCodec, make_codec
+
     layout, dev, cpu, rows = _layout_and_pages(seed=31)
     tidx = page_rows([1, 2], layout.page_size)
     out = torch.empty(2, layout.page_bytes, dtype=torch.uint8)
@@ -452,11 +484,13 @@ def test_cpu_out_and_reference_fallback(nat):
     ref = torch.empty_like(out)
     reference.encode_pages(layout, cpu, tidx, ref)
     assert torch.equal(out, ref)
-    odd_cfg = QuantConfig(q_group_size=32)
-    odd = PageLayout(odd_cfg, KVShape.mha(1, 1, 96), 32)
+    odd = PageLayout(QuantConfig(q_group_size=32), KVShape.mha(1, 1, 96), 32)
     assert native.supports(odd) is not None
-    d2, c2 = make_pool(odd, 4 * 32, torch.bfloat16, "special", 3)
-    check_encode(odd, d2, c2, page_rows([3, 0], 32))
+    d2, _ = make_pool(odd, 4 * 32, torch.bfloat16, "special", 3)
+    host = torch.zeros(2, odd.page_bytes, dtype=torch.uint8).pin_memory()
+    with pytest.raises(NativeCodecUnavailable, match="KVTQ_ALLOW_REFERENCE_CODEC"):
+        make_codec(odd, d2, host, DEV, allow_reference=False)
+    assert isinstance(make_codec(odd, d2, host, DEV, allow_reference=True), ReferenceCodec)
 
 
 @gpu
@@ -474,7 +508,226 @@ def test_reference_same_on_cuda_and_cpu(nat):
 
 
 @gpu
-def test_dispatch_picks_native(nat):
+def test_factory_and_dispatch_pick_native(nat):
+    from kvtuner_hicache.quant.codec import make_codec
+
     assert dispatch.get_codec("cuda") is native
     assert dispatch.get_codec(torch.device("cuda", 0)) is native
-    assert dispatch.codec_name(dispatch.get_codec("cuda")) == "native"
+    layout, dev, cpu, rows = _layout_and_pages(seed=41)
+    host = torch.zeros(3, layout.page_bytes, dtype=torch.uint8).pin_memory()
+    c = make_codec(layout, dev, host, DEV)
+    assert isinstance(c, NativeCodec) and c.describe().startswith("native (")
+    assert dispatch.codec_name(c) == c.describe()
+    c.shutdown()
+
+
+# ---- GPU: the per-pool codec: bad indices, replaced tensors, shutdown, graphs -------------------------
+
+
+class _Owner:
+    """Attribute-compatible with SGLang's MHATokenToKVPool as far as DeviceKV reads it."""
+
+    def __init__(self, bufs):
+        self.k_buffer, self.v_buffer = bufs
+        self.rebuild_tables()
+
+    def rebuild_tables(self):  # what SGLang's _init_data_ptrs_and_strides does
+        self.k_data_ptrs = torch.tensor([t.data_ptr() for t in self.k_buffer], dtype=torch.uint64, device=DEV)
+        self.v_data_ptrs = torch.tensor([t.data_ptr() for t in self.v_buffer], dtype=torch.uint64, device=DEV)
+
+
+def _codec_setup(seed: int, n_host: int = 8, owner: bool = False):
+    layout, dev, cpu, rows = _layout_and_pages(seed=seed, n=6)
+    host = torch.zeros(n_host, layout.page_bytes, dtype=torch.uint8).pin_memory()
+    src = _Owner(dev) if owner else DeviceKV.from_lists(dev)
+    codec = NativeCodec(layout, src if isinstance(src, DeviceKV) else DeviceKV.from_sglang_pool(src), host,
+                        torch.device(DEV), staging_pages=4)
+    return layout, dev, cpu, rows, host, codec, src
+
+
+def _assert_codec_roundtrip(layout, dev, cpu, rows, host, codec, seed):
+    """A valid backup + load through `codec`, bit-exact against the reference (computed from what the
+    device buffers hold now: a failed call may have written some rows before it met the bad index)."""
+    sync()
+    cpu = [[t.cpu() for t in per] for per in dev]
+    ps = layout.page_size
+    tidx = page_rows([3, 0, 5], ps)
+    ids = torch.tensor([6, 1, 2])
+    codec.backup(ids, to_dev(tidx))
+    ref = torch.empty(3, layout.page_bytes, dtype=torch.uint8)
+    reference.encode_pages(layout, cpu, tidx, ref)
+    sync()
+    assert torch.equal(host[ids], ref)
+    drows = page_rows([1, 4, 2], ps)
+    want = [[t.clone() for t in per] for per in cpu]
+    for layer in range(layout.num_layers):
+        codec.load_layer(layer, to_dev(ids), to_dev(drows))
+        reference.decode_layer(layout, layer, host, ids, [per[layer] for per in want], drows)
+    sync()
+    codec.check()
+    assert_rows_equal(dev, want, "load after the bad index")
+
+
+@gpu
+@pytest.mark.parametrize("case", ["load-page-id", "load-device-row", "backup-device-row", "backup-host-id",
+                                  "load-negative-page-id"])
+def test_out_of_range_index_raises_and_context_survives(nat, case):
+    layout, dev, cpu, rows, host, codec, _ = _codec_setup(seed=51)
+    ps = layout.page_size
+    good_rows = to_dev(page_rows([0, 1], ps))
+    good_ids = torch.tensor([0, 1])
+    if case == "backup-host-id":  # ids on the host: checked before anything is enqueued
+        with pytest.raises(IndexError, match="host page id 1000000"):
+            codec.backup(torch.tensor([0, 1_000_000]), good_rows)
+    else:
+        if case == "load-page-id":
+            codec.load_layer(1, to_dev(torch.tensor([0, 1_000_000])), good_rows)
+        elif case == "load-negative-page-id":
+            codec.load_layer(0, to_dev(torch.tensor([-3, 1])), good_rows)
+        elif case == "load-device-row":
+            bad = page_rows([0, 1], ps)
+            bad[ps + 3] = rows + 10_000_000
+            codec.load_layer(0, to_dev(good_ids), to_dev(bad))
+        else:
+            bad = page_rows([0, 1], ps)
+            bad[5] = rows + 10_000_000
+            codec.backup(good_ids, to_dev(bad))
+        torch.cuda.synchronize()  # the kernel skipped the bad index: no illegal address
+        what = "host page id" if "page-id" in case else "device row"
+        with pytest.raises(IndexError, match=what):
+            codec.check()
+        codec.check()  # reported once
+        if case == "load-page-id":  # the next call raises too when nobody called check()
+            codec.load_layer(0, to_dev(torch.tensor([5_000_000])), good_rows)
+            torch.cuda.synchronize()
+            with pytest.raises(IndexError, match="host page id 5000000"):
+                codec.load_layer(1, to_dev(good_ids), good_rows)
+    torch.cuda.synchronize()  # the CUDA context is intact
+    _assert_codec_roundtrip(layout, dev, cpu, rows, host, codec, 51)
+    codec.shutdown()
+
+
+@gpu
+@pytest.mark.parametrize("owner", [False, True], ids=["lists", "sglang-like-pool"])
+def test_replaced_layer_tensor_is_used(nat, owner):
+    """Replacing a layer's device tensor between calls (memory saver, VMM) is picked up: backup reads the
+    new tensor (never a stale pointer) and load writes into it."""
+    layout, dev, cpu, rows, host, codec, src = _codec_setup(seed=61, owner=owner)
+    ps = layout.page_size
+    tidx = page_rows([2], ps)
+    codec.backup(torch.tensor([0]), to_dev(tidx))
+    n0 = codec.pointer_rebuilds
+    gen = torch.Generator().manual_seed(99)
+    new_cpu = make_values(tuple(cpu[0][1].shape), "normal", torch.bfloat16, gen)
+    cpu[0][1] = new_cpu
+    dev[0][1] = to_dev(new_cpu)  # replace layer 1's K tensor in the owner's list
+    if owner:
+        src.rebuild_tables()  # as SGLang would; the stale-table case is covered below
+    codec.backup(torch.tensor([1]), to_dev(tidx))
+    sync()
+    ref = torch.empty(1, layout.page_bytes, dtype=torch.uint8)
+    reference.encode_pages(layout, cpu, tidx, ref)
+    assert torch.equal(host[1], ref[0]), "backup read a stale layer tensor"
+    assert not torch.equal(host[0], host[1])
+    assert codec.pointer_rebuilds == n0 + 1
+    # a replacement that the owner's table does not follow: the codec notices and uses its own table
+    cpu[1][2] = make_values(tuple(cpu[1][2].shape), "normal", torch.bfloat16, gen)
+    dev[1][2] = to_dev(cpu[1][2])
+    codec.backup(torch.tensor([2]), to_dev(tidx))
+    sync()
+    reference.encode_pages(layout, cpu, tidx, ref)
+    assert torch.equal(host[2], ref[0]), "backup used a stale pointer table"
+    # load: writes into the tensor that is in the list now
+    target = torch.zeros_like(dev[1][0])
+    dev[1][0] = target
+    drows = page_rows([4], ps)
+    codec.load_layer(0, to_dev(torch.tensor([2])), to_dev(drows))
+    sync()
+    want = [cpu[0][0].clone(), torch.zeros_like(cpu[1][0])]
+    reference.decode_layer(layout, 0, host, torch.tensor([2]), want, drows)
+    assert torch.equal(target.cpu().view(torch.int16), want[1].view(torch.int16))
+    codec.shutdown()
+
+
+@gpu
+def test_shutdown_drains_and_releases(nat):
+    layout, dev, cpu, rows, host, codec, _ = _codec_setup(seed=71, n_host=24)
+    ps = layout.page_size
+    tidx = page_rows([0, 1, 2, 3, 4, 5] * 3, ps)
+    ids = torch.arange(18)
+    codec.backup(ids, to_dev(tidx))  # 18 pages through a 4-page staging area: the side stream is used
+    side = codec._side
+    assert side.live()
+    codec.shutdown()  # no explicit sync before: shutdown drains
+    assert not side.live()
+    ref = torch.empty(18, layout.page_bytes, dtype=torch.uint8)
+    reference.encode_pages(layout, cpu, tidx, ref)
+    assert torch.equal(host[:18], ref)
+    with pytest.raises(RuntimeError, match="shut down"):
+        codec.backup(ids[:1], to_dev(tidx[:ps]))
+    codec.shutdown()  # idempotent
+    # a codec created afterwards works (its own stream)
+    c2 = NativeCodec(layout, DeviceKV.from_lists(dev), host, torch.device(DEV), staging_pages=2)
+    _assert_codec_roundtrip(layout, dev, cpu, rows, host, c2, 71)
+    c2.shutdown()
+
+
+@gpu
+def test_load_layer_in_a_cuda_graph(nat):
+    """The per-layer load is capturable: replaying the graph gives the reference rows."""
+    layout, dev, cpu, rows, host, codec, _ = _codec_setup(seed=81)
+    ps = layout.page_size
+    tidx = page_rows([3, 1], ps)
+    ids = torch.tensor([4, 0])
+    codec.backup(ids, to_dev(tidx))
+    sync()
+    pid, drows = to_dev(ids), to_dev(page_rows([5, 2], ps))
+    for per in dev:
+        for t in per:
+            t.zero_()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        codec.load_layer(0, pid, drows)  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(s)
+    for per in dev:
+        for t in per:
+            t.zero_()
+    with torch.cuda.graph(g):
+        for layer in range(layout.num_layers):
+            codec.load_layer(layer, pid, drows)
+    g.replay()
+    sync()
+    want = [[torch.zeros_like(t) for t in per] for per in cpu]
+    for layer in range(layout.num_layers):
+        reference.decode_layer(layout, layer, host, ids, [per[layer] for per in want], page_rows([5, 2], ps))
+    assert_rows_equal(dev, want, "graph replay")
+    codec.shutdown()
+
+
+@gpu
+def test_decode_op_under_torch_compile(nat):
+    """torch.ops.kvtq.decode has a fake kernel: a compiled function that calls it runs and is exact."""
+    layout, dev, cpu, rows, host, codec, _ = _codec_setup(seed=91)
+    ps = layout.page_size
+    ids = torch.tensor([1])
+    codec.backup(ids, to_dev(page_rows([2], ps)))
+    sync()
+    plan = codec.plan
+    desc, cfg, err = plan.decode_desc(0, 1, codec.blocks), codec._cfg, codec.err.word
+    pid, drows = to_dev(ids), to_dev(page_rows([4], ps))
+    k, v = dev[0][0], dev[1][0]
+
+    @torch.compile(fullgraph=False)
+    def load(pid, drows, k, v):
+        torch.ops.kvtq.decode(desc, cfg, pid, drows, k, v, err)
+        return k.sum()
+
+    load(pid, drows, k, v)
+    sync()
+    want = [cpu[0][0].clone(), cpu[1][0].clone()]
+    reference.decode_layer(layout, 0, host, ids, want, page_rows([4], ps))
+    assert torch.equal(k.cpu().view(torch.int16), want[0].view(torch.int16))
+    assert torch.equal(v.cpu().view(torch.int16), want[1].view(torch.int16))
+    codec.shutdown()
