@@ -7,7 +7,7 @@ raising, and every engine operation runs under a deadline (`op_timeout_s`). Afte
 store is "down" for `retry_after_s`: calls return misses at once instead of piling up on a dead
 engine, then the next call probes it again.
 
-Keys: SGLang's page hash (already namespaced by our KVTQStorageProxy, e.g. `<sha256>-kvtq1-<fp>`)
+Keys: SGLang's page hash (with kvtuner-hicache's proxy in front: namespaced, e.g. `<sha256>-kvtq2-<fp>`)
 plus `_{model}[_{tp_rank}_{tp_size}][_{pp_size}_{pp_rank}]`, the same suffix as SGLang's file
 backend, so ranks and models sharing one store never collide.
 """
@@ -81,6 +81,18 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy())
 
 
+DYNAMIC_FIELDS = ("backend_name", "module_path", "class_name", "interface_v1")
+
+
+def options(storage_config: HiCacheStorageConfig | None, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The store's options: `extra` if given, else the config's extra_config (SGLang's dynamic path)."""
+    merged = dict(getattr(storage_config, "extra_config", None) or {})
+    merged.update(extra or {})
+    for k in DYNAMIC_FIELDS:
+        merged.pop(k, None)
+    return merged
+
+
 def as_float(extra: dict[str, Any], name: str, default: float) -> float:
     v = extra.get(name, default)
     try:
@@ -92,8 +104,11 @@ def as_float(extra: dict[str, Any], name: str, default: float) -> float:
 class ByteObjectStore(HiCacheStorage):
     """Generic-path HiCacheStorage over an engine that stores whole byte objects by key.
 
-    Subclasses implement `_put(keys, blobs)`, `_get(keys, targets)` and `_exists(keys)` (each may
-    raise; they run under the deadline) and `engine`/`describe()` for messages.
+    Subclasses implement `_put(keys, blobs)`, `_get(keys, targets)`, `_exists(keys)` and
+    `_remove(keys)` (each may raise; they run under the deadline) and `engine`/`describe()` for
+    messages. Built as `Store(storage_config, extra)`: `extra` is the JSON object of
+    --hicache-storage-backend-config; when SGLang builds the store through its `dynamic` backend,
+    `extra` is empty and the options come from `storage_config.extra_config`.
     """
 
     engine = "l3"
@@ -128,6 +143,10 @@ class ByteObjectStore(HiCacheStorage):
         raise NotImplementedError
 
     def _exists(self, keys: list[str]) -> list[bool]:
+        raise NotImplementedError
+
+    def _remove(self, keys: list[str]) -> list[bool]:
+        """Per key: True when the object is gone, or will be overwritten by the next write."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -242,6 +261,19 @@ class ByteObjectStore(HiCacheStorage):
 
     def exists(self, key) -> bool:
         return self.batch_exists([key]) == 1
+
+    def invalidate_keys(self, keys: list[str]) -> list[bool]:
+        """Drop bad objects (kvtuner-hicache's proxy calls this for a page it rejected on read).
+
+        Per key: True when the object is gone for this process (lookups miss it and the next
+        backup writes it again), False when the engine is down.
+        """
+        if not keys:
+            return []
+        try:
+            return list(self._call("remove", self._remove, [self._full(k) for k in keys]))
+        except StoreDown:
+            return [False] * len(keys)
 
     # ---- misc ----------------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 
-from kvtuner_hicache.sglang_ext.backends._base import BackendConfigError, ByteObjectStore, as_float
+from kvtuner_hicache_l3._base import BackendConfigError, ByteObjectStore, as_float, options
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class JuiceFSStore(ByteObjectStore):
     engine = "juicefs"
 
     def __init__(self, storage_config: HiCacheStorageConfig | None, extra: dict[str, Any] | None = None):
-        extra = dict(extra or {})
+        extra = options(storage_config, extra)
         super().__init__(storage_config, extra)
         mp = extra.get("mount_point") or os.environ.get("SGLANG_HICACHE_JUICEFS_MOUNT_POINT")
         if not mp:
@@ -270,6 +270,21 @@ class JuiceFSStore(ByteObjectStore):
             if not ok:
                 out.extend([False] * (len(keys) - len(out)))  # prefix semantics: stop at the first miss
                 break
+        return out
+
+    def _remove(self, keys: list[str]) -> list[bool]:
+        out = []
+        for key in keys:
+            name = self._name(key)
+            try:
+                os.unlink(self._path(name))
+            except FileNotFoundError:
+                pass
+            with self._ilock:
+                size = self._index.pop(name, None)
+                if size is not None:
+                    self._used -= size
+            out.append(True)
         return out
 
     def clear(self) -> None:

@@ -17,6 +17,10 @@ The server parses keys as `model@world_size@worker_id@hex_chunk_hash@dtype`; our
 `kvtuner_hicache@1@0@<sha256 of our full key>@uint8` (the full key is far longer than 150 bytes
 allows). Each connection is served in order, so a HEALTH answered after a run of PUTs proves the
 server has taken them all. The legacy server keeps objects in its RAM and never evicts.
+
+The protocol has no delete: a key invalidated after a bad read (`invalidate_keys`) is a miss for
+this process and is overwritten by its next write (PUT replaces an object); other processes
+sharing the server check pages themselves.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 
-from kvtuner_hicache.sglang_ext.backends._base import BackendConfigError, ByteObjectStore, as_float
+from kvtuner_hicache_l3._base import BackendConfigError, ByteObjectStore, as_float, options
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +125,10 @@ class LMCacheStore(ByteObjectStore):
     engine = "lmcache"
 
     def __init__(self, storage_config: HiCacheStorageConfig | None, extra: dict[str, Any] | None = None):
-        extra = dict(extra or {})
+        extra = options(storage_config, extra)
         super().__init__(storage_config, extra)
+        self._stale: set[str] = set()  # invalidated full keys: misses until overwritten
+        self._slock = threading.Lock()
         endpoint = extra.get("endpoint") or os.environ.get("SGLANG_HICACHE_LMCACHE_ENDPOINT")
         if not endpoint:
             raise BackendConfigError('lmcache: no server; pass --hicache-storage-backend-config '
@@ -170,10 +176,23 @@ class LMCacheStore(ByteObjectStore):
         c.sock.sendall(b"".join(request(EXIST, k) for k in wkeys))
         return [c.reply()[0] == OK for _ in wkeys]
 
+    def _is_stale(self, keys: list[str]) -> list[bool]:
+        if not self._stale:
+            return [False] * len(keys)
+        with self._slock:
+            return [k in self._stale for k in keys]
+
+    def _remove(self, keys: list[str]) -> list[bool]:
+        with self._slock:
+            self._stale.update(keys)
+        return [True] * len(keys)
+
     def _put(self, keys: list[str], blobs: list[memoryview]) -> list[bool]:
         c = self._conn()
         wkeys = [wire_key(k) for k in keys]
-        present = self._exists_wire(c, wkeys)  # content-addressed: skip pages already stored
+        stale = self._is_stale(keys)
+        # content-addressed: skip pages already stored, except invalidated ones (overwritten)
+        present = [p and not s for p, s in zip(self._exists_wire(c, wkeys), stale, strict=True)]
         sent: list[int] = []
         for i, (wk, blob) in enumerate(zip(wkeys, blobs, strict=True)):
             if present[i]:
@@ -189,14 +208,21 @@ class LMCacheStore(ByteObjectStore):
                 raise ConnectionError(f"LMCache server answered {code} after PUT")
             for i in sent:
                 self._count_written(len(blobs[i]))
+            if any(stale):
+                with self._slock:
+                    self._stale.difference_update(keys[i] for i in sent)
         return [True] * len(keys)
 
     def _get(self, keys: list[str], targets: list[memoryview]) -> list[int]:
         c = self._conn()
         c.sock.sendall(b"".join(request(GET, wire_key(k)) for k in keys))
         out = []
-        for target in targets:
+        for target, stale in zip(targets, self._is_stale(keys), strict=True):
             code, length = c.reply()
+            if stale and code == OK:  # invalidated: drain the old object, report a miss
+                c.drain(length)
+                out.append(-1)
+                continue
             if code != OK:
                 out.append(-1)
             elif length != len(target):
@@ -208,7 +234,8 @@ class LMCacheStore(ByteObjectStore):
         return out
 
     def _exists(self, keys: list[str]) -> list[bool]:
-        return self._exists_wire(self._conn(), [wire_key(k) for k in keys])
+        found = self._exists_wire(self._conn(), [wire_key(k) for k in keys])
+        return [f and not s for f, s in zip(found, self._is_stale(keys), strict=True)]
 
     # ---- test / admin helpers --------------------------------------------------------------------------
 

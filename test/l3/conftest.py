@@ -45,9 +45,11 @@ def require(name: str) -> str:
 def hooks():
     """Our plugin's hooks plus the L3 backend hooks, applied as SGLang's load_plugins() would."""
     from kvtuner_hicache.sglang_ext.plugin import register
+    from kvtuner_hicache_l3.plugin import register as register_l3
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    register()  # our hooks and the L3 backend hooks
+    register()  # kvtuner-hicache's hooks
+    register_l3()  # the juicefs/lmcache plugin's own hooks (idempotent)
     HookRegistry.apply_hooks()
     return True
 

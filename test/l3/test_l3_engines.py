@@ -181,8 +181,8 @@ def test_flipped_byte_in_a_quantized_page_is_rejected(engine):
 
 
 def test_juicefs_startup_errors(hooks, tmp_path):
-    from kvtuner_hicache.sglang_ext.backends._base import BackendConfigError
-    from kvtuner_hicache.sglang_ext.backends.juicefs import JuiceFSStore
+    from kvtuner_hicache_l3._base import BackendConfigError
+    from kvtuner_hicache_l3.juicefs import JuiceFSStore
 
     with pytest.raises(BackendConfigError, match="does not exist"):
         JuiceFSStore(None, {"mount_point": str(tmp_path / "nope")})
@@ -198,8 +198,8 @@ def test_juicefs_startup_errors(hooks, tmp_path):
 def test_lmcache_unreachable_endpoint_fails_fast(hooks):
     import socket
 
-    from kvtuner_hicache.sglang_ext.backends._base import BackendConfigError
-    from kvtuner_hicache.sglang_ext.backends.lmcache import LMCacheStore
+    from kvtuner_hicache_l3._base import BackendConfigError
+    from kvtuner_hicache_l3.lmcache import LMCacheStore
 
     with socket.socket() as s:  # a loopback port with nobody listening
         s.bind(("127.0.0.1", 0))
