@@ -1,10 +1,28 @@
-"""The calibration tool's allocation (pure) and its YAML output; the model part runs in the smoke test."""
+"""The calibration tool: allocation (pure), budgets, calibration text, YAML output, and the layer
+replay + search on a tiny random model."""
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
-from kvtuner_hicache.calibrate import _hull, allocate, layer_bytes, to_yaml
-from kvtuner_hicache.config import KVShape, QuantConfig, load_layer_bits
+import torch
+from kvtuner_hicache.calibrate import (
+    Calibrator,
+    _hull,
+    allocate,
+    allocate_exact,
+    budget_bytes,
+    calibration_spans,
+    eval_spans,
+    layer_bytes,
+    overlaps,
+    search,
+    to_yaml,
+)
+from kvtuner_hicache.config import KVShape, LayerBits, QuantConfig, load_layer_bits, table_flag_errors
+from kvtuner_hicache.page_format import PageLayout
 
 PAIRS = [(8, 8), (8, 4), (4, 4), (4, 2), (2, 2)]
 
@@ -47,3 +65,85 @@ def test_yaml_output_is_a_kvtuner_table(tmp_path):
     path.write_text(to_yaml([(8, 4), (4, 2)], ["made by a test"]))
     table = load_layer_bits(path)
     assert (table[0].key, table[0].value, table[1].key, table[1].value) == (8, 4, 4, 2)
+
+
+# ---- exact allocation, budgets, calibration text, the layer replay ------------------------------
+
+def test_exact_allocation_matches_brute_force():
+    rng = random.Random(0)
+    pairs = [(2, 2), (2, 4), (4, 2), (4, 4)]
+    for _ in range(30):
+        n = 4
+        costs = [{p: 128 * (p[0] + p[1] + rng.randint(0, 2)) for p in pairs} for _ in range(n)]
+        value = [{p: rng.uniform(-1, 1) for p in pairs} for _ in range(n)]
+        budget = rng.randint(sum(min(c.values()) for c in costs), sum(max(c.values()) for c in costs))
+        best = min((v for v in itertools.product(pairs, repeat=n) if sum(costs[i][p] for i, p in enumerate(v)) <= budget),
+                   key=lambda v: sum(value[i][p] for i, p in enumerate(v)))
+        got = allocate_exact(costs, value, budget)
+        assert sum(costs[i][p] for i, p in enumerate(got)) <= budget
+        assert sum(value[i][p] for i, p in enumerate(got)) == pytest.approx(sum(value[i][p] for i, p in enumerate(best)))
+    with pytest.raises(ValueError, match="below the cheapest"):
+        allocate_exact(costs, value, 10)
+
+
+def test_budget_counts_the_header_so_tables_never_exceed_it():
+    shape = KVShape.mha(28, 2, 128)
+    cfg = QuantConfig()
+    for bits in (2.5, 3.0, 3.5):
+        b = budget_bytes(bits, shape, 64)
+        costs = [{p: layer_bytes(cfg, shape, 64, p) for p in PAIRS} for _ in range(28)]
+        table = allocate_exact(costs, [{p: -(p[0] + p[1]) for p in PAIRS} for _ in range(28)], b) if bits > 2.5 else None
+        if table:
+            lay = PageLayout(cfg.with_(layer_bits={i: LayerBits(*p) for i, p in enumerate(table)}), shape, 64)
+            assert lay.effective_bits <= bits
+    # uniform K4V2 is 3.5 bits of codes + metadata plus the 128-byte header: just over a 3.5 budget
+    assert 28 * layer_bytes(cfg, shape, 64, (4, 2)) > budget_bytes(3.5, shape, 64)
+    # and uniform K2V2 just over 2.5: no table of {2,4,8}-bit layers fits 2.5 bits
+    assert 28 * layer_bytes(cfg, shape, 64, (2, 2)) > budget_bytes(2.5, shape, 64)
+
+
+def test_calibration_text_is_clear_of_the_evaluation_windows():
+    avoid = eval_spans(149_686, 12, 2049)
+    spans = calibration_spans(149_686, 4, 1153, avoid)
+    assert len(spans) == 4 and not overlaps(spans, avoid) and all(e - s == 1153 for s, e in spans)
+    assert overlaps([(0, 10)], [(5, 20)]) and not overlaps([(0, 10)], [(10, 20)])
+    with pytest.raises(ValueError, match="gaps"):
+        calibration_spans(149_686, 20, 1153, avoid)
+
+
+def _tiny():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_replayed_layers_give_the_full_forward_and_search_runs():
+    from kvtuner_hicache.eval.harness import Harness
+    from kvtuner_hicache.eval.models import kv_shape_of
+
+    model = _tiny()
+    shape = kv_shape_of(model.config)
+    h = Harness(model, shape, 16, batch=3)
+    cfg = QuantConfig(q_group_size=16)
+    pairs = [(2, 2), (4, 2), (4, 4)]
+    cal = Calibrator(h, cfg, pairs, progress=False)
+    ids = torch.randint(0, 256, (97,), generator=torch.Generator().manual_seed(3)).tolist()
+    cal.add_window(ids, 64)
+    table = [(4, 2)] * 3
+    m = cal.measure(table)
+    # each marginal (computed from a replayed layer i on) equals a full forward of that table
+    for i in range(3):
+        for p in pairs:
+            t = list(table)
+            t[i] = p
+            assert m.marginal[i][p] == pytest.approx(cal.table_kl(t), rel=1e-4, abs=1e-7)
+    assert m.marginal[0][(4, 2)] == pytest.approx(m.kl)
+    costs = [{p: layer_bytes(cfg, shape, 16, p) for p in pairs} for _ in range(3)]
+    res = search(cal, costs, sum(c[(4, 2)] for c in costs), table, rounds=2, first=m, log=lambda s: None)
+    assert sum(costs[i][tuple(p)] for i, p in enumerate(res["table"])) <= sum(c[(4, 2)] for c in costs)
+    assert res["kl"] <= m.kl + 1e-12  # the anchor fits this budget, so the best is never worse
+    # the YAML it writes records its flags, and a server with other flags is told what to pass
+    assert table_flag_errors(QuantConfig(layer_bits={0: LayerBits(4, 2)}, axis_key=0), {"axis_key": 1})
