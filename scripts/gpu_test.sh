@@ -1,33 +1,85 @@
 #!/usr/bin/env bash
-# GPU tests: `pytest -m gpu test/gpu` on a machine with an NVIDIA GPU, nvcc and a CUDA torch (the GPU
-# machine's image has torch, pytest, pytest-xdist, hypothesis and pyyaml; nothing is installed here).
-#  1. builds (or loads from ~/.cache/kvtuner_hicache) the native kernels once, in this process, so that
-#     pytest workers do not race to compile; KVTQ_BUILD_VERBOSE=1 prints nvcc/ptxas output;
-#  2. runs the GPU tests, in parallel when pytest-xdist is there (PYTEST_WORKERS, default 8).
-# The mixed-precision preset tests read ../shared/kvtuner-presets, or KVTQ_PRESETS_DIR (skip if absent).
-# Extra arguments go to pytest.
-set -euo pipefail
+# One device command: build and install our wheels, run the GPU tests and the transfer benchmark from the
+# installed kernel wheel with nvcc hidden from PATH, and copy the results to $OUT.
+#   bash scripts/gpu_test.sh            on the GPU machine, from the repo root (the device `run` command)
+# Steps:
+#  1. scripts/device/build_kernel_wheel.sh --target $SITE (kernel wheel + package wheel, no network);
+#  2. builds the benchmark's own bf16 stand-in kernels (benchmark/bf16_baseline.cu) while nvcc is there;
+#  3. hides nvcc (PATH without it, CUDA_HOME unset) and checks that it is gone;
+#  4. pytest -m gpu test/gpu (parallel when pytest-xdist is there, PYTEST_WORKERS, default 8);
+#  5. benchmark/bench_transfer.py (BENCH_ARGS, default --quick --pages 1,16,64,256 --no-sweep) with SGLang's own
+#     bf16 kernels side by side when .stage/sglang-site.tar.xz (scripts/device/make_bundle.sh) was carried;
+#  6. copies bench_transfer.json/.md, the pytest log and the build log to $OUT.
+# Env: SITE (/tmp/kvtq-site), SGL_SITE (/tmp/site), STAGE (.stage), SKIP_BENCH=1, SKIP_TESTS=1. Extra args go to pytest.
+set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
-export PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # the CPU reference runs in every worker
 PY=${PYTHON:-python3}
-"$PY" - <<'PYEOF'
-import sys
-import time
+SITE=${SITE:-/tmp/kvtq-site}
+SGL_SITE=${SGL_SITE:-/tmp/site}
+STAGE=${STAGE:-.stage}
+OUT=${OUT:-$REPO/.cache/gpu_out}
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # the CPU reference runs in every worker
+t0=$(date +%s)
+step() { echo "[gpu_test] +$(( $(date +%s) - t0 )) s: $*"; }
 
+step "build and install the wheels"
+rm -rf "$SITE"
+bash scripts/device/build_kernel_wheel.sh --target "$SITE" 2>&1 | tee "$OUT/build.log" | grep -v "^  " || true
+[ -f "$SITE/kvtuner_hicache_kernel/_kvtq_ops.so" ] || { echo "[gpu_test] kernel wheel build FAILED (see build.log)"; tail -40 "$OUT/build.log"; exit 1; }
+cp dist/*.whl "$OUT/" 2>/dev/null || true
+
+step "benchmark bf16 stand-in kernels (built by the benchmark, not shipped)"
+PYTHONPATH="$SITE" "$PY" -c "import sys; sys.path.insert(0, 'benchmark'); import bf16_baseline; print(bf16_baseline.prebuild())" \
+  > "$OUT/bench_baseline_build.log" 2>&1 || echo "[gpu_test] bf16 stand-in build failed (the benchmark leaves those fields out)"
+
+step "hide nvcc"
+NOCC=""
+IFS=: read -ra dirs <<< "$PATH"
+for d in "${dirs[@]}"; do [ -x "$d/nvcc" ] || NOCC="${NOCC:+$NOCC:}$d"; done
+export PATH="$NOCC"
+unset CUDA_HOME CUDA_PATH CUDA_ROOT
+export KVTQ_EXPECT_NO_NVCC=1
+if command -v nvcc >/dev/null; then echo "[gpu_test] nvcc still on PATH"; exit 1; fi
+unset KVTQ_JIT_BUILD
+export PYTHONPATH="$SITE"
+"$PY" - <<'PYEOF' || exit 1
 import torch
-
 from kvtuner_hicache.quant import native
-
-t = time.time()
 ok = native.available()
 dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
 print(f"[gpu_test] torch {torch.__version__} (CUDA {torch.version.cuda}), {dev}; native kernels: "
-      f"{native.build_name() if ok else 'UNAVAILABLE: ' + str(native.unavailable_reason())} ({time.time() - t:.1f} s)",
-      flush=True)
-sys.exit(0 if ok or not torch.cuda.is_available() else 1)
+      f"{native.build_name() if ok else 'UNAVAILABLE: ' + str(native.unavailable_reason())}", flush=True)
+raise SystemExit(0 if ok else 1)
 PYEOF
-workers=()
-if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${PYTEST_WORKERS:-8}"); fi
-exec "$PY" -m pytest -m gpu test/gpu -q -p no:cacheprovider "${workers[@]}" "$@"
+
+rc=0
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  step "GPU tests"
+  workers=()
+  if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${PYTEST_WORKERS:-8}"); fi
+  "$PY" -m pytest -m gpu test/gpu -q -p no:cacheprovider -rfE "${workers[@]}" "$@" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+  rc=${PIPESTATUS[0]}
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  bench_path="$SITE"
+  if [ -f "$STAGE/sglang-site.tar.xz" ]; then
+    step "SGLang bundle for its bf16 kernels"
+    stamp=$(stat -c '%n %s %Y' "$STAGE/sglang-site.tar.xz")
+    if [ "$(cat "$SGL_SITE/.unpacked" 2>/dev/null)" != "$stamp" ]; then
+      rm -rf "$SGL_SITE" && mkdir -p "$SGL_SITE" && tar -C "$SGL_SITE" -xJf "$STAGE/sglang-site.tar.xz" && echo "$stamp" > "$SGL_SITE/.unpacked"
+    fi
+    bench_path="$SITE:$SGL_SITE"
+  else
+    echo "[gpu_test] no $STAGE/sglang-site.tar.xz: SGLang's bf16 kernels are not timed (carry .stage to add them)"
+  fi
+  step "transfer benchmark"
+  # shellcheck disable=SC2086
+  PYTHONPATH="$bench_path" "$PY" benchmark/bench_transfer.py ${BENCH_ARGS:---quick --pages 1,16,64,256 --no-sweep} \
+    --json "$OUT/bench_transfer.json" --md "$OUT/bench_transfer.md" 2>&1 | tee "$OUT/bench_transfer.log" | tail -60
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+step "done (rc=$rc); results in $OUT"
+exit $rc
