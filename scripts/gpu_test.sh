@@ -14,7 +14,7 @@
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
-PY=${PYTHON:-python3}
+PY=$(command -v "${PYTHON:-python3}")  # absolute: nvcc's directory may leave PATH below
 SITE=${SITE:-/tmp/kvtq-site}
 SGL_SITE=${SGL_SITE:-/tmp/site}
 STAGE=${STAGE:-.stage}
