@@ -109,3 +109,24 @@ def test_records_compare_pairwise_and_render():
     assert "**R**" in table and "| ref |" in table
     with pytest.raises(ValueError, match="not paired"):
         text_delta(ra, _record("other", a[:4], n[:4], 3.5, 0.0))
+
+
+def test_old_records_are_reanalysed_and_pairs_parse():
+    from kvtuner_hicache.eval.report import parse_pairs, reanalyze
+
+    old = {"records": [
+        {"config": "bf16", "effective_bits": 16.0, "compression_ratio": 1.0, "ppl_per_window": [10.0, 12.0, 11.0, 9.0, 10.5],
+         "scored_tokens": 2560},
+        {"config": "K4cV2t-a-g64", "effective_bits": 3.5, "compression_ratio": 4.57,
+         "ppl_per_window": [10.1, 12.1, 11.1, 9.1, 10.6], "scored_tokens": 2560},
+    ]}
+    out = reanalyze(old, parse_pairs("K4cV2t-a-g64 vs bf16"))
+    st = out["records"][1]["stats"]["ppl_delta_pct"]["window"]
+    assert st["n"] == 5 and st["resolved"] and st["lo"] > 0.8
+    assert out["pairwise"][0]["window"]["value"] == pytest.approx(st["value"])
+    assert parse_pairs("table:a/b.yaml vs K4cV2t-a-g64, x vs y") == [("table:a/b.yaml", "K4cV2t-a-g64"), ("x", "y")]
+    with pytest.raises(ValueError, match="expected 'A vs B'"):
+        parse_pairs("a:b")
+    # three windows: an interval is shown, but never called resolved
+    three = S.paired_ppl_delta([1030.0, 1020.0, 1010.0], [1000.0, 1000.0, 1000.0], [512] * 3)
+    assert three.lo > 0 and not three.resolved

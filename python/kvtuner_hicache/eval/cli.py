@@ -27,7 +27,7 @@ from kvtuner_hicache.eval.harness import (
     run_text,
     stderr_log,
 )
-from kvtuner_hicache.eval.report import LEGEND, markdown, pairwise, pairwise_markdown, record
+from kvtuner_hicache.eval.report import LEGEND, markdown, pairwise, pairwise_markdown, parse_pairs, record
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="MMLU item shuffle")
     p.add_argument("--no-fetch", action="store_true", help="fail instead of running scripts/fetch_models.sh")
     p.add_argument("--compare", default="",
-                   help="paired config-vs-config comparisons to report, 'A:B,C:D' (A against B); "
+                   help="paired config-vs-config comparisons to report, 'A vs B,C vs D' (A against B); "
                         "every config is always compared with bf16")
     p.add_argument("--json", dest="json_out", help="write the records here")
     return p
@@ -152,9 +152,9 @@ def run(args: argparse.Namespace, argv: Sequence[str], log: Any = stderr_log) ->
         rec.update(common)
         rec["timings"] = {"roundtrip_s": round(t.roundtrip_s, 3), "score_s": round(t.score_s, 3)} if t else {}
         records.append(rec)
-    pairs = [tuple(x.split(":", 1)) for x in args.compare.split(",") if ":" in x]
+    pairs = parse_pairs(args.compare)
     result = {
-        "pairwise": pairwise(records, pairs),  # type: ignore[arg-type]
+        "pairwise": pairwise(records, pairs),
         "meta": {
             **common,
             "model_path": str(lm.path),

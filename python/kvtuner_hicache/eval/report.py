@@ -107,6 +107,18 @@ def text_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def parse_pairs(spec: str) -> list[tuple[str, str]]:
+    """'A vs B, C vs D' -> [(A, B), (C, D)] (config names may contain ':' and '/')."""
+    out = []
+    for part in spec.split(","):
+        if " vs " in part:
+            a, b = part.split(" vs ", 1)
+            out.append((a.strip(), b.strip()))
+        elif part.strip():
+            raise ValueError(f"--compare {part.strip()!r}: expected 'A vs B'")
+    return out
+
+
 def pairwise(records: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
     """Paired Δ ppl % between configs of one run: [{a, b, window: Interval dict, block64: ...}]."""
     by = {r["config"]: r for r in records}
@@ -183,3 +195,60 @@ def pairwise_markdown(rows: Sequence[dict[str, Any]]) -> str:
         out.append(f"| {d['a']} | {d['b']} | {d['bits_a']:.3f} / {d['bits_b']:.3f} | {_ci(w).replace(' **R**', '')} | "
                    f"{'-' if not blk else _ci(blk).replace(' **R**', '')} | {'yes' if w['resolved'] else 'no'} | {kl} |")
     return "\n".join(out)
+
+
+# ---- re-analysis of a results JSON (also of files written before the statistics existed) --------
+
+
+def with_window_sums(rec: dict[str, Any]) -> dict[str, Any]:
+    """`rec` with `nll_sum_per_window` / `tokens_per_window`, rebuilt from `ppl_per_window` and
+    `scored_tokens` (equal windows) for records written before those fields existed."""
+    if "nll_sum_per_window" in rec or "ppl_per_window" not in rec:
+        return rec
+    w = len(rec["ppl_per_window"])
+    per = rec["scored_tokens"] // w
+    out = dict(rec)
+    out["nll_sum_per_window"] = [math.log(p) * per for p in rec["ppl_per_window"]]
+    out["tokens_per_window"] = [per] * w
+    return out
+
+
+def reanalyze(result: dict[str, Any], pairs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """Recompute every record's Δ ppl interval against the run's bf16 record, and `pairs`."""
+    recs = [with_window_sums(r) for r in result["records"]]
+    ref = next(r for r in recs if r.get("config") == "bf16" or r.get("is_reference"))
+    for r in recs:
+        if "nll_sum_per_window" in r and r is not ref:
+            r.setdefault("stats", {})["ppl_delta_pct"] = text_delta(r, ref)
+    return {**result, "records": recs, "pairwise": pairwise(recs, pairs)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m kvtuner_hicache.eval.report RESULTS.json [--compare 'A vs B,...'] [--json OUT]`."""
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m kvtuner_hicache.eval.report",
+                                 description="Paired bootstrap intervals for a results JSON of the accuracy harness.")
+    ap.add_argument("results")
+    ap.add_argument("--compare", default="", help="'A vs B,C vs D': config A against config B")
+    ap.add_argument("--json", dest="json_out")
+    a = ap.parse_args(argv)
+    with open(a.results) as f:
+        result = json.load(f)
+    pairs = parse_pairs(a.compare)
+    out = reanalyze(result, pairs)
+    print(markdown(out["records"]))
+    if out["pairwise"]:
+        print()
+        print(pairwise_markdown(out["pairwise"]))
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote {a.json_out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

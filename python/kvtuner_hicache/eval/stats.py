@@ -8,7 +8,7 @@ it alike.
 
 The interval of a statistic is a percentile bootstrap over units, resampling the same unit indices
 for both sides (pairing kept), with a fixed seed, so that a rerun of the same records prints the
-same interval. A difference is *resolved* when its interval excludes 0.
+same interval. A difference is *resolved* when its interval excludes 0 over at least MIN_UNITS units.
 
 Units for perplexity:
 
@@ -33,6 +33,7 @@ import numpy as np
 DEFAULT_BOOT = 2000
 DEFAULT_SEED = 0
 DEFAULT_LEVEL = 0.95
+MIN_UNITS = 5  # fewer units than this: the interval is shown but never called resolved
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,9 @@ class Interval:
 
     @property
     def resolved(self) -> bool:
-        """The interval excludes 0 (and has more than one unit)."""
-        return self.n > 1 and (self.lo > 0 or self.hi < 0)
+        """The interval excludes 0, over at least MIN_UNITS units (with 3 windows a bootstrap
+        interval is little more than the min..max range, and claims no 95 %)."""
+        return self.n >= MIN_UNITS and (self.lo > 0 or self.hi < 0)
 
     def as_dict(self) -> dict[str, float | int | str | bool]:
         d: dict[str, float | int | str | bool] = asdict(self)  # type: ignore[assignment]
