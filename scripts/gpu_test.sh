@@ -10,7 +10,8 @@
 #  5. benchmark/bench_transfer.py (BENCH_ARGS, default --quick --pages 1,16,64,256 --no-sweep) with SGLang's own
 #     bf16 kernels side by side when .stage/sglang-site.tar.xz (scripts/device/make_bundle.sh) was carried;
 #  6. copies bench_transfer.json/.md, the pytest log and the build log to $OUT.
-# Env: SITE (/tmp/kvtq-site), SGL_SITE (/tmp/site), STAGE (.stage), SKIP_BENCH=1, SKIP_TESTS=1. Extra args go to pytest.
+# Env: SITE (/tmp/kvtq-site), SGL_SITE (/tmp/site), STAGE (.stage; $STAGE/deps/*.whl are installed into SITE too),
+#      SKIP_BENCH=1, SKIP_TESTS=1. Extra args go to pytest.
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
@@ -29,6 +30,10 @@ rm -rf "$SITE"
 bash scripts/device/build_kernel_wheel.sh --target "$SITE" 2>&1 | tee "$OUT/build.log" | grep -v "^  " || true
 [ -f "$SITE/kvtuner_hicache_kernel/_kvtq_ops.so" ] || { echo "[gpu_test] kernel wheel build FAILED (see build.log)"; tail -40 "$OUT/build.log"; exit 1; }
 cp dist/*.whl "$OUT/" 2>/dev/null || true
+# runtime dependencies the GPU image lacks (e.g. crc32c for page format 2), carried as wheels in $STAGE/deps
+if compgen -G "$STAGE/deps/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-deps --no-index --target "$SITE" "$STAGE"/deps/*.whl && echo "[gpu_test] installed $(ls "$STAGE"/deps/*.whl | xargs -n1 basename | tr '\n' ' ')"
+fi
 
 step "benchmark bf16 stand-in kernels (built by the benchmark, not shipped)"
 PYTHONPATH="$SITE" "$PY" -c "import sys; sys.path.insert(0, 'benchmark'); import bf16_baseline; print(bf16_baseline.prebuild())" \
