@@ -38,7 +38,7 @@ def quant_pool(device_pool, cfg: QuantConfig | None = None, ratio: float = 2.0):
     if "host_to_device_ratio" in params and params["host_to_device_ratio"].kind is inspect.Parameter.KEYWORD_ONLY:
         return cls(device_pool, quant_config=cfg, host_to_device_ratio=ratio, host_size=0,
                    page_size=device_pool.page_size, layout="page_first", pin_memory=False)
-    return cls(device_pool, ratio, 0, device_pool.page_size, "page_first", quant_config=cfg)
+    return cls(device_pool, ratio, 0, device_pool.page_size, "page_first", pin_memory=False, quant_config=cfg)
 
 
 def filled_pool(cfg: QuantConfig | None = None, n_pages: int = 3, dev=None, seed: int = 0):
