@@ -130,3 +130,9 @@ def test_old_records_are_reanalysed_and_pairs_parse():
     # three windows: an interval is shown, but never called resolved
     three = S.paired_ppl_delta([1030.0, 1020.0, 1010.0], [1000.0, 1000.0, 1000.0], [512] * 3)
     assert three.lo > 0 and not three.resolved
+
+
+def test_wilson_interval():
+    iv = S.wilson(5, 6)
+    assert iv.value == pytest.approx(5 / 6) and 0.40 < iv.lo < 0.45 and 0.96 < iv.hi < 0.98
+    assert S.wilson(0, 10).lo == pytest.approx(0.0, abs=1e-12)

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="qwen2.5-coder-0.5b", choices=models.MODELS)
     p.add_argument("--sweep", default="default", choices=sorted(SWEEPS), help="named config list")
     p.add_argument("--configs", help="comma-separated config names (overrides --sweep); see configs.py")
+    p.add_argument("--add-configs", default="", help="comma-separated config names appended to --sweep/--configs")
     p.add_argument("--windows", type=int, default=4, help="essay windows for perplexity (0: skip)")
     p.add_argument("--prefix-len", type=int, default=1536, help="quantized prefix tokens per window (whole pages)")
     p.add_argument("--score-len", type=int, default=512, help="scored tokens per window")
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mmlu", type=int, default=0, help="MMLU items (answer-letter accuracy)")
     p.add_argument("--mmlu-shots", type=int, default=5, help="examples in the MMLU prompt")
     p.add_argument("--task-configs", default="all",
-                   help="configs that also run GSM8K/MMLU: all, main, or a comma list")
+                   help="configs that also run GSM8K/MMLU: all, main (main configs + per-layer tables), or a comma list")
     p.add_argument("--batch", type=int, default=1, help="configs per forward pass")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0, help="MMLU item shuffle")
@@ -64,8 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
 def _task_configs(spec: str, configs: Sequence[EvalConfig]) -> list[EvalConfig]:
     if spec == "all":
         return list(configs)
-    names = set(MAIN_CONFIGS) if spec == "main" else {s.strip() for s in spec.split(",")}
+    if spec == "main":  # the main configs and every per-layer table
+        return [c for c in configs if c.name in MAIN_CONFIGS or c.name.startswith("table:")]
+    names = {s.strip() for s in spec.split(",")}
     return [c for c in configs if c.name in names]
+
+
+def _calibration_overlaps(configs: Sequence[EvalConfig], n_tokens: int, body: int, n_windows: int) -> list[str]:
+    """Per-layer tables whose recorded calibration spans overlap this run's windows (then the table
+    would be scored on its own calibration text)."""
+    from kvtuner_hicache.calibrate import eval_spans, overlaps
+
+    if n_windows <= 0:
+        return []
+    spans = eval_spans(n_tokens, n_windows, body)
+    notes = []
+    for c in configs:
+        meta = getattr(c.quant.layer_bits, "meta", None) if c.quant is not None else None
+        cal = [tuple(x) for x in (meta or {}).get("calibration_spans", [])]
+        hit = overlaps(cal, spans) if cal else []
+        if hit:
+            notes.append(f"{c.name}: calibrated on essay tokens {hit[0][0]} which overlap evaluation window {hit[0][1]}")
+    return notes
 
 
 def run(args: argparse.Namespace, argv: Sequence[str], log: Any = stderr_log) -> dict[str, Any]:
@@ -74,6 +95,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], log: Any = stderr_log) ->
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     names = expand_names(args.sweep, args.configs)
+    names += [n.strip() for n in args.add_configs.split(",") if n.strip() and n.strip() not in names]
     lm = models.load(args.model, allow_fetch=not args.no_fetch)
     shape, ps = lm.shape, args.page_size
     log(f"loaded {args.model} in {lm.load_s:.1f}s: {shape.num_layers} layers, {shape.heads} kv heads, head_dim {shape.head_dim}")
@@ -108,6 +130,9 @@ def run(args: argparse.Namespace, argv: Sequence[str], log: Any = stderr_log) ->
     base = EvalConfig("bf16 (reference)", None, "bf16", "KV cast to bf16 and back (reference)")
     base_row = next((c for c in configs if c.name == "bf16"), None)
     log("configs: " + ", ".join(c.name for c in configs))
+    overlap_notes = _calibration_overlaps(configs, len(essay), win_len - len(bos), len(windows))
+    for note in overlap_notes:
+        log("WARNING: " + note)
 
     t0 = time.perf_counter()
     text = run_text(h, windows, args.prefix_len, configs, base, first_cache) if windows else {}
@@ -167,6 +192,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], log: Any = stderr_log) ->
             "task_configs": [c.name for c in task_cfgs] if (args.gsm8k or args.mmlu) else [],
             "key_channel_ratio": key_ratio,
             "skipped": [{"config": n, "reason": why} for n, why in skipped],
+            "calibration_overlaps": overlap_notes,
             "threads": args.threads,
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,

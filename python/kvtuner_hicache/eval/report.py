@@ -220,6 +220,9 @@ def reanalyze(result: dict[str, Any], pairs: Sequence[tuple[str, str]] = ()) -> 
     for r in recs:
         if "nll_sum_per_window" in r and r is not ref:
             r.setdefault("stats", {})["ppl_delta_pct"] = text_delta(r, ref)
+        m = r.get("mmlu")
+        if m and "acc_ci" not in m and m.get("items"):  # an old record: no per-item data
+            r["mmlu"] = {**m, "acc_ci": S.wilson(round(m["acc"] * m["items"]), m["items"]).as_dict()}
     return {**result, "records": recs, "pairwise": pairwise(recs, pairs)}
 
 

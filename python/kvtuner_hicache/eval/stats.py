@@ -131,6 +131,18 @@ def mean_interval(x: Sequence[float], weights: Sequence[float] | None = None, un
     return paired_mean_delta(x, zeros, weights, unit, n_boot, seed, level)
 
 
+def wilson(successes: int, n: int, level: float = DEFAULT_LEVEL) -> Interval:
+    """Wilson score interval of a proportion (for accuracy records that kept no per-item data)."""
+    if n <= 0:
+        raise ValueError("wilson: n must be > 0")
+    z = {0.90: 1.645, 0.95: 1.96, 0.99: 2.576}.get(level, 1.96)
+    p = successes / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return Interval(p, mid - half, mid + half, n, "item (Wilson)", level)
+
+
 def blocks(per_token: Sequence[Sequence[float]], block: int) -> tuple[list[float], list[int]]:
     """Per-window per-token values -> (per-block sums, per-block token counts), windows in order,
     each window cut into consecutive blocks of `block` tokens (the last one may be shorter)."""
