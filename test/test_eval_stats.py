@@ -136,3 +136,20 @@ def test_wilson_interval():
     iv = S.wilson(5, 6)
     assert iv.value == pytest.approx(5 / 6) and 0.40 < iv.lo < 0.45 and 0.96 < iv.hi < 0.98
     assert S.wilson(0, 10).lo == pytest.approx(0.0, abs=1e-12)
+
+
+def test_runs_on_the_same_windows_merge():
+    from kvtuner_hicache.eval.report import merge
+
+    meta = {"model": "m", "windows": 5, "prefix_len": 64, "score_len": 32, "page_size": 16, "command": "x"}
+    ref = {"config": "bf16", "effective_bits": 16.0, "compression_ratio": 1.0, "ppl_per_window": [10.0, 12.0, 11.0, 9.0, 10.5],
+           "scored_tokens": 160}
+    one = {"meta": meta, "records": [ref, {**ref, "config": "A", "ppl_per_window": [10.1, 12.1, 11.1, 9.1, 10.6]}]}
+    two = {"meta": meta, "records": [ref, {**ref, "config": "B", "ppl_per_window": [10.2, 12.2, 11.2, 9.2, 10.7]}]}
+    both = merge([one, two])
+    assert [r["config"] for r in both["records"]] == ["bf16", "A", "B"]
+    with pytest.raises(ValueError, match="differ in"):
+        merge([one, {**two, "meta": {**meta, "windows": 4}}])
+    other_ref = {**ref, "ppl_per_window": [10.0, 12.0, 11.0, 9.0, 10.6]}
+    with pytest.raises(ValueError, match="references differ"):
+        merge([one, {"meta": meta, "records": [other_ref]}])

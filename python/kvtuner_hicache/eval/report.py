@@ -213,6 +213,35 @@ def with_window_sums(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several runs on the same windows (same model, windows, prefix, scored
+    tokens, page size), e.g. uniform configs first and calibrated tables later. The runs must agree
+    on the bf16 reference's per-window NLL (it is computed the same way, batch 1, in every run) to
+    1e-6 relative; then every record pairs with every other. Later runs' duplicates are dropped."""
+    if not results:
+        raise ValueError("merge: no results")
+    keys = ("model", "windows", "prefix_len", "score_len", "page_size")
+    first = results[0]
+    ref0 = with_window_sums(next(r for r in first["records"] if r.get("config") == "bf16"))
+    records = list(first["records"])
+    seen = {r["config"] for r in records}
+    for res in results[1:]:
+        diff = [k for k in keys if res["meta"].get(k) != first["meta"].get(k)]
+        if diff:
+            raise ValueError(f"merge: runs differ in {diff}")
+        ref = with_window_sums(next(r for r in res["records"] if r.get("config") == "bf16"))
+        for a, b in zip(ref["nll_sum_per_window"], ref0["nll_sum_per_window"], strict=True):
+            if abs(a - b) > 1e-6 * abs(b):
+                raise ValueError("merge: the bf16 references differ (not the same windows or text)")
+        for r in res["records"]:
+            if r["config"] not in seen:
+                records.append(r)
+                seen.add(r["config"])
+    meta = dict(first["meta"])
+    meta["merged_commands"] = [r["meta"].get("command") for r in results]
+    return {**first, "meta": meta, "records": records}
+
+
 def reanalyze(result: dict[str, Any], pairs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     """Recompute every record's Δ ppl interval against the run's bf16 record, and `pairs`."""
     recs = [with_window_sums(r) for r in result["records"]]
@@ -234,12 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m kvtuner_hicache.eval.report",
                                  description="Paired bootstrap intervals for a results JSON of the accuracy harness.")
-    ap.add_argument("results")
+    ap.add_argument("results", nargs="+", help="one results JSON, or several runs on the same windows to merge")
     ap.add_argument("--compare", default="", help="'A vs B,C vs D': config A against config B")
     ap.add_argument("--json", dest="json_out")
     a = ap.parse_args(argv)
-    with open(a.results) as f:
-        result = json.load(f)
+    runs = []
+    for path in a.results:
+        with open(path) as f:
+            runs.append(json.load(f))
+    result = merge(runs) if len(runs) > 1 else runs[0]
     pairs = parse_pairs(a.compare)
     out = reanalyze(result, pairs)
     print(markdown(out["records"]))
