@@ -1,4 +1,9 @@
-"""Fixtures for the SGLang integration tests: real SGLang classes on CPU, our hooks applied."""
+"""Fixtures for the SGLang integration tests: real SGLang classes on CPU, our hooks applied.
+
+These tests run on whichever supported SGLang release is installed (CI: the whole folder on 0.5.23
+and 0.5.17, test_release_compat.py on every release in between). A missing or broken SGLang is a
+failure here, never a skip: that is the upgrade breakage this plugin must catch.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,9 @@ import warnings
 
 import pytest
 
-pytest.importorskip("sglang")
 warnings.filterwarnings("ignore", message="Only CUDA")
 
+import sglang  # noqa: E402, F401  (an import error fails the run)
 from kvtuner_hicache.sglang_ext.args import ENV_VAR  # noqa: E402
 
 _CLEAN_ENV = (ENV_VAR, "SGLANG_USE_HND_KVCACHE", "SGLANG_ENABLE_UNIFIED_RADIX_TREE")
@@ -28,10 +33,23 @@ def kvtq_hooks():
     return True
 
 
+@pytest.fixture(scope="session")
+def era():
+    """The era adapter of the installed release (the suite refuses to run on an unsupported one)."""
+    from kvtuner_hicache.sglang_ext.eras import active_era, installed_sglang_version
+
+    adapter = active_era()
+    assert adapter is not None, f"SGLang {installed_sglang_version()} is not a supported release"
+    return adapter
+
+
 @pytest.fixture(autouse=True)
 def _clean_env():
     """The plugin writes os.environ directly (that is its transport): restore it per test."""
     saved = {k: os.environ.pop(k, None) for k in _CLEAN_ENV}
+    from kvtuner_hicache.sglang_ext import plugin
+
+    plugin._state.cli = False  # a parsed command line switches errors to exit(2); tests parse many
     yield
     for k, v in saved.items():
         os.environ.pop(k, None)

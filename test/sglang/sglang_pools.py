@@ -1,4 +1,4 @@
-"""Real SGLang 0.5.17 pools on CPU with random KV, for the tests in this folder.
+"""Real SGLang pools on CPU with random KV, for the tests in this folder (any supported release).
 
 A module of its own (not conftest.py): test/l3 has a conftest too, and `from conftest import`
 would pick whichever was imported first when both folders run in one pytest session.
@@ -32,13 +32,24 @@ def mla_device_pool(layers: int, page_size: int, tokens: int = 1024, seed: int =
 
 
 def quant_host_pool(device_pool, cfg: QuantConfig | None = None, ratio: float = 2.0, host_size: float = 0):
-    from kvtuner_hicache.sglang_ext.host_pool import QuantizedMHATokenToKVPoolHost, QuantizedMLATokenToKVPoolHost
+    """Our pool built the way the plugin's seams build it (build_quantized_pool), on the installed release."""
+    from kvtuner_hicache.sglang_ext.plugin import build_quantized_pool
 
-    cls = QuantizedMLATokenToKVPoolHost if isinstance(device_pool, MLATokenToKVPool) else QuantizedMHATokenToKVPoolHost
-    return cls(device_pool, ratio, host_size, device_pool.page_size, "page_first", quant_config=cfg or QuantConfig())
+    return build_quantized_pool(device_pool, cfg or QuantConfig(), host_to_device_ratio=ratio, host_size=host_size,
+                                page_size=device_pool.page_size, layout="page_first")
 
 
 def bf16_host_pool(device_pool, ratio: float = 2.0, host_size: float = 0):
+    """SGLang's own bf16 host pool (unpinned, for CPU) on the installed release: 0.5.23 builds it from the
+    device pool's buffer_info, earlier releases from the device pool itself."""
+    import inspect
+
     from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 
-    return MHATokenToKVPoolHost(device_pool, ratio, host_size, device_pool.page_size, "page_first", pin_memory=False)
+    args = (ratio, host_size, device_pool.page_size, "page_first")
+    if "buffer_info" in inspect.signature(MHATokenToKVPoolHost.__init__).parameters:
+        info = device_pool.get_device_pool_infos()[0].buffer_info
+        return MHATokenToKVPoolHost(info, *args, pin_memory=False, device_capacity_tokens=device_pool.size,
+                                    start_layer=device_pool.start_layer, end_layer=device_pool.end_layer)
+    return MHATokenToKVPoolHost(device_pool, *args, pin_memory=False)
+

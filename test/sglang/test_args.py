@@ -9,6 +9,7 @@ import os
 import pytest
 from kvtuner_hicache.config import ConfigError, LayerBits, QuantConfig
 from kvtuner_hicache.sglang_ext import args as kargs
+from kvtuner_hicache.sglang_ext import plugin
 
 pytestmark = pytest.mark.sglang
 
@@ -16,9 +17,14 @@ ENABLE = ["--enable-hierarchical-cache", "--enable-kvtuner-hicache", "--page-siz
 
 
 def _parse(tiny_model, *extra):
-    from sglang.srt.server_args import prepare_server_args
+    """Parse and resolve as the launcher does (validation runs in the release's resolution step)."""
+    from sglang_env import resolved_server_args
 
-    return prepare_server_args(["--model-path", tiny_model, "--device", "cpu", *extra])
+    return resolved_server_args(tiny_model, *extra)
+
+
+def _cfg():
+    return plugin.active_config()
 
 
 def _fails(capsys, tiny_model, *extra) -> str:
@@ -39,43 +45,44 @@ def test_help_lists_all_nine_flags(kvtq_hooks):
         assert flag in text, flag
 
 
-def test_defaults_come_from_quantconfig(kvtq_hooks, tiny_model):
-    sa = _parse(tiny_model, *ENABLE)
-    assert getattr(sa, kargs.SERVER_ARGS_ATTR) == QuantConfig()
-    assert kargs.config_from_env() == QuantConfig()  # what the scheduler processes will read
+def test_defaults_come_from_quantconfig(kvtq_hooks, tiny_model, monkeypatch):
+    seen = []
+    real = kargs.validate_server_args
+    monkeypatch.setattr(kargs, "validate_server_args", lambda sa, cfg, era=None: seen.append(cfg) or real(sa, cfg, era))
+    _parse(tiny_model, *ENABLE)
+    assert _cfg() == QuantConfig()  # what the scheduler processes will read (SGLANG_KVTUNER_HICACHE)
+    assert seen == [QuantConfig()]  # the release's resolution step ran our validation, once
 
 
 def test_off_by_default(kvtq_hooks, tiny_model):
-    sa = _parse(tiny_model, "--enable-hierarchical-cache")
-    assert getattr(sa, kargs.SERVER_ARGS_ATTR, None) is None
+    _parse(tiny_model, "--enable-hierarchical-cache")
+    assert _cfg() is None
     assert kargs.ENV_VAR not in os.environ
 
 
-def test_every_flag_reaches_the_config(kvtq_hooks, tiny_model, presets_dir):
-    yaml_path = str(presets_dir / "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml")
-    sa = _parse(tiny_model, *ENABLE, "--kvtuner-hicache-nbits-key", "8", "--kvtuner-hicache-nbits-value", "2",
-                "--no-kvtuner-hicache-asym", "--kvtuner-hicache-axis-key", "0", "--kvtuner-hicache-axis-value", "0",
-                "--kvtuner-hicache-q-group-size", "32", "--kvtuner-hicache-residual-length", "100")
-    cfg = getattr(sa, kargs.SERVER_ARGS_ATTR)
+def test_every_flag_reaches_the_config(kvtq_hooks, tiny_model, mixed_table):
+    _parse(tiny_model, *ENABLE, "--kvtuner-hicache-nbits-key", "8", "--kvtuner-hicache-nbits-value", "2",
+           "--no-kvtuner-hicache-asym", "--kvtuner-hicache-axis-key", "0", "--kvtuner-hicache-axis-value", "0",
+           "--kvtuner-hicache-q-group-size", "32", "--kvtuner-hicache-residual-length", "100")
+    cfg = _cfg()
     assert (cfg.nbits_key, cfg.nbits_value, cfg.asym, cfg.axis_key, cfg.axis_value, cfg.q_group_size,
             cfg.residual_length) == (8, 2, False, 0, 0, 32, 100)
-    assert kargs.config_from_env() == cfg
-    sa = _parse(tiny_model, *ENABLE, "--kvtuner-hicache-config", yaml_path)
-    cfg = getattr(sa, kargs.SERVER_ARGS_ATTR)
-    assert len(cfg.layer_bits) == 28 and yaml_path in cfg.layer_bits_source
-    assert kargs.config_from_env() == cfg
+    _parse(tiny_model, *ENABLE, "--kvtuner-hicache-config", str(mixed_table))
+    cfg = _cfg()
+    assert len(cfg.layer_bits) == 28 and str(mixed_table) in cfg.layer_bits_source
+    assert cfg.layer_bits[0] == LayerBits(8, 4) and cfg.layer_bits[1] == LayerBits(8, 2)
 
 
 def test_stale_env_does_not_enable_a_cli_launch(kvtq_hooks, tiny_model):
     kargs.set_env_config(QuantConfig(nbits_key=8))  # e.g. left over from an Engine session
-    sa = _parse(tiny_model, "--enable-hierarchical-cache")
-    assert getattr(sa, kargs.SERVER_ARGS_ATTR, None) is None
+    _parse(tiny_model, "--enable-hierarchical-cache")
+    assert _cfg() is None
     assert kargs.ENV_VAR not in os.environ
 
 
 def test_seed_asym_flag_still_works(kvtq_hooks, tiny_model):
-    sa = _parse(tiny_model, *ENABLE, "--kvtuner-hicache-asym")
-    assert getattr(sa, kargs.SERVER_ARGS_ATTR).asym is True
+    _parse(tiny_model, *ENABLE, "--kvtuner-hicache-asym")
+    assert _cfg().asym is True
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -97,17 +104,25 @@ def test_seed_asym_flag_still_works(kvtq_hooks, tiny_model):
     ([*ENABLE, "--kvtuner-hicache-config", "PRESET", "--kvtuner-hicache-nbits-value", "2"],
      "--kvtuner-hicache-nbits-value has no effect with --kvtuner-hicache-config"),
 ])
-def test_cli_mistakes_fail_cleanly(kvtq_hooks, tiny_model, capsys, presets_dir, extra, needle):
-    preset = str(presets_dir / "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml")
-    err = _fails(capsys, tiny_model, *[preset if x == "PRESET" else x for x in extra])
+def test_cli_mistakes_fail_cleanly(kvtq_hooks, tiny_model, capsys, mixed_table, extra, needle):
+    err = _fails(capsys, tiny_model, *[str(mixed_table) if x == "PRESET" else x for x in extra])
     assert needle in err
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("env", ["SGLANG_USE_HND_KVCACHE", "SGLANG_ENABLE_UNIFIED_RADIX_TREE"])
-def test_unsupported_env_rejected(kvtq_hooks, tiny_model, capsys, env):
-    os.environ[env] = "1"
-    assert env in _fails(capsys, tiny_model, *ENABLE)
+def test_hnd_device_layout_rejected(kvtq_hooks, tiny_model, capsys):
+    os.environ["SGLANG_USE_HND_KVCACHE"] = "1"
+    assert "SGLANG_USE_HND_KVCACHE" in _fails(capsys, tiny_model, *ENABLE)
+
+
+def test_unified_tree_env_on_hiradix_releases_only(kvtq_hooks, tiny_model, capsys, era):
+    """0.5.17/0.5.18 plug into HiRadixCache: their opt-in unified tree is refused; from 0.5.19 it is the only tree."""
+    os.environ["SGLANG_ENABLE_UNIFIED_RADIX_TREE"] = "1"
+    if era.pool_seam == "hiradix":
+        assert "SGLANG_ENABLE_UNIFIED_RADIX_TREE" in _fails(capsys, tiny_model, *ENABLE)
+    else:
+        _parse(tiny_model, *ENABLE)
+        assert _cfg() == QuantConfig()
 
 
 def test_two_mistakes_two_lines(kvtq_hooks, tiny_model, capsys):
@@ -115,18 +130,27 @@ def test_two_mistakes_two_lines(kvtq_hooks, tiny_model, capsys):
     assert err.count("\n  - ") == 2
 
 
-def test_engine_kwargs_use_env(kvtq_hooks, tiny_model):
-    """Engine(**kwargs) builds ServerArgs directly: the env var carries the config and the checks run."""
+def _engine_args(**kw):
+    """What Engine(**kwargs) does: ServerArgs(**kwargs), then the release's resolution."""
     from sglang.srt.server_args import ServerArgs
 
+    sa = ServerArgs(**kw)
+    resolve = getattr(sa, "resolve_once", None)
+    if resolve is not None:
+        resolve()
+    return sa
+
+
+def test_engine_kwargs_use_env(kvtq_hooks, tiny_model):
+    """Engine(**kwargs) builds ServerArgs directly: the env var carries the config and the checks run."""
     kargs.set_env_config(QuantConfig(nbits_key=8))
-    sa = ServerArgs(model_path=tiny_model, device="cpu", enable_hierarchical_cache=True, page_size=64)
-    assert getattr(sa, kargs.SERVER_ARGS_ATTR).nbits_key == 8
+    _engine_args(model_path=tiny_model, device="cpu", enable_hierarchical_cache=True, page_size=64)
+    assert _cfg().nbits_key == 8
     with pytest.raises(ConfigError, match="requires --enable-hierarchical-cache"):
-        ServerArgs(model_path=tiny_model, device="cpu")
+        _engine_args(model_path=tiny_model, device="cpu")
 
 
-def test_enable_for_engine(kvtq_hooks, monkeypatch, presets_dir):
+def test_enable_for_engine(kvtq_hooks, monkeypatch, mixed_table):
     import importlib.metadata as md
 
     from kvtuner_hicache.sglang_ext import enable_for_engine
@@ -135,12 +159,12 @@ def test_enable_for_engine(kvtq_hooks, monkeypatch, presets_dir):
         name = "kvtuner_hicache"
 
     monkeypatch.setattr(md, "entry_points", lambda group=None: [EP()])
-    cfg = enable_for_engine(axis_key=0, config=str(presets_dir / "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml"))
+    cfg = enable_for_engine(axis_key=0, config=str(mixed_table))
     assert kargs.config_from_env() == cfg and cfg.layer_bits is not None
     with pytest.raises(ConfigError, match="nbits-key"):
         enable_for_engine(nbits_key=3)
     with pytest.raises(ConfigError, match="nbits_key has no effect with config="):
-        enable_for_engine(nbits_key=8, config=str(presets_dir / "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml"))
+        enable_for_engine(nbits_key=8, config=str(mixed_table))
     monkeypatch.setenv("SGLANG_PLUGINS", "other")
     with pytest.raises(ConfigError, match="SGLANG_PLUGINS"):
         enable_for_engine()
@@ -181,8 +205,28 @@ def test_seed_l3_commands_fail_fast_in_the_launcher(kvtq_hooks, tiny_model, caps
      "does not divide the key head dimension 64"),
     ([*ENABLE, "--kvtuner-hicache-config", "LLAMA"], "names layers the model lacks (it has 28"),
 ])
-def test_model_mismatches_fail_in_the_launcher(kvtq_hooks, tiny_model, capsys, presets_dir, extra, needle):
+def test_model_mismatches_fail_in_the_launcher(kvtq_hooks, tiny_model, capsys, table_32_layers, extra, needle):
     """Page size, group and per-layer table are checked against the local config.json before any process starts."""
-    llama = str(presets_dir / "Meta-Llama-3.1-8B-Instruct_kivi_KVTuner4_1.yaml")
+    llama = str(table_32_layers)
     err = _fails(capsys, tiny_model, *[llama if x == "LLAMA" else x for x in extra])
     assert needle in err and "Traceback" not in err
+
+
+def test_unsupported_release_fails_at_start_up(kvtq_hooks, tiny_model, capsys, monkeypatch):
+    from kvtuner_hicache.sglang_ext import eras
+
+    monkeypatch.setattr(eras, "installed_sglang_version", lambda: "0.5.24")
+    err = _fails(capsys, tiny_model, *ENABLE)
+    assert "SGLang 0.5.24 is not supported" in err and "0.5.17 to 0.5.23" in err and "Traceback" not in err
+    _parse(tiny_model, "--enable-hierarchical-cache")  # without the flag the plugin stays out of the way
+    assert _cfg() is None
+
+
+def test_buffer_only_host_mode_is_refused(kvtq_hooks, tiny_model, capsys, era):
+    """--hicache-host-memory-mode (0.5.19+) buffer_only makes L2 a staging buffer: refused at start-up."""
+    if era.pool_seam == "hiradix":  # 0.5.17/0.5.18 have no such flag: argparse itself refuses it
+        _fails(capsys, tiny_model, *ENABLE, "--hicache-host-memory-mode", "buffer_only")
+        return
+    err = _fails(capsys, tiny_model, *ENABLE, "--hicache-host-memory-mode", "buffer_only",
+                 "--hicache-storage-backend", "file")
+    assert "--hicache-host-memory-mode buffer_only is not supported" in err and "Traceback" not in err

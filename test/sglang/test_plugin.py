@@ -1,106 +1,123 @@
-"""Hook wiring: real HiRadixCache + HiCacheController on CPU, scoped substitution, verification."""
+"""Hook wiring through the real tree-cache build of the installed release: the pool seam, the
+controller round trip, the refusal of foreign pools, and an inert plugin without the flag."""
 
 from __future__ import annotations
 
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 from kvtuner_hicache.config import ConfigError, QuantConfig
-from kvtuner_hicache.quant import roundtrip_pages
 from kvtuner_hicache.sglang_ext import args as kargs
 from kvtuner_hicache.sglang_ext import plugin
+from sglang_env import PS, controller_round_trip, kv_host_pool, resolved_server_args, tree_cache
 from sglang_pools import mha_device_pool, mla_device_pool
 
 pytestmark = pytest.mark.sglang
-PS = 64
-
-
-@pytest.fixture(scope="module")
-def world():
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    return dist.group.WORLD
-
-
-def _server_args(**kw):
-    d = dict(hicache_ratio=2.0, hicache_size=0, hicache_mem_layout="page_first", hicache_storage_backend=None,
-             hicache_storage_backend_extra_config=None, hicache_storage_prefetch_policy="best_effort",
-             extra_metric_labels=None, hicache_write_policy="write_through", hicache_io_backend="kernel",
-             served_model_name="m", enable_hierarchical_cache=True)
-    d.update(kw)
-    return SimpleNamespace(**d)
-
-
-def _hiradix(kv, world):
-    from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator
-    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-    from sglang.srt.mem_cache.hiradix_cache import HiRadixCache
-    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
-
-    alloc = PagedTokenToKVPoolAllocator(kv.size, PS, torch.bfloat16, "cpu", kv, need_sort=False)
-    req = ReqToTokenPool(size=4, max_context_len=2048, device="cpu", enable_memory_saver=False)
-    params = CacheInitParams(disable=False, req_to_token_pool=req, token_to_kv_pool_allocator=alloc, page_size=PS,
-                             tp_cache_group=world)
-    return HiRadixCache(params=params, server_args=_server_args()), alloc
+QUANT = ["--enable-hierarchical-cache", "--enable-kvtuner-hicache", "--page-size", str(PS)]
 
 
 @pytest.mark.parametrize("mla", [False, True])
-def test_hiradix_cache_gets_our_pool_and_controller_round_trips(kvtq_hooks, world, mla):
+def test_tree_cache_gets_our_pool_and_controller_round_trips(kvtq_hooks, tiny_model, era, mla):
+    """registry.create_tree_cache -> HiRadixCache (0.5.17/18) or UnifiedRadixCache (0.5.19+) -> our pool;
+    L1 -> L2 -> L1 through SGLang's own controller is bit-exact against the reference round trip."""
+    extra = ["--kvtuner-hicache-nbits-key", "8"] if mla else []
+    sa = resolved_server_args(tiny_model, *QUANT, *extra)
+    kv = mla_device_pool(2, PS, tokens=1024) if mla else mha_device_pool(2, 4, 128, PS, tokens=1024)
+    cache, alloc = tree_cache(kv, sa)
+    host = kv_host_pool(cache)
+    assert host.kvtq_quantized and host.quant_config == plugin.active_config()
+    assert type(cache).__name__ == ("HiRadixCache" if era.pool_seam == "hiradix" else "UnifiedRadixCache")
+    expected, got, _ = controller_round_trip(cache, kv, alloc)
+    for b in range(len(expected)):
+        for layer in range(kv.layer_num):
+            assert torch.equal(got[b][layer], expected[b][layer]), (b, layer)
+
+
+def test_hiradix_substitution_is_scoped(kvtq_hooks, tiny_model, era):
+    """On the HiRadixCache releases the class swap lives only inside one __init__."""
+    if era.pool_seam != "hiradix":
+        import importlib.util
+
+        # 0.5.19/0.5.20 still ship the module (dead code), 0.5.21+ deleted it; either way no hook on it
+        assert plugin.T_HIRADIX not in {t for t, _, _ in plugin.hooks_for(era, "")}
+        assert importlib.util.find_spec("sglang.srt.mem_cache.hiradix_cache") is None or era.name == "C"
+        return
     import sglang.srt.mem_cache.hiradix_cache as hr
 
     before = (hr.get_mha_host_pool_cls, hr.MLATokenToKVPoolHost)
-    kargs.set_env_config(QuantConfig(nbits_key=8) if mla else QuantConfig())
-    kv = mla_device_pool(2, PS, tokens=1024) if mla else mha_device_pool(2, 4, 128, PS, tokens=1024)
-    cache, alloc = _hiradix(kv, world)
-    host = cache.cache_controller.mem_pool_host
-    assert host is cache.token_to_kv_pool_host and host.kvtq_quantized
-    assert (hr.get_mha_host_pool_cls, hr.MLATokenToKVPoolHost) == before  # scoped, restored
-    # L1 -> L2 -> L1 through the real controller (write stream, per-layer load loop)
-    cc = cache.cache_controller
-    src = alloc.alloc(3 * PS)
-    streams = [kv.kv_buffer] if mla else [kv.k_buffer, kv.v_buffer]
-    expected = roundtrip_pages(host.page_layout, [[b[src] for b in s] for s in streams])
-    h = cc.write(src)
-    assert h is not None and len(cc.ack_write_queue) == 1
-    dst = cc.load(h)
-    cc.start_loading()
-    for b, s in enumerate(streams):
-        for layer in range(2):
-            assert torch.equal(s[layer][dst], expected[b][layer])
+    sa = resolved_server_args(tiny_model, *QUANT)
+    tree_cache(mha_device_pool(2, 2, 64, PS, tokens=512), sa)
+    assert (hr.get_mha_host_pool_cls, hr.MLATokenToKVPoolHost) == before
 
 
-def test_hiradix_hook_refuses_a_foreign_pool(kvtq_hooks):
+def test_seam_refuses_pools_it_cannot_quantize(kvtq_hooks):
+    cfg = QuantConfig()
+    kv = mha_device_pool(2, 2, 64, PS, tokens=512)
+    with pytest.raises(ConfigError, match="plain MHA/GQA and MLA KV pools only"):
+        plugin.build_quantized_pool(kv, cfg, host_to_device_ratio=2.0, host_size=0, page_size=PS,
+                                    layout="page_first", pool_label="swa")
+    with pytest.raises(ConfigError, match="MTP draft layers"):
+        plugin.build_quantized_pool(kv, cfg, host_to_device_ratio=2.0, host_size=0, page_size=PS,
+                                    layout="page_first", mtp_draft_device_pools=(kv,))
+    with pytest.raises(ConfigError, match="page_first"):
+        plugin.build_quantized_pool(kv, cfg, host_to_device_ratio=2.0, host_size=0, page_size=PS,
+                                    layout="layer_first")
+
+
+def test_foreign_pool_stops_the_server(kvtq_hooks):
     kargs.set_env_config(QuantConfig())
-
-    def orig(self, params, server_args):
-        self.token_to_kv_pool_host = object()
-
-    with pytest.raises(RuntimeError, match="not a quantized"):
-        plugin._hiradix_init(orig, SimpleNamespace(), None, _server_args())
-
-
-def test_tree_cache_check_and_unified_refusal(kvtq_hooks):
-    kargs.set_env_config(QuantConfig())
-    ctx = SimpleNamespace(server_args=_server_args())
     bf16 = SimpleNamespace(cache_controller=SimpleNamespace(mem_pool_host=object()))
-    with pytest.raises(RuntimeError, match="not a quantized"):
-        plugin._create_tree_cache(bf16, ctx)
-    with pytest.raises(ConfigError, match="unified radix cache"):
-        plugin._unified_init_hicache(lambda *a: None, object(), _server_args())
-    kargs.set_env_config(None)
-    assert plugin._create_tree_cache(bf16, ctx) is bf16  # plugin loaded but off: untouched
+    with pytest.raises(RuntimeError, match="not a quantized one"):
+        plugin._create_tree_cache(bf16, SimpleNamespace())
+    group = SimpleNamespace(anchor_entry=SimpleNamespace(host_pool=object()))  # a unified tree's pool group
+    with pytest.raises(RuntimeError, match="not a quantized one"):
+        plugin.require_ours(group, "UnifiedRadixCache")
+    no_hicache = SimpleNamespace()
+    with pytest.raises(RuntimeError, match="no HiCache controller"):
+        plugin._create_tree_cache(no_hicache, SimpleNamespace(server_args=SimpleNamespace(enable_hierarchical_cache=True)))
 
 
-def test_hooks_verified(kvtq_hooks):
+def test_inert_without_the_flag(kvtq_hooks):
+    """Without --enable-kvtuner-hicache every hook hands SGLang's own objects through untouched."""
+    assert plugin.active_config() is None
+    calls = []
+
+    def orig_build(**kw):
+        calls.append(kw)
+        return "sglang's pool"
+
+    assert plugin._build_kv_host_pool(orig_build, kv_pool="kv", page_size=PS) == "sglang's pool"
+    assert calls == [{"kv_pool": "kv", "page_size": PS}]
+    tree = SimpleNamespace(cache_controller=SimpleNamespace(mem_pool_host=object()))
+    assert plugin._create_tree_cache(tree, SimpleNamespace()) is tree
+    backend = object()
+    stock_pool = SimpleNamespace()
+    assert plugin._create_backend(lambda *a, **k: backend, None, "file", None, stock_pool) is backend
+    assert plugin._unified_init_hicache(lambda self, sa: "built", object(), None) == "built"
+
+
+def test_quantized_pool_backends_get_the_proxy_others_do_not(kvtq_hooks):
+    from kvtuner_hicache.sglang_ext.storage import KVTQStorageProxy
+    from sglang_pools import bf16_host_pool, quant_host_pool
+
+    kv = mha_device_pool(2, 2, 64, PS, tokens=512)
+    inner = SimpleNamespace()
+    ours = plugin._create_backend(lambda *a, **k: inner, None, "file", None, quant_host_pool(kv))
+    assert isinstance(ours, KVTQStorageProxy)
+    assert plugin._create_backend(lambda *a, **k: inner, None, "file", None, bf16_host_pool(kv)) is inner
+
+
+def test_hooks_verified_by_identity(kvtq_hooks, era):
+    """Every target of this era is wrapped; a target left as it was is reported, by name."""
     assert plugin.missing_hooks() == []
-    assert not plugin._wraps_hook(lambda: None, plugin._add_cli_args)
-    from sglang.srt.mem_cache.hiradix_cache import HiRadixCache
-
-    assert plugin._wraps_hook(HiRadixCache.__init__, plugin._hiradix_init)
+    target = plugin.T_TREE
+    saved = plugin._state.originals[target]
+    try:
+        plugin._state.originals[target] = plugin._resolve(target)  # as if apply_hooks had not wrapped it
+        assert plugin.missing_hooks() == [target]
+        kargs.set_env_config(QuantConfig())
+        with pytest.raises(ConfigError, match="registry.create_tree_cache"):
+            plugin.verify_hooks(required=True)
+    finally:
+        plugin._state.originals[target] = saved

@@ -169,6 +169,9 @@ def server_args_errors(sa: Any, era: Any = None) -> list[str]:
     if mode != "cache":
         errs.append(f"--hicache-host-memory-mode {mode} is not supported: quantized pages need the host pool "
                     "as a cache tier (use --hicache-host-memory-mode cache)")
+    if getattr(sa, "disaggregation_decode_retraction_backup", None) == "host_pool":
+        errs.append("--disaggregation-decode-retraction-backup host_pool is not supported with quantized pages; "
+                    "drop it or run without --enable-kvtuner-hicache")
     if getattr(sa, "disaggregation_decode_enable_offload_kvcache", False):
         errs.append("--disaggregation-decode-enable-offload-kvcache is not supported: the PD decode offload "
                     "pool would stay bf16; drop it or run without --enable-kvtuner-hicache")
