@@ -357,6 +357,7 @@ def test_sglang_failure_injector_gives_misses_never_bad_loads(tmp_path):
     injector._thread_local.random = random.Random(0)
     b = KVTQStorageProxy(injector, pool, storage_config())
     b.retry_after_s = 0.0
+    b.batch_set(keys, pages_of(pool, h, 8))  # seals the host pages (key and model), whatever the injector does
     want = [p.clone() for p in pages_of(pool, h, 8)]
     loads = misses = 0
     for _ in range(40):
