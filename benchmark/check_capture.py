@@ -1,4 +1,4 @@
-"""Check what the debug capture (KVTQ_CAPTURE_DIR, python/kvtuner_hicache/sglang_ext/capture.py) saved
+"""Check what the debug capture (KVTQ_CAPTURE_DIR, python/kvtuner_hicache/quant/capture.py) saved
 from a real server: every page loaded back to the GPU (from L2 or from L3) must equal, bit for bit,
 the reference dequantization (`kvtuner_hicache.quant.reference.roundtrip_pages`, run here on the CPU)
 of the bf16 rows that were backed up into that page.

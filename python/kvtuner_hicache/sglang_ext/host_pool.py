@@ -8,6 +8,7 @@ semantics (page = `page_size` aligned slots), so alloc/free/clear are inherited 
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -18,14 +19,14 @@ from sglang.srt.mem_cache.pool_host.common import ALLOC_MEMORY_FUNCS
 
 from kvtuner_hicache.config import ConfigError, KVShape, QuantConfig
 from kvtuner_hicache.page_format import HEADER_BYTES, PageLayout
-from kvtuner_hicache.quant.dispatch import codec_name, get_codec
-from kvtuner_hicache.sglang_ext import capture as kvtq_capture
+from kvtuner_hicache.quant.codec import make_codec
+from kvtuner_hicache.quant.dispatch import codec_name
+from kvtuner_hicache.sglang_ext.args import config_to_json
 from kvtuner_hicache.sglang_ext.eras import Era, active_era, active_release, unsupported_release_error
 
 logger = logging.getLogger(__name__)
 
 ROW_ALIGN = 4096
-STAGING_PAGES = 64  # pages encoded per staging chunk on backup (same chunk as SGLang's staged write-back)
 RESIDUAL_BUDGET_FRACTION = 8  # 1/8 of the host byte budget goes to the bf16 tail store when R > 0
 _DEVICE_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -42,18 +43,6 @@ def _pipeline_parallel() -> bool:
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
-
-
-def _page_runs(page_ids: list[int]) -> list[tuple[int, int, int]]:
-    """[(first position, first page id, length)] of consecutive page ids."""
-    runs: list[tuple[int, int, int]] = []
-    for i, p in enumerate(page_ids):
-        if runs and runs[-1][1] + runs[-1][2] == p:
-            s, f, n = runs[-1]
-            runs[-1] = (s, f, n + 1)
-        else:
-            runs.append((i, p, 1))
-    return runs
 
 
 class _QuantizedHostPool(HostKVCache):
@@ -93,10 +82,7 @@ class _QuantizedHostPool(HostKVCache):
         self.device_pool = device_pool
         self.quant_config = quant_config
         self.residual = None  # set after the base init (which calls clear())
-        self.codec = get_codec(device_pool.device)
-        self._load_key: tuple[Any, Any] | None = None
-        self._staging: torch.Tensor | None = None  # GPU staging for the native backup, made on first use
-        self._capture: kvtq_capture.Capture | None = None  # set after the base init (needs page_layout)
+        self._load_key: Any = None
         # Host budget in bytes: --hicache-size GB, else --hicache-ratio times the device pool's
         # bytes (not tokens), so the same host memory holds compression-times more tokens. SGLang's
         # host-memory auto-sizing (0.5.21+) caps the ratio by bytes too, so it grants bytes.
@@ -117,11 +103,18 @@ class _QuantizedHostPool(HostKVCache):
         if era.has_storage_format_tag:
             self.storage_format_tag = self.page_layout.tag  # SGLang appends it to the L3 model name
         self.can_use_write_back_jit = True  # keeps backup host indices on the CPU (page ids read there)
+        # One codec object for this pool, chosen once: native kernels on CUDA (an error if they are
+        # missing, unless the reference codec is opted into), the reference on CPU; debug capture
+        # and the bf16 tail store wrap it, so the hot methods below only call the codec.
+        self.codec = make_codec(self.page_layout, device_pool, self.pages, device_pool.device,
+                                capture_meta={"pool_label": pool_label,
+                                              "config": json.loads(config_to_json(quant_config))})
         if self.residual_bytes:
-            from kvtuner_hicache.sglang_ext.residual import ResidualTailStore
+            from kvtuner_hicache.sglang_ext.residual import ResidualTailCodec, ResidualTailStore
 
-            self.residual = ResidualTailStore(self, self.residual_bytes)
-        self._capture = kvtq_capture.for_pool(self)  # DEBUG capture: None unless KVTQ_CAPTURE_DIR is set
+            self.residual = ResidualTailStore(self._device_buffers(device_pool), self.page_size,
+                                              quant_config.residual_length, self.residual_bytes, self.pin_memory)
+            self.codec = ResidualTailCodec(self.codec, self.residual)
         pl = self.page_layout
         # effective numbers: the 4 KiB row padding counted
         self.compression_vs_bf16 = pl.shape.bf16_bytes_per_token() / self.size_per_token
@@ -186,31 +179,8 @@ class _QuantizedHostPool(HostKVCache):
     def backup_from_device_all_layer(self, device_pool, host_indices, device_indices, io_backend) -> None:
         if io_backend != "kernel":
             raise ValueError(f"quantized HiCache supports io_backend 'kernel' only, got {io_backend!r}")
-        ps = self.page_size
-        page_ids = (host_indices[::ps] // ps).tolist()  # CPU indices (can_use_write_back_jit)
-        buffers = self._device_buffers(device_pool)
-        dev = device_indices.device
-        pb = self.page_layout.page_bytes
-        if hasattr(self.codec, "backup_to_host"):
-            # native: one call that overlaps the quantize kernel with the page DMAs (double-buffered
-            # staging), enqueued on the current (write) stream; the staging area lives with the pool
-            if self._staging is None or self._staging.device != dev:
-                self._staging = torch.empty(min(STAGING_PAGES, self.page_num), pb, dtype=torch.uint8, device=dev)
-            self.codec.backup_to_host(self.page_layout, buffers, device_indices, self.pages,
-                                      torch.tensor(page_ids, dtype=torch.int64), self._staging)
-        else:
-            for c in range(0, len(page_ids), STAGING_PAGES):
-                ids = page_ids[c : c + STAGING_PAGES]
-                n = len(ids)
-                staging = torch.empty(n, self.row_stride, dtype=torch.uint8, device=dev)
-                self.codec.encode_pages(self.page_layout, buffers, device_indices[c * ps : (c + n) * ps], staging[:, :pb])
-                # one DMA per run of consecutive host pages; staging stays alive on this stream
-                for s, first, length in _page_runs(ids):
-                    self.kv_buffer[first : first + length].copy_(staging[s : s + length], non_blocking=True)
-        if self.residual is not None:
-            self.residual.on_backup(device_pool, host_indices, device_indices)
-        if self._capture is not None:  # DEBUG capture (KVTQ_CAPTURE_DIR), see capture.py
-            self._capture.on_backup(device_pool, page_ids, device_indices)
+        # host indices stay on the CPU (can_use_write_back_jit): page ids without a device sync
+        self.codec.backup(host_indices[:: self.page_size] // self.page_size, device_indices)
 
     def load_to_device_per_layer(self, device_pool, host_indices, device_indices, layer_id, io_backend,
                                  *, is_draft: bool = False) -> None:
@@ -220,19 +190,10 @@ class _QuantizedHostPool(HostKVCache):
             raise ValueError(f"quantized HiCache supports io_backend 'kernel' only, got {io_backend!r}")
         # The controller calls this once per local layer with the same index tensors: derive the
         # page ids on layer 0 and reuse them (O(1) host work per layer afterwards).
-        key = (host_indices, device_indices)
-        if layer_id == 0 or self._load_key is None or self._load_key[0] is not host_indices:
-            ps = self.page_size
-            self._load_page_ids = host_indices[::ps] // ps
-            self._load_key = key
-            if self.residual is not None:
-                self._load_plan = self.residual.plan_load(host_indices, device_indices)
-        buffers = [per_layer[layer_id] for per_layer in self._device_buffers(device_pool)]
-        self.codec.decode_layer(self.page_layout, layer_id, self.pages, self._load_page_ids, buffers, device_indices)
-        if self.residual is not None and self._load_plan is not None:
-            self.residual.load_layer(self._load_plan, layer_id, buffers)
-        if self._capture is not None:  # DEBUG capture (KVTQ_CAPTURE_DIR), see capture.py
-            self._capture.on_load_layer(device_pool, self._load_page_ids, device_indices, layer_id)
+        if layer_id == 0 or self._load_key is not host_indices:
+            self._load_page_ids = host_indices[:: self.page_size] // self.page_size
+            self._load_key = host_indices
+        self.codec.load_layer(layer_id, self._load_page_ids, device_indices)
 
     # ---- page accessors for L3 -----------------------------------------------------------------
 
@@ -250,10 +211,7 @@ class _QuantizedHostPool(HostKVCache):
             raise ValueError(f"page of {src.numel()} bytes, expected {self.page_layout.page_bytes}")
         pid = int(index) // self.page_size
         self.pages[pid].copy_(src)
-        if self.residual is not None:
-            self.residual.drop([pid])
-        if self._capture is not None:  # DEBUG capture (KVTQ_CAPTURE_DIR), see capture.py
-            self._capture.on_set_page(pid)
+        self.codec.pages_written([pid])  # the tail store drops a stale bf16 copy; capture records L3 pages
 
     # ---- slot lifetime: a freed page's bf16 tail must never outlive it ---------------------------
 

@@ -1,7 +1,9 @@
 """The bf16 tail store behind --kvtuner-hicache-residual-length R (HiCache meaning of KIVI's residual).
 
-The last ceil(R / page_size) pages of every backup op are also kept in full precision, in a
-host-side LRU sized to 1/8 of the host byte budget. In SGLang 0.5.17 one backup op is one radix
+`ResidualTailCodec` wraps the pool's codec, so the pool's hot methods know nothing of it: the last
+ceil(R / page_size) pages of every backup op are also kept in full precision, in a host-side LRU
+sized to 1/8 of the host byte budget (the copy is synchronous: opt-in, measured to buy little once
+keys are per channel, docs/accuracy.md). In SGLang 0.5.17 one backup op is one radix
 node: `HiCacheController.write()` queues one op and runs `start_writing()` at once, so the tail
 of an op is the tail of a node (if ops were ever merged, only the last node would get a tail:
 still correct, only less precise). A load uses the exact copy for pages that still have one and
@@ -18,22 +20,26 @@ from typing import Any
 
 import torch
 
+from kvtuner_hicache.quant.codec import PageCodec
+
 logger = logging.getLogger(__name__)
 
 
 class ResidualTailStore:
-    def __init__(self, pool: Any, budget_bytes: int):
-        self.pool = pool
-        self.page_size = ps = pool.page_size
-        self.dtype = pool.device_pool.store_dtype
+    """Host LRU of bf16 copies of tail pages, keyed by host page id (entries die with their page)."""
+
+    def __init__(self, device_buffers: list[Any], page_size: int, residual_length: int, budget_bytes: int,
+                 pin_memory: bool):
+        self.page_size = ps = page_size
+        self.dtype = device_buffers[0][0].dtype
         # one tensor per device buffer: [slot, layer, token, heads, dim] (MLA: heads=1, dim=576)
-        self.shapes = [tuple(per_layer[0].shape[1:]) for per_layer in pool._device_buffers(pool.device_pool)]
-        layers = pool.layer_num
+        self.shapes = [tuple(per_layer[0].shape[1:]) for per_layer in device_buffers]
+        layers = len(device_buffers[0])
         slot_bytes = sum(layers * ps * h * d for h, d in self.shapes) * self.dtype.itemsize
         self.capacity = max(0, int(budget_bytes // slot_bytes))
-        self.tail_pages = -(-pool.quant_config.residual_length // ps)
+        self.tail_pages = -(-residual_length // ps)
         self.buffers = [
-            torch.empty((self.capacity, layers, ps, h, d), dtype=self.dtype, pin_memory=pool.pin_memory)
+            torch.empty((self.capacity, layers, ps, h, d), dtype=self.dtype, pin_memory=pin_memory)
             for h, d in self.shapes
         ]
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # host page id -> slot, LRU order
@@ -69,11 +75,10 @@ class ResidualTailStore:
 
     # ---- backup: copy the op's last pages ---------------------------------------------------------
 
-    def on_backup(self, device_pool: Any, host_indices: torch.Tensor, device_indices: torch.Tensor) -> None:
+    def on_backup(self, page_ids: list[int], device_indices: torch.Tensor, device_buffers: list[Any]) -> None:
         if self.capacity == 0:
             return
         ps = self.page_size
-        page_ids = self.pool.kvtq_page_ids(host_indices)
         k = min(self.tail_pages, len(page_ids))
         self.drop(page_ids[:-k] if k else page_ids)  # stale tails of re-written pages
         if k == 0:
@@ -82,7 +87,7 @@ class ResidualTailStore:
             slots = [self._take_slot(p) for p in page_ids[-k:]]
         rows = device_indices[-k * ps :]
         slot_t = torch.tensor(slots, dtype=torch.int64)
-        for b, per_layer in enumerate(self.pool._device_buffers(device_pool)):
+        for b, per_layer in enumerate(device_buffers):
             h, d = self.shapes[b]
             x = torch.stack([buf[rows] for buf in per_layer])  # [L, k*ps, h, d] on the device
             x = x.reshape(len(per_layer), k, ps, h, d).transpose(0, 1)
@@ -90,10 +95,9 @@ class ResidualTailStore:
 
     # ---- load ----------------------------------------------------------------------------------
 
-    def plan_load(self, host_indices: torch.Tensor, device_indices: torch.Tensor) -> tuple | None:
+    def plan_load(self, page_ids: list[int], device_indices: torch.Tensor) -> tuple | None:
         """Which loaded pages have an exact copy: (slots, device rows) or None."""
         ps = self.page_size
-        page_ids = self.pool.kvtq_page_ids(host_indices)
         with self.lock:
             hits = [(i, self.slot_of[p]) for i, p in enumerate(page_ids) if p in self.slot_of]
             for i, _ in hits:
@@ -109,3 +113,42 @@ class ResidualTailStore:
         for b, dst in enumerate(buffers):
             h, d = self.shapes[b]
             dst[dev_rows] = self.buffers[b][slots, layer].reshape(-1, h, d).to(dst.device, non_blocking=True)
+
+
+class ResidualTailCodec(PageCodec):
+    """The pool's codec plus the bf16 tail store: backups also copy their tail pages, loads overwrite
+    the dequantized rows of pages that still have an exact copy."""
+
+    def __init__(self, inner: PageCodec, store: ResidualTailStore):
+        super().__init__(inner.layout, inner.device_kv, inner.host_pages)
+        self.inner = inner
+        self.store = store
+        self.name = inner.name
+        self._plan_ids: torch.Tensor | None = None
+        self._plan: tuple | None = None
+
+    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+        self.inner.backup(host_page_ids, device_rows)
+        self.store.on_backup([int(p) for p in host_page_ids.tolist()], device_rows, self.device_kv.buffers())
+
+    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+        self.inner.load_layer(layer, page_ids, device_rows)
+        if layer == 0 or self._plan_ids is not page_ids:  # one plan per load (the ids tensor is reused)
+            self._plan_ids = page_ids
+            self._plan = self.store.plan_load([int(p) for p in page_ids.tolist()], device_rows)
+        if self._plan is not None:
+            self.store.load_layer(self._plan, layer, self.device_kv.layer(layer))
+
+    def pages_written(self, host_page_ids) -> None:
+        self.store.drop([int(p) for p in host_page_ids])
+        self.inner.pages_written(host_page_ids)
+
+    def check(self) -> None:
+        self.inner.check()
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} + bf16 tail store ({self.store.capacity} pages)"
+
