@@ -243,8 +243,10 @@ class ByteObjectStore(HiCacheStorage):
                     self.counters.misses += 1
                     out.append(None)
         if -2 in got:
+            bad = [k for k, n in zip(keys, got, strict=True) if n == -2]
+            removed = self.invalidate_keys(bad)  # heal: the next backup writes them again
             logger.warning("kvtuner_hicache %s: %d stored page(s) had the wrong size (truncated or another "
-                           "format); counted as misses", self.describe(), got.count(-2))
+                           "format); counted as misses, %d removed", self.describe(), len(bad), sum(removed))
         return out
 
     def get(self, key, target_location=None, target_sizes=None) -> torch.Tensor | None:

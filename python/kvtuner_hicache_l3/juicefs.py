@@ -209,6 +209,8 @@ class JuiceFSStore(ByteObjectStore):
     # ---- engine operations (run under the deadline; may raise) --------------------------------------
 
     def _put(self, keys: list[str], blobs: list[memoryview]) -> list[bool]:
+        if not os.path.isdir(self.dir):  # a volume mounted again (or formatted anew) after an outage
+            os.makedirs(self.dir, exist_ok=True)
         out = []
         for key, blob in zip(keys, blobs, strict=True):
             name = self._name(key)

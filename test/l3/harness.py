@@ -46,9 +46,15 @@ def host_pool(dev: MHATokenToKVPool, cfg: QuantConfig | None) -> Any:
         from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 
         return MHATokenToKVPoolHost(dev, 2.0, 0, PAGE, "page_first", pin_memory=False)
+    import inspect
+
     from kvtuner_hicache.sglang_ext.host_pool import QuantizedMHATokenToKVPoolHost
 
-    return QuantizedMHATokenToKVPoolHost(dev, 2.0, 0, PAGE, "page_first", quant_config=cfg)
+    params = inspect.signature(QuantizedMHATokenToKVPoolHost.__mro__[1].__init__).parameters
+    if "host_to_device_ratio" in params and params["host_to_device_ratio"].kind is inspect.Parameter.KEYWORD_ONLY:
+        return QuantizedMHATokenToKVPoolHost(dev, quant_config=cfg, host_to_device_ratio=2.0, host_size=0,
+                                             page_size=PAGE, layout="page_first", pin_memory=False)
+    return QuantizedMHATokenToKVPoolHost(dev, 2.0, 0, PAGE, "page_first", pin_memory=False, quant_config=cfg)
 
 
 @dataclass

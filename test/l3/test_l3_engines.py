@@ -19,6 +19,7 @@ import pytest
 import torch
 from harness import REPO, RUN
 from kvtuner_hicache.config import QuantConfig
+from sglang.srt.mem_cache.utils import get_hash_str
 
 pytestmark = pytest.mark.l3
 
@@ -86,8 +87,8 @@ def test_roundtrip_bit_exact_and_bytes(engine, config):
         rig.host.free(h)
         rig.host.kv_buffer.zero_()  # the host copy is really gone
         h2, hits, got = H.prefetch(rig, toks)
-        assert (hits, got) == (n * H.PAGE, n * H.PAGE)
-        assert H.page_snapshot(rig, h2) == stored  # bit for bit
+        assert (hits, got) == (n * H.PAGE, n * H.PAGE)  # bit for bit
+        assert H.page_snapshot(rig, h2) == stored
         after = H.load_rows(rig, h2, list(range(9, 9 + n)))
         assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
         c = rig.inner.l3_counters()
@@ -129,7 +130,8 @@ def test_two_configs_share_a_store_without_reading_each_other(engine):
 def _ns_key(rig: H.Rig, tokens: list[int], page: int) -> str:
     from sglang.srt.mem_cache.utils import get_hash_str
 
-    return f"{get_hash_str(tokens, None, page_size=H.PAGE)[page]}-{rig.backend.tag}"
+    tag = getattr(rig.backend, "tag", None)  # no namespace proxy on a plain bf16 server
+    return get_hash_str(tokens, None, page_size=H.PAGE)[page] + (f"-{tag}" if tag else "")
 
 
 @pytest.mark.parametrize("engine", ["juicefs", "lmcache"], indirect=True)
@@ -148,10 +150,16 @@ def test_truncated_object_is_a_counted_miss(engine, config):
         else:
             rig.inner.put_raw(key, b"\0" * (page // 2))  # overwrite with a short object
         rig.host.free(h)
-        _, hits, got = H.prefetch(rig, toks)
+        h2, hits, got = H.prefetch(rig, toks)
         assert hits == 4 * H.PAGE  # the object exists...
         assert got == 2 * H.PAGE  # ...but only the pages before it load
         assert rig.inner.l3_counters()["corrupt"] == 1
+        # healed: removed at once, so lookups stop there, and the next backup writes it again
+        assert rig.backend.batch_exists(get_hash_str(toks, None, page_size=H.PAGE)) == 2
+        rig.host.free(h2)
+        h3, done = H.backup(rig, toks, [1, 2, 3, 4])
+        rig.host.free(h3)
+        assert H.prefetch(rig, toks)[1:] == (4 * H.PAGE, 4 * H.PAGE)
     finally:
         rig.close()
 
@@ -170,9 +178,51 @@ def test_flipped_byte_in_a_quantized_page_is_rejected(engine):
             f.seek(1000)
             f.write(bytes([b[0] ^ 1]))
         rig.host.free(h)
-        _, hits, got = H.prefetch(rig, toks)
+        h2, hits, got = H.prefetch(rig, toks)
         assert (hits, got) == (3 * H.PAGE, H.PAGE)
+        assert rig.backend.kvtq_l3_rejected_pages == 1 and not os.path.exists(path)  # rejected and removed
+        rig.host.free(h2)
+        h3, _ = H.backup(rig, toks, [1, 2, 3])  # the next backup writes a good page
+        rig.host.free(h3)
+        assert H.prefetch(rig, toks)[1:] == (3 * H.PAGE, 3 * H.PAGE)
         assert rig.backend.kvtq_l3_rejected_pages == 1
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("engine", ["juicefs", "lmcache"], indirect=True)
+def test_swapped_objects_are_misses_and_heal(engine):
+    """Two valid pages of this model, each stored under the other's key: both rejected, both healed."""
+    name, extra = engine
+    rig = H.make_rig(name, extra, H.KV4)
+    try:
+        toks = H.tokens_for(3, seed=43)
+        h, _ = H.backup(rig, toks, [1, 2, 3])
+        k1, k2 = _ns_key(rig, toks, 1), _ns_key(rig, toks, 2)
+        if name == "juicefs":
+            p1, p2 = (os.path.join(rig.inner.dir, rig.inner._name(rig.inner._full(k))) for k in (k1, k2))
+            b1, b2 = open(p1, "rb").read(), open(p2, "rb").read()
+            open(p1, "wb").write(b2)
+            open(p2, "wb").write(b1)
+        else:
+            pages = [rig.host.get_data_page(int(h[i * H.PAGE])).numpy().tobytes() for i in (1, 2)]
+            rig.inner.put_raw(k1, pages[1])  # PUT replaces the object
+            rig.inner.put_raw(k2, pages[0])
+        rig.host.free(h)
+        h2, hits, got = H.prefetch(rig, toks)
+        assert (hits, got) == (3 * H.PAGE, H.PAGE)  # present, but page 1 is not the page asked for
+        assert rig.backend.kvtq_l3_rejected_pages == 1
+        keys = get_hash_str(toks, None, page_size=H.PAGE)
+        assert rig.backend.batch_exists(keys) == 1
+        rig.host.free(h2)
+        h3, _ = H.backup(rig, toks, [1, 2, 3])
+        rig.host.free(h3)
+        # page 1 was rewritten; page 2 (still swapped) is caught next, and heals the same way
+        assert H.prefetch(rig, toks)[2] == 2 * H.PAGE
+        h4, _ = H.backup(rig, toks, [1, 2, 3])
+        rig.host.free(h4)
+        assert H.prefetch(rig, toks)[1:] == (3 * H.PAGE, 3 * H.PAGE)
+        assert rig.backend.kvtq_l3_rejected_pages == 2
     finally:
         rig.close()
 
@@ -257,6 +307,14 @@ def test_engine_killed_mid_run_gives_misses_and_clean_shutdown(engine):
         assert done2 == 0  # writes fail cleanly
         assert time.monotonic() - t0 < 20
         assert rig.inner.l3_counters()["outages"] >= 1
+        # the engine comes back: the same backend object uses it again after retry_after_s
+        _restart(name)
+        time.sleep(1.5)
+        toks3 = H.tokens_for(2, seed=53)
+        h3, done3 = H.backup(rig, toks3, [5, 6], timeout=30)
+        assert done3 == 2 * H.PAGE
+        rig.host.free(h3)
+        assert H.prefetch(rig, toks3, timeout=30)[1:] == (2 * H.PAGE, 2 * H.PAGE)
     finally:
         t0 = time.monotonic()
         rig.close()  # stops the storage threads and closes the backend
@@ -298,6 +356,20 @@ def test_mooncake_zero_copy_roundtrip(hooks, mooncake_master, config):
         t_r = time.perf_counter() - t_w
         assert (hits, got) == (n * H.PAGE, n * H.PAGE)
         assert H.page_snapshot(rig, h2) == stored
+        if cfg is not None:  # a misdirected object: page 1's K part replaced by page 0's
+            k1 = f"{rig.inner.config_prefix}_{_ns_key(rig, toks, 1)}_0"
+            buf = bytearray(store.get(k0 + "_k"))
+            assert store.remove(k1 + "_k", True) == 0 and store.put(k1 + "_k", bytes(buf)) == 0
+            rig.host.free(h2)
+            h3, hits, got = H.prefetch(rig, toks)
+            assert (hits, got) == (n * H.PAGE, H.PAGE) and rig.backend.kvtq_l3_rejected_pages == 1
+            assert store.is_exist(k1 + "_k") != 1 and store.is_exist(k1 + "_v") != 1  # removed: healed
+            rig.host.free(h3)
+            h4, done = H.backup(rig, toks, list(range(1, n + 1)))
+            assert done == n * H.PAGE
+            rig.host.free(h4)
+            h2, hits, got = H.prefetch(rig, toks)
+            assert (hits, got) == (n * H.PAGE, n * H.PAGE)
         with open(MEASURE, "a") as f:
             f.write(json.dumps({"engine": "mooncake", "config": config, "pages": n, "page_size": H.PAGE,
                                 "bytes_per_page": k_part + v_part, "bytes_per_token": (k_part + v_part) / H.PAGE,
