@@ -516,8 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     cfg = QuantConfig(axis_key=a.axis_key, axis_value=a.axis_value, q_group_size=a.q_group_size, asym=a.asym)
-    lm = models.load(a.model)
-    shape = lm.shape
+    from transformers import AutoConfig
+
+    shape = models.kv_shape_of(AutoConfig.from_pretrained(models.ensure_model(a.model)))
     cfg.validate_for(shape, a.page_size)
     costs = [{p: layer_bytes(cfg, shape, a.page_size, p) for p in pairs} for _ in range(shape.num_layers)]
     for b in budgets:  # fail before any model time is spent
@@ -526,8 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             kmin, vmin = min(p[0] for p in pairs), min(p[1] for p in pairs)
             lo = PageLayout(cfg.with_(nbits_key=kmin, nbits_value=vmin), shape, a.page_size).effective_bits
             print(f"error: --bits {b}: the cheapest table (K{kmin}V{vmin} everywhere) already takes "
-                  f"{lo:.4f} effective bits at page {a.page_size}", file=sys.stderr)
+                  f"{lo:.4f} effective bits at page {a.page_size} (codes, fp16 metadata and the page header)",
+                  file=sys.stderr)
             return 2
+    lm = models.load(a.model)
     tok = lm.tokenizer
     ids = D.encode(tok, D.essay_text(models.data_dir()))
     pre = D.special_prefix(tok)
