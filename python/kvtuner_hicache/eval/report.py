@@ -187,13 +187,14 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
 
 def pairwise_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """Between-config comparisons (a vs b), one row each."""
-    out = ["| a | b | bits a / b | Δ ppl % a vs b [95% CI, windows] | block CI | resolved | KL a / b |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+    out = ["| a | b | bits a / b | Δ ppl % a vs b [95% CI, windows] | block CI | resolved | windows for ±0.3 % | KL a / b |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for d in rows:
         w, blk = d["window"], d.get("block64")
         kl = f"{d['kl_a']:.4f} / {d['kl_b']:.4f}" if d.get("kl_a") is not None and d.get("kl_b") is not None else "-"
         out.append(f"| {d['a']} | {d['b']} | {d['bits_a']:.3f} / {d['bits_b']:.3f} | {_ci(w).replace(' **R**', '')} | "
-                   f"{'-' if not blk else _ci(blk).replace(' **R**', '')} | {'yes' if w['resolved'] else 'no'} | {kl} |")
+                   f"{'-' if not blk else _ci(blk).replace(' **R**', '')} | {'yes' if w['resolved'] else 'no'} | "
+                   f"{_f(d.get('windows_for_0.3pct'), 'd')} | {kl} |")
     return "\n".join(out)
 
 
