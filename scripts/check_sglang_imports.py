@@ -29,7 +29,7 @@ REQUIRED_IMPORTS = [
     ("sglang.srt.mem_cache.pool_host.mla", ["MLATokenToKVPoolHost"]),
     ("sglang.srt.mem_cache.hicache_storage", ["HiCacheFile"]),
     ("sglang.srt.managers.cache_controller", ["HiCacheController"]),
-    ("sglang.srt.mem_cache.hiradix_cache", ["HiRadixCache"]),
+    ("sglang.srt.mem_cache.registry", ["create_tree_cache"]),
     ("sglang.srt.plugins.hook_registry", ["HookRegistry"]),
     ("sglang.srt.mem_cache.storage.backend_factory", ["StorageBackendFactory"]),
 ]
@@ -71,6 +71,24 @@ def versions() -> None:
         fail("torch is a CUDA build; expected the CPU wheel torch==2.13.0+cpu")
 
 
+def check_release() -> None:
+    """The installed release is supported and every hook target of its era resolves."""
+    from kvtuner_hicache.sglang_ext import plugin
+    from kvtuner_hicache.sglang_ext.eras import active_era, active_release, unsupported_release_error
+
+    err = unsupported_release_error()
+    if err:
+        fail(err)
+        return
+    era = active_era()
+    for target, _hook, _kind in plugin.hooks_for(era, active_release()):
+        try:
+            plugin._resolve(target)
+        except Exception as e:  # noqa: BLE001
+            fail(f"hook target {target} of era {era.name}", e)
+    ok(f"SGLang {active_release()} is supported (era {era.name}); every hook target of the era resolves")
+
+
 def check_imports() -> dict[str, object]:
     found: dict[str, object] = {}
     for mod, names in REQUIRED_IMPORTS:
@@ -109,12 +127,18 @@ def check_pools(found: dict[str, object]) -> None:
         fail("MHATokenToKVPool on CPU", e)
         return
     try:
-        host = MHATokenToKVPoolHost(
-            dev, host_to_device_ratio=2.0, host_size=0, page_size=page, layout="page_first",
-            pin_memory=False, device="cpu",
-        )
+        if "buffer_info" in inspect.signature(MHATokenToKVPoolHost.__init__).parameters:  # 0.5.23+
+            host = MHATokenToKVPoolHost(
+                dev.get_device_pool_infos()[0].buffer_info, 2.0, 0, page, "page_first", pin_memory=False,
+                device_capacity_tokens=dev.size, start_layer=dev.start_layer, end_layer=dev.end_layer,
+            )
+        else:
+            host = MHATokenToKVPoolHost(
+                dev, host_to_device_ratio=2.0, host_size=0, page_size=page, layout="page_first",
+                pin_memory=False, device="cpu",
+            )
         ok(f"MHATokenToKVPoolHost(ratio 2.0, page_first, pin_memory=False): size {host.size} tokens, "
-           f"kv_buffer {tuple(host.kv_buffer.shape)} {host.kv_buffer.dtype}, can_use_jit={host.can_use_jit}")
+           f"kv_buffer {tuple(host.kv_buffer.shape)} {host.kv_buffer.dtype}")
     except Exception as e:  # noqa: BLE001
         fail("MHATokenToKVPoolHost on CPU", e)
         return
@@ -155,14 +179,9 @@ def check_pools(found: dict[str, object]) -> None:
             size=256, page_size=page, dtype=torch.bfloat16, kv_lora_rank=512, qk_rope_head_dim=64,
             layer_num=layers, device="cpu", enable_memory_saver=False,
         )
-        mla_host = found["MLATokenToKVPoolHost"](
-            mla, host_to_device_ratio=2.0, host_size=0, page_size=page, layout="page_first",
-            pin_memory=False, device="cpu",
-        )
-        ok(f"MLATokenToKVPool + MLATokenToKVPoolHost(page_first): kv_buffer {tuple(mla.kv_buffer[0].shape)}, "
-           f"host {tuple(mla_host.kv_buffer.shape)}")
+        ok(f"MLATokenToKVPool(kv_lora_rank 512, rope 64, cpu): kv_buffer {tuple(mla.kv_buffer[0].shape)}")
     except Exception as e:  # noqa: BLE001
-        fail("MLATokenToKVPool / MLATokenToKVPoolHost on CPU", e)
+        fail("MLATokenToKVPool on CPU", e)
 
 
 def _format_params(sig: inspect.Signature) -> str:
@@ -219,6 +238,7 @@ def main() -> int:
     print("check_sglang_imports: SGLang on CPU", flush=True)
     versions()
     found = check_imports()
+    check_release()
     check_pools(found)
     status = "FAILED: " + "; ".join(failures) if failures else "all checks passed"
     print(f"check_sglang_imports: {status} ({time.perf_counter() - t0:.1f} s)", flush=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the CPU development venv: <repo>/.venv (git-ignored), Python 3.11.
 #   - torch 2.13.0+cpu and every other pin: scripts/requirements-cpu.txt (one pip command);
-#   - sglang with --no-deps, at the version in python/kvtuner_hicache/_upstream.py (default 0.5.17);
+#   - sglang with --no-deps, at the version in python/kvtuner_hicache/_upstream.py (0.5.23; other
+#     supported releases run through scripts/with_sglang.sh);
 #   - an import-only torchvision stub (see below);
 #   - our package, editable, if python/pyproject.toml exists;
 #   - then scripts/check_sglang_imports.py checks that the SGLang classes we build on import and
@@ -31,7 +32,7 @@ pipq() {
 }
 
 # --- the single upstream pin ------------------------------------------------------------------
-SGLANG_VERSION=0.5.17
+SGLANG_VERSION=0.5.23
 if [ -f "$UPSTREAM" ]; then
   v=$(sed -nE "s/^SGLANG_VERSION[[:space:]]*(:[^=]*)?=[[:space:]]*[\"']([^\"']+)[\"'].*/\2/p" "$UPSTREAM" | head -n 1)
   if [ -n "$v" ]; then SGLANG_VERSION=$v; else log "warning: no SGLANG_VERSION line in $UPSTREAM"; fi
@@ -117,7 +118,7 @@ else
   cat >"$tv/__init__.py" <<'PYEOF'
 """Import-only stand-in for torchvision, written by kvtuner-hicache's scripts/setup.sh.
 
-PyPI's torchvision cannot load beside torch+cpu, yet sglang 0.5.17 and transformers 5.12.1
+PyPI's torchvision cannot load beside torch+cpu, yet sglang and transformers 5.12.1
 import it at module level. This provides those names only; any real use raises.
 """
 

@@ -1,16 +1,39 @@
 #!/usr/bin/env bash
-# The README's test command: build .venv (scripts/setup.sh), fetch the smoke-test model and the
-# eval data, then lint and run every CPU test, then the L3 tests against real engines. GPU tests (-m gpu) run on a GPU machine through
-# scripts/gpu_test.sh. Extra arguments go to pytest.
+# The README's test command: build .venv (scripts/setup.sh, SGLang at the pin in _upstream.py), fetch the
+# smoke-test model and the eval data, lint, then:
+#   1. every CPU test on the pinned release (0.5.23);
+#   2. every CPU test again on the oldest supported release (0.5.17, through scripts/with_sglang.sh);
+#   3. the per-release compatibility tests on each release in between (0.5.18 .. 0.5.22);
+#   4. the L3 tests against real engines (JuiceFS FUSE mount, Mooncake master, LMCache server on 127.0.0.1).
+# GPU tests (-m gpu) run on a GPU machine through scripts/gpu_test.sh. Extra arguments go to pytest (step 1).
+# RELEASES="0.5.18 0.5.20" narrows step 3; SKIP_OLDEST=1 skips step 2 (local iteration only: CI runs all).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
+t0=$(date +%s)
+step() { echo "[test] +$(( $(date +%s) - t0 )) s: $*"; }
 bash scripts/setup.sh
 bash scripts/fetch_models.sh smollm2-135m
 bash scripts/fetch_models.sh data
 export KVT_REQUIRE_MODELS=1   # the real-model smoke test must run, never skip silently
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -m "not gpu and not l3" -p no:cacheprovider "$@"
-# L3 against real engines (JuiceFS FUSE mount, Mooncake master, LMCache server) on 127.0.0.1:
+PYTEST=(.venv/bin/python -m pytest -m "not gpu and not l3" -p no:cacheprovider)
+
+pinned=$(sed -nE "s/^SGLANG_VERSION[[:space:]]*=[[:space:]]*\"([^\"]+)\".*/\1/p" python/kvtuner_hicache/_upstream.py)
+step "all CPU tests on SGLang $pinned (the pin)"
+"${PYTEST[@]}" "$@"
+
+if [ "${SKIP_OLDEST:-0}" != 1 ]; then
+  step "all CPU tests on SGLang 0.5.17 (the oldest supported release)"
+  bash scripts/with_sglang.sh 0.5.17 "${PYTEST[@]}" -q
+fi
+
+for v in ${RELEASES:-0.5.18 0.5.19 0.5.20 0.5.21 0.5.22}; do
+  step "compatibility tests on SGLang $v"
+  bash scripts/with_sglang.sh "$v" "${PYTEST[@]}" -q test/sglang/test_release_compat.py test/sglang/test_plugin.py
+done
+
+step "L3 tests against real engines"
 # installs, starts, tests (missing engines fail, never skip) and always tears down.
 bash scripts/l3/test_l3.sh
+step "done"

@@ -3,4 +3,4 @@
 scripts/setup.sh reads this line with sed, so keep it a plain string assignment.
 """
 
-SGLANG_VERSION = "0.5.17"
+SGLANG_VERSION = "0.5.23"

@@ -23,8 +23,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from kvtuner_hicache._upstream import SGLANG_VERSION as DEFAULT_RELEASE  # the pin setup.sh and the docs use
+
 SUPPORTED_RANGE = ("0.5.17", "0.5.23")
-DEFAULT_RELEASE = SUPPORTED_RANGE[1]
 
 
 def installed_sglang_version() -> str | None:
