@@ -154,7 +154,7 @@ reference (KV cast to bf16 and back = the unquantized device pool).
   × = compression vs bf16.
 - Δ ppl % [95% CI]: perplexity of the continuation behind the quantized prefix vs bf16, with a
   paired bootstrap interval over windows (2,000 resamples, seed 0); **R** = resolved (interval
-  excludes 0). block CI: the same over 64-token blocks (narrower; ignores within-window
+  excludes 0, with at least 5 windows or items). block CI: the same over 64-token blocks (narrower; ignores within-window
   correlation, shown for reference).
 - KL: mean KL(bf16 ‖ config) of the next-token distributions; top-1: argmax agreement with bf16.
 - GSM8K ΔNLL: reference-answer NLL per answer token (nats) vs bf16, behind a quantized few-shot
