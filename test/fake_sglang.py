@@ -80,8 +80,10 @@ class FakeSGLang(BaseHTTPRequestHandler):
 def main(argv: list[str]) -> None:
     port = int(argv[argv.index("--port") + 1]) if "--port" in argv else 30000
     if "--enable-kvtuner-hicache" in argv:
-        print("kvtuner_hicache kv host pool: 61760 tokens (965 pages), 16192 B/token (4.046 bits/element, "
-              "3.54x vs bf16, K4cV4t-a-g64), 1.00 GB; codec=native; L3 namespace kvtq1-x", flush=True)
+        # the real pool's line format (test/sglang/test_host_pool.py parses a real one with the same regex)
+        print("kvtuner_hicache kv host pool: 61760 tokens (965 pages), 16192 B/token (4.518 bits/element, "
+              "3.54x vs bf16, K4cV4t-a-g64), 1.00 GB; a bf16 pool of these bytes holds 17438 tokens; "
+              "codec=native; SGLang 0.5.23 (era E); L3 namespace kvtq2-x", flush=True)
     elif "--enable-hierarchical-cache" in argv:
         print("Allocating kv hierarchical KV host pool: 17408 tokens, 1.00 GB host memory.", flush=True)
     print("max_total_num_tokens=16384", flush=True)

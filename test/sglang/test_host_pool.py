@@ -209,3 +209,32 @@ def test_residual_lru_evicts_oldest():
         host.backup_from_device_all_layer(dev, h, _scattered_pages(ps, [i % 10]), "kernel")
     assert host.kvtq_page_ids(hs[0])[0] not in host.residual.slot_of
     assert all(host.kvtq_page_ids(h)[0] in host.residual.slot_of for h in hs[1:])
+
+
+def test_start_up_line_is_what_the_benchmark_parses():
+    """benchmark/multiturn_arms.py reads capacity, bytes/token, compression and codec from this real line."""
+    import logging
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmark"))
+    import multiturn_arms
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: records.append(rec.getMessage())
+    log = logging.getLogger("kvtuner_hicache.sglang_ext.host_pool")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        host = quant_host_pool(mha_device_pool(2, 4, 128, 64, tokens=256))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    line = next(r for r in records if "host pool:" in r)
+    m = multiturn_arms._OUR_POOL.search(line)
+    assert m is not None, line
+    assert (m[1], int(m[2]), int(m[3]), int(m[4])) == ("kv", host.size, host.page_num, host.size_per_token)
+    assert float(m[5]) == pytest.approx(host.compression_vs_bf16, abs=0.01) and m[6] == "reference"
+    assert "SGLang " in line and "(era " in line and "a bf16 pool of these bytes holds" in line

@@ -119,14 +119,14 @@ class _QuantizedHostPool(HostKVCache):
         # effective numbers: the 4 KiB row padding counted
         self.compression_vs_bf16 = pl.shape.bf16_bytes_per_token() / self.size_per_token
         self.bf16_equivalent_tokens = int(self.size * self.size_per_token // pl.shape.bf16_bytes_per_token())
+        # benchmark/multiturn_arms.py parses this line (test_host_pool.py checks that it still does)
         logger.info(
-            "kvtuner_hicache %s host pool: %d tokens (%d pages) in %.2f GB, %d B/token (%.3f bits/element, "
-            "%.2fx vs bf16: a bf16 pool of these bytes holds %d tokens), %s; codec=%s; SGLang %s (era %s); "
+            "kvtuner_hicache %s host pool: %d tokens (%d pages), %d B/token (%.3f bits/element, %.2fx vs bf16, "
+            "%s), %.2f GB; a bf16 pool of these bytes holds %d tokens; codec=%s; SGLang %s (era %s); "
             "L3 namespace %s%s",
-            pool_label, self.size, self.page_num, self.size * self.size_per_token / 1e9, self.size_per_token,
-            self.size_per_token * 8 / pl.elements_per_token, self.compression_vs_bf16,
-            self.bf16_equivalent_tokens, quant_config.short_name(), codec_name(self.codec),
-            active_release(), era.name, pl.tag,
+            pool_label, self.size, self.page_num, self.size_per_token, self.size_per_token * 8 / pl.elements_per_token,
+            self.compression_vs_bf16, quant_config.short_name(), self.size * self.size_per_token / 1e9,
+            self.bf16_equivalent_tokens, codec_name(self.codec), active_release(), era.name, pl.tag,
             f"; bf16 tail store {self.residual_bytes / 1e9:.2f} GB" if self.residual_bytes else "",
         )
 
