@@ -50,16 +50,16 @@ NO_DIGEST = bytes(DIGEST_BYTES)
 assert _HEADER.size == KEY_DIGEST_OFFSET + DIGEST_BYTES <= HEADER_CRC_OFFSET
 
 
-def _load_crc32c() -> Any:
+def _load_crc32c() -> tuple[Any, bool]:
     try:
         import crc32c
     except ImportError as e:  # pragma: no cover - the pin is in scripts/requirements-cpu.txt
         raise ImportError("kvtuner_hicache needs the `crc32c` package (hardware CRC32C) for its L3 page "
                           "checks: pip install crc32c") from e
-    return crc32c.crc32c
+    return crc32c.crc32c, bool(getattr(crc32c, "hardware_based", False))
 
 
-_crc32c = _load_crc32c()
+_crc32c, CRC32C_HARDWARE = _load_crc32c()  # False: the package's software fallback (~10x slower)
 
 
 def crc32c(data: Any, value: int = 0) -> int:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageExtraInfo, PoolName
 
-from kvtuner_hicache.page_format import PageLayout, key_digest, model_digest
+from kvtuner_hicache.page_format import CRC32C_HARDWARE, PageLayout, key_digest, model_digest
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +200,9 @@ class KVTQStorageProxy(HiCacheStorage):
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtq-l3")
         logger.info("kvtuner_hicache: L3 keys of backend %s live under namespace '-%s' (pages bound to %s)",
                     type(inner).__name__, self.tag, self.identity)
+        if self.layout is not None and not CRC32C_HARDWARE:
+            logger.warning("kvtuner_hicache: the crc32c package has no hardware CRC32C on this CPU; L3 page "
+                           "checks run in software, well below line rate")
 
     # ---- keys ------------------------------------------------------------------------------------
 
