@@ -321,7 +321,7 @@ def _create_backend(orig, cls, backend_name, storage_config, mem_pool_host, **kw
         return backend  # not our pages: SGLang's backend, keys and checks exactly as upstream
     from kvtuner_hicache.sglang_ext.storage import KVTQStorageProxy
 
-    return KVTQStorageProxy(backend, mem_pool_host)
+    return KVTQStorageProxy(backend, mem_pool_host, storage_config)  # pages bound to key and model
 
 
 # ---- registration and verification ---------------------------------------------------------------
