@@ -409,9 +409,8 @@ def preset_model_warning(path: str | os.PathLike, model_path: str, cfg: QuantCon
         a, b = _model_key(tuned), _model_key(model_path)
         if a and b and a not in b and b not in a:
             notes.append(f"per-layer table {os.fspath(path)} was tuned on {tuned}, not on {model_path}: its layer "
-                         "choices reflect that model's sensitivities (on Qwen2.5-Coder-1.5B a Qwen2.5-7B "
-                         "KVTuner table was worse than uniform KV4 at fewer bits, docs/accuracy.md); "
-                         "calibrate one for this model with python -m kvtuner_hicache.calibrate")
+                         "choices reflect that model's sensitivities, not this one's; calibrate a table for "
+                         "this model with python -m kvtuner_hicache.calibrate")
     m = _PRESET_NAME.match(os.path.splitext(os.path.basename(os.fspath(path)))[0])
     if m and cfg is not None and not meta:
         mode = m["mode"].lower()
