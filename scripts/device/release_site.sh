@@ -71,6 +71,6 @@ server_env() {
 resolve_release() {  # SGLANG_RELEASE, else what try_releases.sh found here, else .stage/release, else 0.5.17
   local r=${SGLANG_RELEASE:-}
   [ -n "$r" ] || r=$(cat "$KVTQ_SGL_ROOT/chosen_release" 2>/dev/null)
-  [ -n "$r" ] || r=$(tr -d ' \n' < "$STAGE/release" 2>/dev/null)
+  [ -n "$r" ] || [ ! -f "$STAGE/release" ] || r=$(tr -d ' \n' < "$STAGE/release")
   echo "${r:-0.5.17}"
 }
