@@ -153,3 +153,23 @@ def test_runs_on_the_same_windows_merge():
     other_ref = {**ref, "ppl_per_window": [10.0, 12.0, 11.0, 9.0, 10.6]}
     with pytest.raises(ValueError, match="references differ"):
         merge([one, {"meta": meta, "records": [other_ref]}])
+
+
+def test_runs_on_different_windows_concatenate():
+    from kvtuner_hicache.eval.report import concat, reanalyze
+
+    def run(ppls_ref, ppls_a, offsets):
+        meta = {"model": "m", "windows": len(offsets), "prefix_len": 64, "score_len": 32, "page_size": 16,
+                "window_offsets": offsets}
+        ref = {"config": "bf16", "effective_bits": 16.0, "compression_ratio": 1.0, "ppl_per_window": ppls_ref,
+               "scored_tokens": 32 * len(offsets), "kl": 0.0}
+        return {"meta": meta, "records": [ref, {**ref, "config": "A", "ppl_per_window": ppls_a, "kl": 0.01}]}
+
+    a = run([10.0, 12.0, 11.0], [10.1, 12.1, 11.1], [0, 200, 400])
+    b = run([9.0, 10.5], [9.1, 10.6], [100, 300])
+    out = reanalyze(concat([a, b]))
+    rec = next(r for r in out["records"] if r["config"] == "A")
+    assert len(rec["nll_sum_per_window"]) == 5 and out["meta"]["windows"] == 5
+    assert rec["stats"]["ppl_delta_pct"]["window"]["n"] == 5 and rec["kl"] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="appears in two runs"):
+        concat([a, a])

@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", help="comma-separated config names (overrides --sweep); see configs.py")
     p.add_argument("--add-configs", default="", help="comma-separated config names appended to --sweep/--configs")
     p.add_argument("--windows", type=int, default=4, help="essay windows for perplexity (0: skip)")
+    p.add_argument("--window-indices", default="",
+                   help="run only these of the --windows evenly spaced windows: 'odd', 'even' or a comma list "
+                        "(e.g. --windows 15 --window-indices odd adds 7 windows to an 8-window run; "
+                        "join them with python -m kvtuner_hicache.eval.report --concat)")
     p.add_argument("--prefix-len", type=int, default=1536, help="quantized prefix tokens per window (whole pages)")
     p.add_argument("--score-len", type=int, default=512, help="scored tokens per window")
     p.add_argument("--page-size", type=int, default=64)
@@ -60,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "every config is always compared with bf16")
     p.add_argument("--json", dest="json_out", help="write the records here")
     return p
+
+
+def _indices(spec: str, n: int) -> list[int]:
+    if spec in ("odd", "even"):
+        return list(range(1 if spec == "odd" else 0, n, 2))
+    pick = [int(x) for x in spec.split(",") if x.strip()]
+    if any(not 0 <= i < n for i in pick):
+        raise ConfigError(f"--window-indices {spec}: indices must be in 0..{n - 1}")
+    return pick
 
 
 def _task_configs(spec: str, configs: Sequence[EvalConfig]) -> list[EvalConfig]:
@@ -113,8 +126,13 @@ def run(args: argparse.Namespace, argv: Sequence[str], log: Any = stderr_log) ->
         raise ConfigError(f"--prefix-len {args.prefix_len} must be a multiple of --page-size {ps}")
     essay = D.encode(tok, D.essay_text(data_root))
     win_len = args.prefix_len + args.score_len + 1
+    offsets: list[int] = []
     if args.windows > 0:
         windows = D.text_windows(essay, bos, win_len, args.windows)
+        offsets = D.window_offsets(len(essay), win_len - len(bos), args.windows)
+        if args.window_indices:
+            pick = _indices(args.window_indices, args.windows)
+            windows, offsets = [windows[i] for i in pick], [offsets[i] for i in pick]
         stats_ids = windows[0][: args.prefix_len]
     else:
         stats_ids = (bos + essay)[: args.prefix_len]
@@ -186,6 +204,9 @@ def run(args: argparse.Namespace, argv: Sequence[str], log: Any = stderr_log) ->
             "shape": {"layers": shape.num_layers, "kv_heads": shape.heads, "head_dim": shape.head_dim},
             "page_size": ps,
             "prefix_len": args.prefix_len,
+            "essay_tokens": len(essay),
+            "window_layout": args.windows,
+            "window_offsets": offsets,
             "score_len": args.score_len,
             "gsm8k_items": args.gsm8k, "gsm8k_shots": args.gsm8k_shots, "gsm8k_prefix_tokens": gsm_prefix,
             "mmlu_items": args.mmlu, "mmlu_shots": args.mmlu_shots, "mmlu_mean_cached_tokens": mmlu_cached,

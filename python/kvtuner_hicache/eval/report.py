@@ -243,6 +243,67 @@ def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {**first, "meta": meta, "records": records}
 
 
+_CONCAT = ("nll_sum_per_window", "tokens_per_window", "nll_sum_per_block32", "tokens_per_block32")
+
+
+def concat(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs on *different* windows of the same text (same model, prefix, scored
+    tokens, page size, configs): per config, the per-window and per-block arrays are joined and
+    ppl, Δ, KL and top-1 recomputed over all windows. Windows must not repeat (checked on the
+    recorded `window_offsets` when both runs have them, else on the bf16 per-window NLLs).
+    GSM8K/MMLU parts are kept from the first run only."""
+    keys = ("model", "prefix_len", "score_len", "page_size")
+    first = results[0]
+    for res in results[1:]:
+        diff = [k for k in keys if res["meta"].get(k) != first["meta"].get(k)]
+        if diff:
+            raise ValueError(f"concat: runs differ in {diff}")
+    refs = [with_window_sums(next(r for r in res["records"] if r.get("config") == "bf16")) for res in results]
+    offs = [res["meta"].get("window_offsets") for res in results]
+    if all(offs):
+        flat = [o for x in offs for o in x]  # type: ignore[union-attr]
+        if len(set(flat)) != len(flat):
+            raise ValueError("concat: a window appears in two runs")
+    else:
+        flat_nll = [round(x, 6) for r in refs for x in r["nll_sum_per_window"]]
+        if len(set(flat_nll)) != len(flat_nll):
+            raise ValueError("concat: two runs share a window (same bf16 NLL)")
+    names = [r["config"] for r in first["records"]]
+    for res in results[1:]:
+        missing = set(names) - {r["config"] for r in res["records"]}
+        if missing:
+            raise ValueError(f"concat: configs missing from a run: {sorted(missing)}")
+    out_recs = []
+    ref_all = sum((r["nll_sum_per_window"] for r in refs), [])
+    ref_tok = sum((r["tokens_per_window"] for r in refs), [])
+    for name in names:
+        parts = [with_window_sums(next(r for r in res["records"] if r["config"] == name)) for res in results]
+        rec = dict(parts[0])
+        for k in _CONCAT:
+            if all(k in p for p in parts):
+                rec[k] = sum((list(p[k]) for p in parts), [])
+            else:
+                rec.pop(k, None)
+        n = sum(rec["tokens_per_window"])
+        rec["scored_tokens"] = n
+        rec["ppl"] = math.exp(sum(rec["nll_sum_per_window"]) / n)
+        rec["ppl_base"] = math.exp(sum(ref_all) / sum(ref_tok))
+        rec["ppl_delta_pct"] = 100.0 * (rec["ppl"] / rec["ppl_base"] - 1.0)
+        rec["ppl_per_window"] = [math.exp(x / t) for x, t in zip(rec["nll_sum_per_window"], rec["tokens_per_window"], strict=True)]
+        rec["ppl_delta_pct_per_window"] = [100.0 * math.expm1((x - y) / t) for x, y, t in
+                                           zip(rec["nll_sum_per_window"], ref_all, rec["tokens_per_window"], strict=True)]
+        for k in ("kl", "top1_agreement"):
+            if all(k in p for p in parts):
+                rec[k] = sum(p[k] * p["scored_tokens"] for p in parts) / n
+        rec.pop("stats", None)
+        out_recs.append(rec)
+    meta = dict(first["meta"])
+    meta["windows"] = len(ref_all)
+    meta["window_offsets"] = [o for x in offs for o in (x or [])]
+    meta["concatenated_commands"] = [r["meta"].get("command") for r in results]
+    return {**first, "meta": meta, "records": out_recs}
+
+
 def reanalyze(result: dict[str, Any], pairs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     """Recompute every record's Δ ppl interval against the run's bf16 record, and `pairs`."""
     recs = [with_window_sums(r) for r in result["records"]]
@@ -266,13 +327,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  description="Paired bootstrap intervals for a results JSON of the accuracy harness.")
     ap.add_argument("results", nargs="+", help="one results JSON, or several runs on the same windows to merge")
     ap.add_argument("--compare", default="", help="'A vs B,C vs D': config A against config B")
+    ap.add_argument("--concat", action="store_true",
+                    help="the runs are on different windows of the same text: join their windows")
     ap.add_argument("--json", dest="json_out")
     a = ap.parse_args(argv)
     runs = []
     for path in a.results:
         with open(path) as f:
             runs.append(json.load(f))
-    result = merge(runs) if len(runs) > 1 else runs[0]
+    result = (concat(runs) if a.concat else merge(runs)) if len(runs) > 1 else runs[0]
     pairs = parse_pairs(a.compare)
     out = reanalyze(result, pairs)
     print(markdown(out["records"]))
