@@ -48,6 +48,11 @@ release_site() {
       esac
     done
     tar -C "$site" -xJf "$ov" || { echo "unpack of $ov failed" >&2; return 1; }
+    # no CuTe DSL on this image: the dual-GEMM probe of 0.5.22+ gets our "not available" shim
+    dg=$site/sglang/kernels/ops/gemm/cutedsl_dual_gemm.py
+    if [ -f "$dg" ] && ! PYTHONPATH=$site python3 -c "import cutlass" 2>/dev/null; then
+      rm -f "$dg" && cp "$(dirname "${BASH_SOURCE[0]}")/shims/cutedsl_dual_gemm.py" "$dg"
+    fi
   fi
   echo "$st" > "$site/.unpacked"
   echo "$site"

@@ -598,7 +598,7 @@ def test_out_of_range_index_raises_and_context_survives(nat, case):
             codec.check()
         codec.check()  # reported once
         if case == "load-page-id":  # the next call raises too when nobody called check()
-            codec.load_layer(0, to_dev(torch.tensor([5_000_000])), good_rows)
+            codec.load_layer(0, to_dev(torch.tensor([5_000_000])), to_dev(page_rows([0], ps)))
             torch.cuda.synchronize()
             with pytest.raises(IndexError, match="host page id 5000000"):
                 codec.load_layer(1, to_dev(good_ids), good_rows)

@@ -304,9 +304,7 @@ class NativeCodec(PageCodec):
         if self._closed:
             raise RuntimeError("kvtuner_hicache: backup on a codec that was shut down")
         self.err.check()
-        ids = host_page_ids
-        if ids.device.type != "cpu" or ids.dtype != torch.int64 or not ids.is_contiguous():
-            ids = ids.to(device="cpu", dtype=torch.int64).contiguous()
+        ids = self._host_ids(host_page_ids)  # range-checked on the host before anything is enqueued
         if ids.numel() == 0:
             return
         rows = device_rows
@@ -314,7 +312,7 @@ class NativeCodec(PageCodec):
             rows = rows.to(device=self.device, dtype=torch.int64).contiguous()
         p0, p1 = self._pointers()
         self._backup(self._chunks, self._units, p0, p1, rows, self._header, self.staging, self.host_pages, ids,
-                     self._geom, self.err.word, self._side)  # host ids range-checked in C++: IndexError
+                     self._geom, self.err.word, self._side)
 
     def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
         if self.err.pending():
