@@ -43,8 +43,15 @@ def device_pool(tokens: int = 16 * PAGE, seed: int = 0) -> MHATokenToKVPool:
 
 def host_pool(dev: MHATokenToKVPool, cfg: QuantConfig | None) -> Any:
     if cfg is None:
+        import inspect
+
         from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 
+        if "buffer_info" in inspect.signature(MHATokenToKVPoolHost.__init__).parameters:  # 0.5.23+
+            info = dev.get_device_pool_infos()[0].buffer_info
+            return MHATokenToKVPoolHost(info, 2.0, 0, PAGE, "page_first", pin_memory=False,
+                                        device_capacity_tokens=dev.size, start_layer=dev.start_layer,
+                                        end_layer=dev.end_layer)
         return MHATokenToKVPoolHost(dev, 2.0, 0, PAGE, "page_first", pin_memory=False)
     import inspect
 
@@ -80,15 +87,28 @@ class Rig:
         self.cc.detach_storage_backend()
 
 
+_ONE_RANK = dict(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_dcp_size=1, attn_dcp_rank=0, attn_cp_size=1,
+                 attn_cp_rank=0, attn_tp_size=1, attn_tp_rank=0)
+
+
+def _controller(alloc: Any, host: Any, backend: str, model: str, extra: dict[str, Any]) -> HiCacheController:
+    return HiCacheController(alloc, host, PAGE, None, threading.Event(), write_policy="write_through",
+                             io_backend="kernel", storage_backend=backend, prefetch_threshold=PAGE,
+                             model_name=model, storage_backend_extra_config=dict(extra))
+
+
 def make_rig(backend: str, extra: dict[str, Any], cfg: QuantConfig | None, model: str = "test-model",
              seed: int = 0) -> Rig:
     dev = device_pool(seed=seed)
     alloc = PagedTokenToKVPoolAllocator(dev.size, PAGE, torch.bfloat16, "cpu", dev, need_sort=False)
     host = host_pool(dev, cfg)
-    with get_parallel().override(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1):
-        cc = HiCacheController(alloc, host, PAGE, None, threading.Event(), write_policy="write_through",
-                               io_backend="kernel", storage_backend=backend, prefetch_threshold=PAGE,
-                               model_name=model, storage_backend_extra_config=dict(extra))
+    parallel = get_parallel()
+    if hasattr(parallel, "override_permanently"):  # newer releases: the storage threads read it later too
+        parallel.override_permanently(**_ONE_RANK)
+        cc = _controller(alloc, host, backend, model, extra)
+    else:
+        with parallel.override(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1):
+            cc = _controller(alloc, host, backend, model, extra)
     return Rig(cc, dev, host, cfg)
 
 
@@ -128,15 +148,32 @@ def prefetch(rig: Rig, tokens: list[int], timeout: float = 60.0) -> tuple[torch.
             break
         except queue.Empty:
             pass
-        if not cc.prefetch_revoke_queue.empty():
-            assert cc.prefetch_revoke_queue.get() == op.request_id
+        revoke = getattr(cc, "prefetch_revoke_queue", None)  # 0.5.17-0.5.22; 0.5.23 hands every op over
+        if revoke is not None and not revoke.empty():
+            assert revoke.get() == op.request_id
             return None, 0, 0  # fewer hits than the threshold: nothing to load
         assert time.monotonic() < end, "prefetch hit query did not finish"
+    if op.storage_hit_count < cc.prefetch_threshold:  # 0.5.23: the scheduler revokes it at drain time
+        return None, 0, 0
     # the scheduler's part: host slots for exactly the hit count
     h = rig.host.alloc(op.storage_hit_count)
     assert h is not None
     op.host_indices = h
     cc.prefetch_buffer.put(op)
+    if hasattr(cc, "ack_prefetch_queue"):  # 0.5.23: progress arrives as rank-reduced acks
+        done = 0
+        while True:
+            try:
+                ack = cc.ack_prefetch_queue.get(timeout=0.1)
+            except queue.Empty:
+                assert time.monotonic() < end, "prefetch I/O did not finish"
+                continue
+            if ack.operation is not op:
+                continue
+            if ack.completed_tokens is not None:
+                done = max(done, ack.completed_tokens)
+            if ack.completed_req:
+                return h, op.storage_hit_count, done
     while op.completed_tokens < op.storage_hit_count and not op.is_terminated():
         assert time.monotonic() < end, "prefetch I/O did not finish"
         time.sleep(0.02)
