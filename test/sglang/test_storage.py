@@ -254,12 +254,30 @@ def test_proxy_never_raises_into_storage_threads():
         def batch_set_v1(self, keys, host_indices, extra_info=None):
             raise OSError("mount gone")
 
+        def batch_exists_v2(self, keys, pool_transfers=None, extra_info=None):
+            raise OSError("mount gone")
+
+        def batch_get_v2(self, transfers, extra_info=None):
+            raise OSError("mount gone")
+
+        def batch_set_v2(self, transfers, extra_info=None):
+            raise OSError("mount gone")
+
+        def get_stats(self):
+            raise OSError("mount gone")
+
     pool, h = filled_pool()
     b = KVTQStorageProxy(Broken(), pool, storage_config())
+    b.retry_after_s = 0.0
     assert b.batch_exists(KEYS) == 0
     assert b.batch_set_v1(KEYS, h) == [False] * 3
     assert b.exists("aa") is False
     assert b.batch_get(KEYS, [pool.get_dummy_flat_data_page() for _ in KEYS]) == [None] * 3
+    transfer = [hs.PoolTransfer(name=hs.PoolName.DRAFT, host_indices=h[:PS], keys=["aa"])]
+    assert b.batch_exists_v2(["aa"], transfer).kv_hit_pages == 0
+    assert b.batch_get_v2(transfer) == {hs.PoolName.DRAFT: [False]}
+    assert b.batch_set_v2(transfer) == {hs.PoolName.DRAFT: [False]}
+    assert b.get_stats() is None and b.kvtq_l3_backend_errors >= 4  # no exception, errors counted
 
 
 def test_hung_backend_gives_misses_within_the_deadline_and_is_used_again(tmp_path, monkeypatch):

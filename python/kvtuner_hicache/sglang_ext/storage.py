@@ -36,7 +36,12 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import torch
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageExtraInfo, PoolName
+from sglang.srt.mem_cache.hicache_storage import (
+    HiCacheStorage,
+    HiCacheStorageExtraInfo,
+    PoolName,
+    PoolTransferResult,
+)
 
 from kvtuner_hicache.page_format import CRC32C_HARDWARE, PageLayout, key_digest, model_digest
 
@@ -368,7 +373,7 @@ class KVTQStorageProxy(HiCacheStorage):
         pages = list(pages) + [None] * (len(keys) - len(pages))
         n = next((i for i, p in enumerate(pages) if p is None), len(pages))
         n = self._cut_at_bad(self._namespaced_all(keys[:n]), n)
-        bad = self._first_bad(keys, [_page_view(p) for p in pages[:n]]) if n else None
+        bad = self._first_bad(keys, [_page_view(p) for p in pages[:n]]) if n and self.layout is not None else None
         if bad is not None:
             i, reason = bad
             self._reject(keys[i], reason, len(pages) - i)
@@ -487,14 +492,27 @@ class KVTQStorageProxy(HiCacheStorage):
     # ---- v2 (hybrid / draft pools: not our pages, only namespaced) --------------------------------
 
     def batch_exists_v2(self, keys, pool_transfers=None, extra_info=None):
-        return self.inner.batch_exists_v2(self._namespaced_all(list(keys)), self._namespaced_transfers(pool_transfers),
-                                          self._namespaced_info(extra_info))
+        try:
+            return self.inner.batch_exists_v2(self._namespaced_all(list(keys)),
+                                              self._namespaced_transfers(pool_transfers),
+                                              self._namespaced_info(extra_info))
+        except Exception as e:
+            self._backend_failed("lookup", f"{type(e).__name__}: {e}")
+            return PoolTransferResult.empty()
 
     def batch_get_v2(self, transfers, extra_info=None):
-        return self.inner.batch_get_v2(self._namespaced_transfers(transfers), self._namespaced_info(extra_info))
+        try:
+            return self.inner.batch_get_v2(self._namespaced_transfers(transfers), self._namespaced_info(extra_info))
+        except Exception as e:
+            self._backend_failed("read", f"{type(e).__name__}: {e}")
+            return {t.name: [False] * len(t.keys or []) for t in transfers or []}
 
     def batch_set_v2(self, transfers, extra_info=None):
-        return self.inner.batch_set_v2(self._namespaced_transfers(transfers), self._namespaced_info(extra_info))
+        try:
+            return self.inner.batch_set_v2(self._namespaced_transfers(transfers), self._namespaced_info(extra_info))
+        except Exception as e:
+            self._backend_failed("write", f"{type(e).__name__}: {e}")
+            return {t.name: [False] * len(t.keys or []) for t in transfers or []}
 
     # ---- the rest -------------------------------------------------------------------------------------
 
@@ -509,7 +527,11 @@ class KVTQStorageProxy(HiCacheStorage):
             return dict(self._bad)
 
     def get_stats(self):
-        stats = self.inner.get_stats()
+        try:
+            stats = self.inner.get_stats()
+        except Exception as e:
+            logger.warning("kvtuner_hicache: L3 get_stats of %s failed: %s", type(self.inner).__name__, e)
+            stats = None
         ours = {"kvtq_l3_rejected_pages": self.kvtq_l3_rejected_pages,
                 "kvtq_l3_healed_pages": self.kvtq_l3_healed_pages,
                 "kvtq_l3_backend_errors": self.kvtq_l3_backend_errors}
