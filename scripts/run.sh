@@ -21,7 +21,8 @@ bash scripts/fetch_models.sh data
 # The default sweep, plus this model's calibrated per-layer tables when docs/results ships them;
 # GSM8K answer NLL and MMLU accuracy (with bootstrap intervals) on the main configs and the tables.
 # The printed table ends with a legend of its columns and config names (docs/accuracy.md has more).
-TABLES=$(ls docs/results/calibrated_"$MODEL"_*.yaml 2>/dev/null | sed 's/^/table:/' | paste -sd, - || true)
+TABLES=$(ls docs/results/calibrated_"$MODEL"_3.0bits.yaml docs/results/calibrated_"$MODEL"_3.5bits.yaml 2>/dev/null \
+  | sed 's/^/table:/' | paste -sd, - || true)
 exec .venv/bin/python -m kvtuner_hicache.eval --model "$MODEL" --sweep default --add-configs "$TABLES" \
   --windows "${WINDOWS:-4}" --gsm8k "${GSM8K:-8}" --mmlu "${MMLU:-24}" --task-configs main --batch 4 \
   --json "${OUT:-.cache/accuracy_$MODEL.json}" "$@"
