@@ -32,11 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kvtuner_hicache_l3 import plugin as l3_plugin
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from kvtuner_hicache.config import ConfigError, QuantConfig
 from kvtuner_hicache.sglang_ext import args as kargs
-from kvtuner_hicache.sglang_ext.backends import registration as l3_registration
 from kvtuner_hicache.sglang_ext.eras import Era, active_era, active_release, unsupported_release_error
 
 logger = logging.getLogger(__name__)
@@ -88,11 +88,9 @@ def active_config() -> QuantConfig | None:
 
 
 def _add_cli_args(orig, parser):
-    # One AROUND hook for every flag we add (SGLang warns about several on one target): our flags,
-    # and the juicefs/lmcache backend names + --hicache-storage-backend-config.
+    # our flags (the L3 plugin adds its backend names and the config alias in its own hook)
     orig(parser)
     kargs.add_cli_args(parser)
-    l3_registration.extend_parser(parser)
 
 
 def _fail_cli(err: ConfigError) -> None:
@@ -121,10 +119,14 @@ def _from_cli_args(orig, cls, args):
 
 
 def validate(server_args: Any, era: Era | None = None) -> None:
-    """Every start-up check on resolved ServerArgs; raises ConfigError listing what to change."""
-    l3_errs = l3_registration.preflight_errors(server_args)
-    if l3_errs:  # our L3 backends fail fast in the launcher, quantized or not
-        raise ConfigError("the L3 storage backend is not usable:\n  - " + "\n  - ".join(l3_errs))
+    """Every start-up check on resolved ServerArgs; raises ConfigError listing what to change.
+
+    The L3 options of every backend (a JSON object, for any backend) and our L3 engines are checked first,
+    quantized or not: one line per problem, before any model is loaded."""
+    l3_errs = l3_plugin.startup_errors(server_args)
+    if l3_errs:
+        raise ConfigError(l3_errs[0] if len(l3_errs) == 1 else
+                          "the L3 storage options are not usable:\n  - " + "\n  - ".join(l3_errs))
     cfg = active_config()
     if cfg is None:
         return
@@ -368,8 +370,7 @@ def register() -> None:
             _state.originals[target] = None
         HookRegistry.register(target, hook, kind)
     if era is not None:
-        for target, hook, kind in l3_registration.HOOKS:  # juicefs/lmcache construction
-            HookRegistry.register(target, hook, kind)
+        l3_plugin.register()  # juicefs/lmcache names (idempotent: its own entry point registers it too)
         if era.resolution_for(release or "") == "resolution_hook":
             from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
 
