@@ -230,3 +230,16 @@ def test_buffer_only_host_mode_is_refused(kvtq_hooks, tiny_model, capsys, era):
     err = _fails(capsys, tiny_model, *ENABLE, "--hicache-host-memory-mode", "buffer_only",
                  "--hicache-storage-backend", "file")
     assert "--hicache-host-memory-mode buffer_only is not supported" in err and "Traceback" not in err
+
+
+def test_table_calibrated_with_other_flags_is_refused(kvtq_hooks, tiny_model, capsys, tmp_path, mixed_table):
+    """A table records the flags it was calibrated with; launching it with other flags is a one-line error."""
+    from kvtuner_hicache.config import table_meta_line
+
+    table = tmp_path / "calibrated.yaml"
+    table.write_text(table_meta_line({"axis_key": 1, "axis_value": 0, "q_group_size": 64, "asym": True,
+                                      "model": "Qwen/Qwen2.5-7B"}) + "\n" + mixed_table.read_text())
+    err = _fails(capsys, tiny_model, *ENABLE, "--kvtuner-hicache-config", str(table), "--kvtuner-hicache-axis-key", "0")
+    assert "calibrated with" in err and "--kvtuner-hicache-axis-key 1" in err and "Traceback" not in err
+    _parse(tiny_model, *ENABLE, "--kvtuner-hicache-config", str(table))  # the recorded flags: accepted
+    assert _cfg().layer_bits is not None

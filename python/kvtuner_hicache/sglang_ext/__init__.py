@@ -24,7 +24,7 @@ def enable_for_engine(config: str | None = None, **cfg_kwargs: Any):
     import os
     from importlib.metadata import entry_points
 
-    from kvtuner_hicache.config import ConfigError, QuantConfig, load_layer_bits
+    from kvtuner_hicache.config import ConfigError, QuantConfig, check_table_flags, load_layer_bits
     from kvtuner_hicache.sglang_ext import args as kargs
     from kvtuner_hicache.sglang_ext.eras import unsupported_release_error
 
@@ -42,6 +42,7 @@ def enable_for_engine(config: str | None = None, **cfg_kwargs: Any):
         cfg = QuantConfig(**cfg_kwargs)
     except TypeError as e:
         raise ConfigError(f"enable_for_engine: {e}") from e
+    check_table_flags(cfg)
     # Scheduler processes only get our hooks through the installed entry point.
     if not any(ep.name == PLUGIN_NAME for ep in entry_points(group=PLUGIN_GROUP)):
         raise ConfigError(f"the {PLUGIN_NAME} SGLang plugin entry point is not installed "

@@ -13,7 +13,15 @@ import json
 import os
 from typing import Any
 
-from kvtuner_hicache.config import ALLOWED_BITS, ConfigError, LayerBits, QuantConfig, load_layer_bits
+from kvtuner_hicache.config import (
+    ALLOWED_BITS,
+    ConfigError,
+    LayerBits,
+    QuantConfig,
+    check_table_flags,
+    load_layer_bits,
+    preset_model_warning,
+)
 
 ENV_VAR = "SGLANG_KVTUNER_HICACHE"
 
@@ -90,7 +98,18 @@ def config_from_namespace(args: argparse.Namespace) -> QuantConfig | None:
                                         "(the per-layer table sets the bits)" for k in clash))
         fields["layer_bits"] = load_layer_bits(path)
         fields["layer_bits_source"] = f"--kvtuner-hicache-config {path}"
-    return QuantConfig(**fields)
+    cfg = QuantConfig(**fields)
+    check_table_flags(cfg)  # a table records the flags it was calibrated with: they must match
+    return cfg
+
+
+def table_warning(args: argparse.Namespace, cfg: QuantConfig | None) -> str | None:
+    """A warning when the per-layer table was tuned on another model than --model-path (None otherwise)."""
+    path = getattr(args, "kvtuner_hicache_config", None)
+    model = getattr(args, "model_path", None)
+    if cfg is None or not path or not model:
+        return None
+    return preset_model_warning(path, str(model), cfg)
 
 
 def config_to_json(cfg: QuantConfig) -> str:

@@ -109,6 +109,9 @@ def _from_cli_args(orig, cls, args):
             release_err = unsupported_release_error()
             if release_err:
                 raise ConfigError(release_err)
+            warning = kargs.table_warning(args, cfg)
+            if warning:
+                logger.warning("kvtuner_hicache: %s", warning)
         kargs.set_env_config(cfg)  # set before orig(): validation and the spawned schedulers read it
         return orig(cls, args)
     except ConfigError as e:
