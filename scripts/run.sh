@@ -7,14 +7,22 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
-[ -x .venv/bin/python ] || bash scripts/setup.sh
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  exec .venv/bin/python -m sglang.launch_server \
+  # SGLang (with its CUDA torch) and our two wheels installed in this Python, as the README's install says
+  PY=${PYTHON:-python3}
+  if ! "$PY" -c "import sglang, kvtuner_hicache, kvtuner_hicache_kernel" 2>/dev/null; then
+    echo "run.sh: $PY lacks sglang or our wheels. Install them first (README, 'Install on a GPU machine'):" >&2
+    echo "  pip install sglang==$(sed -nE 's/^SGLANG_VERSION = \"(.*)\"/\1/p' python/kvtuner_hicache/_upstream.py)" >&2
+    echo "  bash scripts/device/build_kernel_wheel.sh && pip install --no-deps dist/*.whl" >&2
+    exit 1
+  fi
+  exec "$PY" -m sglang.launch_server \
     --model-path "${MODEL:-Qwen/Qwen2.5-7B-Instruct}" --port "${PORT:-30000}" --page-size 64 \
     --enable-hierarchical-cache --hicache-size "${HICACHE_GB:-32}" \
     --enable-kvtuner-hicache --kvtuner-hicache-nbits-key 4 --kvtuner-hicache-nbits-value 4 \
     ${EXTRA_ARGS:-}
 fi
+[ -x .venv/bin/python ] || bash scripts/setup.sh
 MODEL=${MODEL:-qwen2.5-coder-0.5b}
 bash scripts/fetch_models.sh "$MODEL"
 bash scripts/fetch_models.sh data
