@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from kvtuner_hicache.page_format import HEADER_BYTES
-from kvtuner_hicache.quant.codec import PageCodec
+from kvtuner_hicache.quant.codec import PageCodec, WrappingCodec
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +56,11 @@ def wrap_if_enabled(codec: PageCodec, meta: dict | None = None) -> PageCodec:
     return CapturingCodec(codec, root, limit, meta)
 
 
-class CapturingCodec(PageCodec):
+class CapturingCodec(WrappingCodec):
     """Forwards every call to `inner` and records bounded samples of what went through it."""
 
     def __init__(self, inner: PageCodec, root: str, limit: int, meta: dict | None = None):
-        super().__init__(inner.layout, inner.device_kv, inner.host_pages)
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.root = root
         self.limit = max(0, limit)
         meta = dict(meta or {})
@@ -159,12 +157,6 @@ class CapturingCodec(PageCodec):
             with self._lock:
                 self._loaded.add((crc, source))
                 self.n_loads[source] += 1
-
-    def check(self) -> None:
-        self.inner.check()
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
 
     def describe(self) -> str:
         return f"{self.inner.describe()} + DEBUG capture"

@@ -154,6 +154,35 @@ class PageCodec(ABC):
         return ids
 
 
+class WrappingCodec(PageCodec):
+    """A codec around another one (debug capture, the bf16 tail store): forwards everything to `inner`.
+
+    Subclasses override backup/load_layer (calling the inner codec) and extend `describe`."""
+
+    def __init__(self, inner: PageCodec):
+        super().__init__(inner.layout, inner.device_kv, inner.host_pages)
+        self.inner = inner
+        self.name = inner.name
+
+    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+        self.inner.backup(host_page_ids, device_rows)
+
+    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+        self.inner.load_layer(layer, page_ids, device_rows)
+
+    def pages_written(self, host_page_ids: Sequence[int]) -> None:
+        self.inner.pages_written(host_page_ids)
+
+    def check(self) -> None:
+        self.inner.check()
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+
 # ---- reference (pure torch) ----------------------------------------------------------------------------
 
 
@@ -386,4 +415,4 @@ def make_codec(layout: PageLayout, device_buffers: Any, host_pages: torch.Tensor
 
 
 __all__ = ["ENV_ALLOW_REFERENCE", "STAGING_PAGES", "DeviceKV", "NativeCodec", "NativeCodecUnavailable", "PageCodec",
-           "ReferenceCodec", "as_device_kv", "make_codec"]
+           "ReferenceCodec", "WrappingCodec", "as_device_kv", "make_codec"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kvtuner_hicache.quant.codec import PageCodec
+from kvtuner_hicache.quant.codec import PageCodec, WrappingCodec
 
 logger = logging.getLogger(__name__)
 
@@ -115,15 +115,13 @@ class ResidualTailStore:
             dst[dev_rows] = self.buffers[b][slots, layer].reshape(-1, h, d).to(dst.device, non_blocking=True)
 
 
-class ResidualTailCodec(PageCodec):
+class ResidualTailCodec(WrappingCodec):
     """The pool's codec plus the bf16 tail store: backups also copy their tail pages, loads overwrite
     the dequantized rows of pages that still have an exact copy."""
 
     def __init__(self, inner: PageCodec, store: ResidualTailStore):
-        super().__init__(inner.layout, inner.device_kv, inner.host_pages)
-        self.inner = inner
+        super().__init__(inner)
         self.store = store
-        self.name = inner.name
         self._plan_ids: torch.Tensor | None = None
         self._plan: tuple | None = None
 
@@ -142,12 +140,6 @@ class ResidualTailCodec(PageCodec):
     def pages_written(self, host_page_ids) -> None:
         self.store.drop([int(p) for p in host_page_ids])
         self.inner.pages_written(host_page_ids)
-
-    def check(self) -> None:
-        self.inner.check()
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
 
     def describe(self) -> str:
         return f"{self.inner.describe()} + bf16 tail store ({self.store.capacity} pages)"
