@@ -8,6 +8,7 @@
 # Usage: bash scripts/check_docker.sh   (HADOLINT=path overrides the binary, default .venv/bin/hadolint or PATH;
 #        DOCKERFILE=path checks another file)
 set -euo pipefail
+set -f  # COPY sources and wheel names are patterns: compare them as text, never expand them against dist/
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DF=${DOCKERFILE:-$REPO/docker/Dockerfile}
 BUILD=$REPO/scripts/device/build_kernel_wheel.sh
