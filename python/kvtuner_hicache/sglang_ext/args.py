@@ -9,6 +9,7 @@ page layout (a rank-local difference would deadlock SGLang's MIN all-reduces).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from typing import Any
@@ -136,8 +137,13 @@ def config_from_json(text: str, source: str = ENV_VAR) -> QuantConfig:
 
 
 def config_from_env() -> QuantConfig | None:
-    """The config carried by SGLANG_KVTUNER_HICACHE; None when unset or empty."""
-    text = os.environ.get(ENV_VAR, "").strip()
+    """The config carried by SGLANG_KVTUNER_HICACHE; None when unset or empty (parsed once per value:
+    the hooks ask on every tree-cache and backend build)."""
+    return _config_from_text(os.environ.get(ENV_VAR, "").strip())
+
+
+@functools.cache
+def _config_from_text(text: str) -> QuantConfig | None:
     return config_from_json(text) if text else None
 
 

@@ -24,7 +24,6 @@ Hooks, by what they do (targets in `hooks_for`):
 from __future__ import annotations
 
 import contextvars
-import functools
 import logging
 import pkgutil
 import sys
@@ -72,16 +71,9 @@ _state = _State()
 # ---- config lookup -----------------------------------------------------------------------------
 
 
-@functools.cache
-def _config_from_env_cached(text: str) -> QuantConfig | None:
-    return kargs.config_from_json(text) if text else None
-
-
 def active_config() -> QuantConfig | None:
     """The QuantConfig of this process (SGLANG_KVTUNER_HICACHE), None when quantization is off."""
-    import os
-
-    return _config_from_env_cached(os.environ.get(kargs.ENV_VAR, "").strip())
+    return kargs.config_from_env()
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
