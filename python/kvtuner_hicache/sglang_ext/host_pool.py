@@ -88,7 +88,6 @@ class _QuantizedHostPool(HostKVCache):
         # host-memory auto-sizing (0.5.21+) caps the ratio by bytes too, so it grants bytes.
         dev_bytes_per_token = self._shape(device_pool).bf16_bytes_per_token() // 2 * device_pool.store_dtype.itemsize
         budget = host_size * 1e9 if host_size > 0 else device_pool.size * host_to_device_ratio * dev_bytes_per_token
-        self.host_budget_bytes = int(budget)
         self.residual_bytes = int(budget // RESIDUAL_BUDGET_FRACTION) if quant_config.residual_length > 0 else 0
         # Pinning needs a CUDA/HIP device; a CPU device pool (tests, CPU serving) keeps plain pages.
         pin = pin_memory and str(device_pool.device) not in ("cpu",)
@@ -216,14 +215,14 @@ class _QuantizedHostPool(HostKVCache):
     # ---- slot lifetime: a freed page's bf16 tail must never outlive it ---------------------------
 
     def free(self, indices: torch.Tensor) -> int:
-        if getattr(self, "residual", None) is not None:
+        if self.residual is not None:
             ps = self.page_size
             self.residual.drop(torch.unique(indices.cpu() // ps).tolist())
         return super().free(indices)
 
     def clear(self) -> None:
         super().clear()
-        if getattr(self, "residual", None) is not None:
+        if self.residual is not None:
             self.residual.clear()
 
     def page_ptr(self, page_id: int) -> int:
