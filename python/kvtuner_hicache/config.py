@@ -76,6 +76,7 @@ class QuantConfig:
     axis_value: int = AXIS_PER_TOKEN
     q_group_size: int = 64
     residual_length: int = 0
+    elastic: bool = False  # host pool only (floor pages are the fixed pages): not in canonical()
     layer_bits: Mapping[int, LayerBits] | None = field(default=None, compare=True)
     layer_bits_source: str | None = field(default=None, compare=False)
 
@@ -102,6 +103,24 @@ class QuantConfig:
             errs.append(
                 f"--kvtuner-hicache-residual-length must be an integer >= 0, got {self.residual_length!r}"
             )
+        if self.elastic:
+            errs += self._elastic_errors()
+        return errs
+
+    def _elastic_errors(self) -> list[str]:
+        errs = []
+        if not self.asym:
+            errs.append("--kvtuner-hicache-elastic needs the asymmetric quantizer (its 8-bit planes refine "
+                        "asymmetric 4-bit codes): drop --no-kvtuner-hicache-asym")
+        if self.residual_length:
+            errs.append("--kvtuner-hicache-elastic cannot be combined with --kvtuner-hicache-residual-length "
+                        "(the bf16 tail store and the refinement planes would compete for the same budget)")
+        floors = ({b.key for b in self.layer_bits.values()} | {b.value for b in self.layer_bits.values()}
+                  if self.layer_bits else {self.nbits_key, self.nbits_value})
+        if 4 not in floors:
+            errs.append(f"--kvtuner-hicache-elastic needs a 4-bit floor on keys or values (the bit flags or the "
+                        f"per-layer table give the floor; these give {sorted(floors)}): pages enter at 8 bits "
+                        "and step down to 4")
         return errs
 
     # ---- per-layer bits -------------------------------------------------------------------------

@@ -34,13 +34,13 @@ def _fails(capsys, tiny_model, *extra) -> str:
     return capsys.readouterr().err
 
 
-def test_help_lists_all_nine_flags(kvtq_hooks):
+def test_help_lists_all_our_flags(kvtq_hooks):
     from sglang.srt.server_args import ServerArgs
 
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
     text = parser.format_help()
-    assert len(kargs.ALL_FLAGS) == 9
+    assert len(kargs.ALL_FLAGS) == 10
     for flag in kargs.ALL_FLAGS + ["--no-kvtuner-hicache-asym"]:
         assert flag in text, flag
 
@@ -103,6 +103,13 @@ def test_seed_asym_flag_still_works(kvtq_hooks, tiny_model):
     ([*ENABLE, "--kvtuner-hicache-nbits-key", "3"], "--kvtuner-hicache-nbits-key"),  # argparse choices
     ([*ENABLE, "--kvtuner-hicache-config", "PRESET", "--kvtuner-hicache-nbits-value", "2"],
      "--kvtuner-hicache-nbits-value has no effect with --kvtuner-hicache-config"),
+    (["--kvtuner-hicache-elastic"], "--kvtuner-hicache-elastic needs --enable-kvtuner-hicache"),
+    ([*ENABLE, "--kvtuner-hicache-elastic", "--no-kvtuner-hicache-asym"],
+     "--kvtuner-hicache-elastic needs the asymmetric quantizer"),
+    ([*ENABLE, "--kvtuner-hicache-elastic", "--kvtuner-hicache-residual-length", "64"],
+     "--kvtuner-hicache-elastic cannot be combined with --kvtuner-hicache-residual-length"),
+    ([*ENABLE, "--kvtuner-hicache-elastic", "--kvtuner-hicache-nbits-key", "8", "--kvtuner-hicache-nbits-value", "2"],
+     "--kvtuner-hicache-elastic needs a 4-bit floor"),
 ])
 def test_cli_mistakes_fail_cleanly(kvtq_hooks, tiny_model, capsys, mixed_table, extra, needle):
     err = _fails(capsys, tiny_model, *[str(mixed_table) if x == "PRESET" else x for x in extra])

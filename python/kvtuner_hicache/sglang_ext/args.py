@@ -37,6 +37,7 @@ _FLAG_FIELDS = {
     "kvtuner_hicache_axis_value": "axis_value",
     "kvtuner_hicache_q_group_size": "q_group_size",
     "kvtuner_hicache_residual_length": "residual_length",
+    "kvtuner_hicache_elastic": "elastic",
     "kvtuner_hicache_config": None,
 }
 ALL_FLAGS = ["--enable-kvtuner-hicache"] + ["--" + d.replace("_", "-") for d in _FLAG_FIELDS]
@@ -47,7 +48,7 @@ def _flag(dest: str) -> str:
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Add the nine flags. Defaults are None so that 'given' can be told from 'left out';
+    """Add our flags. Defaults are None so that 'given' can be told from 'left out';
     the effective defaults come from QuantConfig() and are shown in --help."""
     d = QuantConfig()
     g = parser.add_argument_group("KVTuner quantized HiCache (kvtuner_hicache plugin)")
@@ -71,6 +72,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help=f"Keep the last ceil(R/page_size) pages of every backed-up node also in bf16 "
                         f"in a host tail store (1/8 of the host budget); 0 disables (default "
                         f"{d.residual_length}).")
+    g.add_argument("--kvtuner-hicache-elastic", action="store_true", default=None,
+                   help="Precision-elastic host pool: pages enter L2 with 8-bit refinement planes on their "
+                        "4-bit layers and drop them (coldest first, values before keys) before SGLang evicts "
+                        "any page; the bit flags or the per-layer table give the floor. L3 stores floor "
+                        "pages. CPU device pools only in this release.")
     g.add_argument("--kvtuner-hicache-config", type=str, default=None, metavar="PATH",
                    help="KVTuner per-layer YAML {layer: {nbits_key, nbits_value}} that sets the bits "
                         "of every layer; giving --kvtuner-hicache-nbits-key/-value beside it is an error.")
@@ -116,6 +122,7 @@ def table_warning(args: argparse.Namespace, cfg: QuantConfig | None) -> str | No
 def config_to_json(cfg: QuantConfig) -> str:
     d = cfg.canonical()
     d["residual_length"] = cfg.residual_length
+    d["elastic"] = cfg.elastic
     d["layer_bits_source"] = cfg.layer_bits_source
     return json.dumps(d, sort_keys=True)
 
@@ -222,6 +229,10 @@ def model_errors(sa: Any, cfg: QuantConfig) -> list[str]:
 def validate_server_args(sa: Any, cfg: QuantConfig, era: Any = None) -> None:
     """Raise one ConfigError listing every reason `sa` (resolved) cannot run `cfg`."""
     errs = server_args_errors(sa, era)
+    device = getattr(sa, "device", None)
+    if cfg.elastic and device not in (None, "cpu"):
+        errs.append(f"--kvtuner-hicache-elastic runs on --device cpu only in this release (the native "
+                    f"mixed-precision decode is not built yet), this server has --device {device}: drop the flag")
     if not errs:
         errs = model_errors(sa, cfg)
     if errs:

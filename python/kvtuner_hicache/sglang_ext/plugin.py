@@ -130,7 +130,8 @@ def validate(server_args: Any, era: Era | None = None) -> None:
         raise ConfigError(release_err)
     verify_hooks(required=True)
     kargs.validate_server_args(server_args, cfg, era or active_era())
-    logger.info("kvtuner_hicache enabled: %s (SGLang %s, era %s)", cfg.short_name(), active_release(),
+    logger.info("kvtuner_hicache enabled: %s%s (SGLang %s, era %s)", cfg.short_name(),
+                ", elastic (floor given, 8-bit planes on 4-bit layers)" if cfg.elastic else "", active_release(),
                 (era or active_era()).name)
 
 
@@ -192,7 +193,15 @@ def build_quantized_pool(device_pool: Any, cfg: QuantConfig, *, host_to_device_r
                           "without the speculative algorithm")
     if dcp_size != 1:
         raise ConfigError("kvtuner_hicache does not support --dcp-size > 1")
-    return quantized_pool_cls_for(device_pool)(
+    cls = quantized_pool_cls_for(device_pool)
+    if cfg.elastic:
+        if isinstance(device_pool, MLATokenToKVPool):
+            raise ConfigError("--kvtuner-hicache-elastic supports MHA/GQA models only in this release (MLA "
+                              "pages keep 8-bit rope parts; nothing to refine): drop the flag for this model")
+        from kvtuner_hicache.sglang_ext.elastic_pool import ElasticMHATokenToKVPoolHost
+
+        cls = ElasticMHATokenToKVPoolHost
+    return cls(
         device_pool, quant_config=cfg, host_to_device_ratio=host_to_device_ratio, host_size=host_size,
         page_size=page_size, layout=layout, allocator_type=allocator_type, pool_label=pool_label,
     )

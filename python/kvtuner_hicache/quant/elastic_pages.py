@@ -1,0 +1,126 @@
+"""Refinement planes of elastic pages (issue 15): the bits above the floor, per stream, as bytes.
+
+The floor page of an elastic pool is a fixed page of the floor config, byte for byte (page format 2,
+docs/page-format.md). For every 4-bit asymmetric chunk of that page, the *refinement plane* of its
+stream holds a 4-bit code r per element (`elastic.quantize_embedded`: the residual of the 4-bit code
+cut into 16 cells), so that floor code c and r together decode as an 8-bit-class value
+`m + s * (c + (2r - 15) / 32)` (max error s/32 = 1/480 of the group range, direct 8-bit: 1/510), and c
+alone is the fixed 4-bit page, bit for bit. Dropping a plane is the whole demotion: no re-encode, no
+GPU work, no bytes written; what is left is exactly the fixed page.
+
+Plane layout (`PLANE_LAYOUT_VERSION`): one plane per stream, the stream's 4-bit chunks in layer
+order, each `codes_bytes` of r packed like the chunk's codes (same element order, same 4-bit
+packing), each starting 128-byte aligned. Planes live only in host memory (never in L3, never in a
+page header), so the version is checked at pool build, not on read.
+
+Chunks at 2 or 8 bits have no plane (their stream's pages keep one precision there). Symmetric
+configs have no planes (the embedded code is asymmetric); the config layer rejects
+`--kvtuner-hicache-elastic` for them.
+
+Pure torch, no sglang: the reference for a native elastic decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvtuner_hicache.page_format import ALIGN, ChunkSpec, PageLayout
+from kvtuner_hicache.quant.elastic import dequantize_embedded, quantize_embedded
+from kvtuner_hicache.quant.reference import from_groups, pack_codes, to_groups, unpack_codes
+
+PLANE_LAYOUT_VERSION = 1
+ELASTIC_FLOOR_BITS = 4  # chunks at this floor get a refinement plane
+REFINE_BITS = 4
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class RefinementChunk:
+    layer: int
+    spec: ChunkSpec
+    offset: int  # byte offset of this layer's r codes inside the stream's plane
+
+
+class RefinementLayout:
+    """Where each (stream, layer) refinement lives inside its stream's plane, for one page layout."""
+
+    def __init__(self, layout: PageLayout):
+        self.layout = layout
+        self.chunks: dict[int, list[RefinementChunk]] = {}
+        self.plane_bytes: dict[int, int] = {}
+        for s in range(len(layout.streams)):
+            off, mine = 0, []
+            for layer in range(layout.num_layers):
+                spec = layout.chunk(s, layer)
+                if spec.bits == ELASTIC_FLOOR_BITS and spec.asym:
+                    mine.append(RefinementChunk(layer, spec, off))
+                    off += _align(spec.codes_bytes)
+            if mine:
+                self.chunks[s] = mine
+                self.plane_bytes[s] = off
+        self._by_layer = {(s, c.layer): c for s, cs in self.chunks.items() for c in cs}
+
+    @property
+    def streams(self) -> tuple[int, ...]:
+        """Streams with at least one elastic chunk (0 = keys / MLA rope, 1 = values / latent)."""
+        return tuple(sorted(self.chunks))
+
+    def chunk(self, stream: int, layer: int) -> RefinementChunk | None:
+        return self._by_layer.get((stream, layer))
+
+    def top_bits_per_element(self, streams_with_plane: Sequence[int]) -> float:
+        """Mean code bits per element of a page holding the planes of `streams_with_plane`."""
+        total = bits = 0
+        for s in range(len(self.layout.streams)):
+            for layer in range(self.layout.num_layers):
+                spec = self.layout.chunk(s, layer)
+                extra = REFINE_BITS if s in streams_with_plane and self.chunk(s, layer) is not None else 0
+                total += spec.elements
+                bits += spec.elements * (spec.bits + extra)
+        return bits / total
+
+
+def encode_planes(rl: RefinementLayout, stream: int, buffers: Sequence[Sequence[torch.Tensor]],
+                  token_index: torch.Tensor) -> torch.Tensor:
+    """The refinement plane of `stream` for whole pages gathered from device buffers `buffers[b][layer]`
+    at rows `token_index` (as reference.encode_pages reads them). Returns uint8 [P, plane_bytes]."""
+    layout = rl.layout
+    ps = layout.page_size
+    p = token_index.numel() // ps
+    st = layout.streams[stream]
+    idx = token_index.to(buffers[0][0].device)
+    out = torch.zeros(p, rl.plane_bytes[stream], dtype=torch.uint8)
+    for c in rl.chunks[stream]:
+        spec = c.spec
+        x = buffers[st.buffer][c.layer][idx][..., st.col_offset : st.col_offset + st.dim]
+        shape = (p, ps, st.heads, st.dim)
+        _, r, _, _ = quantize_embedded(to_groups(x.reshape(shape), spec.axis, spec.group), ELASTIC_FLOOR_BITS, REFINE_BITS)
+        r = from_groups(r, spec.axis, shape).reshape(p, spec.elements)
+        out[:, c.offset : c.offset + spec.codes_bytes] = pack_codes(r, REFINE_BITS).cpu()
+    return out
+
+
+def decode_chunk_top(raw: torch.Tensor, plane: torch.Tensor, c: RefinementChunk) -> torch.Tensor:
+    """Floor chunk bytes uint8 [P, nbytes] plus the stream's plane bytes uint8 [P, plane_bytes] ->
+    fp32 [P, page_size, H, D] at the top precision (elastic.dequantize_embedded)."""
+    spec = c.spec
+    p = raw.shape[0]
+    shape = (p, spec.page_size, spec.heads, spec.dim)
+    codes = unpack_codes(raw[:, : spec.codes_bytes], spec.bits).reshape(shape)
+    r = unpack_codes(plane[:, c.offset : c.offset + spec.codes_bytes], REFINE_BITS).reshape(shape)
+    meta = spec.num_groups * 2
+    scale = raw[:, spec.scale_offset : spec.scale_offset + meta].contiguous().view(torch.float16)
+    mn = raw[:, spec.min_offset : spec.min_offset + meta].contiguous().view(torch.float16)
+    x = dequantize_embedded(to_groups(codes, spec.axis, spec.group), to_groups(r, spec.axis, spec.group),
+                            scale, mn, REFINE_BITS)
+    return from_groups(x, spec.axis, shape)
+
+
+__all__ = ["ELASTIC_FLOOR_BITS", "PLANE_LAYOUT_VERSION", "REFINE_BITS", "RefinementChunk", "RefinementLayout",
+           "decode_chunk_top", "encode_planes"]

@@ -1,0 +1,216 @@
+"""The elastic host pool (--kvtuner-hicache-elastic) through the real SGLang classes of the installed release:
+flag to pool, byte accounting, demotion before eviction, top/floor accuracy, L3 pages, refusals."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from kvtuner_hicache.config import ConfigError, QuantConfig
+from kvtuner_hicache.quant.reference import from_groups, quantize_groups, to_groups
+from kvtuner_hicache.sglang_ext import args as kargs
+from kvtuner_hicache.sglang_ext.elastic_pool import ElasticMHATokenToKVPoolHost
+from l3_rig import file_proxy, get, put
+from sglang_env import PS, device_streams, kv_host_pool, resolved_server_args, tree_cache
+from sglang_pools import mha_device_pool, mla_device_pool, quant_host_pool
+
+pytestmark = pytest.mark.sglang
+ELASTIC = ["--enable-hierarchical-cache", "--enable-kvtuner-hicache", "--page-size", str(PS), "--kvtuner-hicache-elastic"]
+EL = QuantConfig(elastic=True)
+
+
+def _load(pool, dev, h, dst) -> list[list[torch.Tensor]]:
+    for layer in range(dev.layer_num):
+        pool.load_to_device_per_layer(dev, h, dst, layer, "kernel")
+    return [[b[dst].float() for b in s] for s in device_streams(dev)]
+
+
+def _top_bound(x: torch.Tensor, loaded: torch.Tensor, spec) -> torch.Tensor:
+    """Per element: s4 / 32 (the embedded 4+4 decode) + bf16 rounding of the loaded value."""
+    shape = (x.shape[0] // PS, PS, spec.heads, spec.dim)
+    g = to_groups(x.reshape(shape), spec.axis, spec.group)
+    _, scale, _ = quantize_groups(g, 4, True)
+    bound = from_groups((scale.float() / 32).unsqueeze(-1).expand(g.shape), spec.axis, shape).reshape(x.shape)
+    return bound * 1.0001 + loaded.float().abs() * 2.0**-8 + 1e-6
+
+
+def test_flag_reaches_the_tree_cache_and_controller_loads_at_the_top(kvtq_hooks, tiny_model):
+    sa = resolved_server_args(tiny_model, *ELASTIC)
+    assert kargs.config_from_env().elastic is True
+    kv = mha_device_pool(2, 4, 128, PS, tokens=1024)
+    cache, alloc = tree_cache(kv, sa)
+    host = kv_host_pool(cache)
+    assert isinstance(host, ElasticMHATokenToKVPoolHost)
+    cc = cache.cache_controller
+    src = alloc.alloc(3 * PS)
+    want = [[b[src].float() for b in s] for s in device_streams(kv)]
+    h = cc.write(src)
+    dst = cc.load(h)
+    cc.start_loading()
+    got = [[b[dst].float() for b in s] for s in device_streams(kv)]
+    for s, stream in enumerate(host.page_layout.streams):
+        for layer in range(kv.layer_num):
+            x = want[stream.buffer][layer]
+            y = got[stream.buffer][layer]
+            assert ((y - x).abs() <= _top_bound(x, y, host.page_layout.chunk(s, layer))).all()
+    assert host.elastic_stats()["served_tokens_by_bits"] == {"8": 3 * PS}
+
+
+def test_capacity_is_the_fixed_floor_pools_and_pages_are_demoted_before_sglang_sees_it_full():
+    dev = mha_device_pool(2, 2, 64, PS, tokens=16 * PS)
+    fixed = quant_host_pool(dev, QuantConfig(), ratio=2.0)
+    pool = quant_host_pool(dev, EL, ratio=2.0)
+    assert (pool.page_num, pool.size, pool.size_per_token) == (fixed.page_num, fixed.size, fixed.size_per_token)
+    rows = torch.arange(PS, 2 * PS)
+    pages = []
+    while True:
+        h = pool.alloc(PS)
+        if h is None:
+            break
+        pool.backup_from_device_all_layer(dev, h, rows, "kernel")
+        pages.append(int(h[0]) // PS)
+        stats = pool.elastic_stats()
+        assert sum(stats["pages_by_bits"].values()) == len(pages)
+    # SGLang saw a full pool only once every page was at the floor, and it holds the fixed pool's page count
+    assert len(pages) == fixed.page_num
+    stats = pool.elastic_stats()
+    assert stats["pages_by_bits"] == {"4": fixed.page_num} and stats["plane_rows"] == 0
+    assert stats["demotions"]["k"] > 0 and stats["demotions"]["v"] >= stats["demotions"]["k"]
+
+
+def test_oldest_pages_lose_precision_first_and_a_load_protects_a_page():
+    dev = mha_device_pool(2, 2, 64, PS, tokens=16 * PS)
+    pool = quant_host_pool(dev, EL, ratio=2.0)
+    n_top = pool.page_num * 2 // 4  # all at the top: one page row + one row for its two planes
+    rows = torch.arange(PS, 2 * PS)
+    hs = []
+    for _ in range(n_top):
+        hs.append(pool.alloc(PS))
+        pool.backup_from_device_all_layer(dev, hs[-1], rows, "kernel")
+    assert pool.elastic_stats()["pages_by_bits"] == {"8": n_top}
+    first = int(hs[0][0]) // PS
+    _load(pool, dev, hs[0], torch.arange(3 * PS, 4 * PS))  # the oldest page is now the most recently used
+    for _ in range(3):  # three more pages: someone must give up planes
+        hs.append(pool.alloc(PS))
+        pool.backup_from_device_all_layer(dev, hs[-1], rows, "kernel")
+    label = {int(h[0]) // PS: pool.bits_label(int(h[0]) // PS) for h in hs}
+    assert label[first] == "8"
+    assert [label[int(h[0]) // PS] for h in hs[-3:]] == ["8"] * 3  # new pages enter at the top
+    demoted = [p for p, b in label.items() if b != "8"]
+    order = [int(h[0]) // PS for h in hs[1:]]
+    assert demoted == order[: len(demoted)]  # the coldest ones, in order of their last use
+    assert demoted and all(label[p] == "4" for p in demoted[:-1])  # a page gives V then K before the next one
+    assert label[demoted[-1]] in ("4", "6")
+
+
+def test_a_demoted_page_is_the_fixed_floor_page_bit_for_bit():
+    dev = mha_device_pool(3, 2, 64, PS, tokens=16 * PS, seed=3)
+    fixed = quant_host_pool(dev, QuantConfig(), ratio=2.0)
+    pool = quant_host_pool(dev, EL, ratio=2.0)
+    src = torch.arange(2 * PS, 5 * PS)
+    hf, he = fixed.alloc(3 * PS), pool.alloc(3 * PS)
+    fixed.backup_from_device_all_layer(dev, hf, src, "kernel")
+    pool.backup_from_device_all_layer(dev, he, src, "kernel")
+    for i in range(3):  # the page row is the fixed pool's page, header and all
+        assert torch.equal(pool.get_data_page(he[i * PS]), fixed.get_data_page(hf[i * PS]))
+    dst = torch.arange(8 * PS, 11 * PS)
+    want_floor = _load(fixed, dev, hf, dst)
+    top = _load(pool, dev, he, dst)
+    for b in range(2):
+        for layer in range(3):
+            x = [dev.k_buffer, dev.v_buffer][b][layer][src].float()
+            err_top, err_floor = (top[b][layer] - x).pow(2).mean(), (want_floor[b][layer] - x).pow(2).mean()
+            assert err_top * 50 < err_floor  # 8-bit class against 4-bit (about 1/256 of the MSE)
+    assert pool.alloc(pool.available_size()) is not None  # every plane row taken back
+    assert pool.elastic_stats()["pages_by_bits"]["4"] == pool.page_num
+    floor = _load(pool, dev, he, dst)
+    for b in range(2):
+        for layer in range(3):
+            assert torch.equal(floor[b][layer], want_floor[b][layer])
+
+
+def test_values_step_down_before_keys():
+    dev = mha_device_pool(2, 2, 64, PS, tokens=16 * PS)
+    pool = quant_host_pool(dev, EL, ratio=2.0)
+    h = pool.alloc(2 * PS)
+    pool.backup_from_device_all_layer(dev, h, torch.arange(2 * PS), "kernel")
+    p0 = int(h[0]) // PS
+    pool.planes.demote_coldest()
+    assert pool.bits_label(p0) == "6" and pool.planes.streams_of(p0) == (0,)  # keys kept
+    dst = torch.arange(4 * PS, 6 * PS)
+    got = _load(pool, dev, h, dst)
+    k_err = (got[0][0][:PS] - dev.k_buffer[0][:PS].float()).abs().max()
+    v_err = (got[1][0][:PS] - dev.v_buffer[0][:PS].float()).abs().max()
+    assert v_err > 4 * k_err  # V at 4 bits, K still at 8
+    assert pool.elastic_stats()["served_tokens_by_bits"] == {"6": PS, "8": PS}
+
+
+def test_per_layer_table_refines_only_its_4_bit_layers(mixed_table):
+    from kvtuner_hicache.config import load_layer_bits
+
+    table = load_layer_bits(str(mixed_table))
+    dev = mha_device_pool(28, 2, 64, PS, tokens=8 * PS)
+    pool = quant_host_pool(dev, QuantConfig(layer_bits=table, elastic=True), ratio=2.0)
+    rl = pool.refinement
+    for s, key in ((0, "key"), (1, "value")):
+        want = [layer for layer in range(28) if getattr(table[layer], key) == 4]
+        assert [c.layer for c in rl.chunks.get(s, [])] == want
+    h = pool.alloc(PS)
+    pool.backup_from_device_all_layer(dev, h, torch.arange(PS), "kernel")
+    dst = torch.arange(4 * PS, 5 * PS)
+    got = _load(pool, dev, h, dst)
+    fixed = quant_host_pool(dev, QuantConfig(layer_bits=table), ratio=2.0)
+    hf = fixed.alloc(PS)
+    fixed.backup_from_device_all_layer(dev, hf, torch.arange(PS), "kernel")
+    ref = _load(fixed, dev, hf, dst)
+    for s, key in ((0, "key"), (1, "value")):
+        for layer in range(28):
+            if getattr(table[layer], key) != 4:  # 2- and 8-bit chunks: exactly the fixed page's decode
+                assert torch.equal(got[s][layer], ref[s][layer]), (s, layer)
+
+
+def test_l3_holds_floor_pages_that_fixed_pools_read_too(tmp_path):
+    dev = mha_device_pool(2, 4, 128, PS, tokens=8 * PS, seed=5)
+    pool = quant_host_pool(dev, EL, ratio=2.0)
+    h = pool.alloc(2 * PS)
+    pool.backup_from_device_all_layer(dev, h, torch.arange(PS, 3 * PS), "kernel")
+    proxy = file_proxy(pool, tmp_path)
+    assert put(proxy, pool, h, ["a", "b"])
+    # a fresh elastic pool reads them back: they enter at the floor, bit for bit the fixed page
+    reader = quant_host_pool(dev, EL, ratio=2.0)
+    got = get(file_proxy(reader, tmp_path), reader, ["a", "b"])
+    assert all(g is not None for g in got)
+    h2 = reader.alloc(2 * PS)
+    for i, page in enumerate(got):
+        reader.set_from_flat_data_page(int(h2[i * PS]), page)
+        assert reader.bits_label(int(h2[i * PS]) // PS) == "4"
+    fixed = quant_host_pool(dev, QuantConfig(), ratio=2.0)
+    got_fixed = get(file_proxy(fixed, tmp_path), fixed, ["a", "b"])
+    for i in range(2):
+        assert got_fixed[i] is not None and torch.equal(got_fixed[i], pool.get_data_page(h[i * PS]))
+        assert torch.equal(reader.get_data_page(h2[i * PS]), pool.get_data_page(h[i * PS]))
+
+
+def test_freed_pages_give_their_planes_back_and_count_as_evictions():
+    dev = mha_device_pool(2, 2, 64, PS, tokens=8 * PS)
+    pool = quant_host_pool(dev, EL, ratio=2.0)
+    free0 = pool.available_size()
+    h = pool.alloc(3 * PS)
+    pool.backup_from_device_all_layer(dev, h, torch.arange(3 * PS), "kernel")
+    assert pool.available_size() == free0 - 3 * PS  # plane rows count as free for SGLang
+    assert pool.planes.host_rows > 0
+    pool.free(h)
+    assert pool.planes.host_rows == 0 and pool.available_size() == free0
+    assert pool.elastic_stats()["evicted_pages"] == 3
+
+
+def test_refusals_name_the_flag():
+    with pytest.raises(ConfigError, match="supports MHA/GQA models only"):
+        quant_host_pool(mla_device_pool(2, PS, tokens=4 * PS), QuantConfig(nbits_key=8, elastic=True))
+    with pytest.raises(ConfigError, match="CPU device pools only"):
+        ElasticMHATokenToKVPoolHost(SimpleNamespace(device="cuda:0"), quant_config=EL)
+    sa = SimpleNamespace(enable_hierarchical_cache=True, device="cuda", model_path="")
+    with pytest.raises(ConfigError, match="--kvtuner-hicache-elastic runs on --device cpu only"):
+        kargs.validate_server_args(sa, EL)
+    kargs.validate_server_args(SimpleNamespace(enable_hierarchical_cache=True, device="cpu", model_path=""), EL)
