@@ -30,7 +30,8 @@ fi
 
 for v in ${RELEASES:-0.5.18 0.5.19 0.5.20 0.5.21 0.5.22}; do
   step "compatibility tests on SGLang $v"
-  bash scripts/with_sglang.sh "$v" "${PYTEST[@]}" -q test/sglang/test_release_compat.py test/sglang/test_plugin.py
+  bash scripts/with_sglang.sh "$v" "${PYTEST[@]}" -q test/sglang/test_release_compat.py test/sglang/test_plugin.py \
+    test/sglang/test_elastic_pool.py
 done
 
 step "L3 tests against real engines"
