@@ -214,3 +214,32 @@ def test_refusals_name_the_flag():
     with pytest.raises(ConfigError, match="--kvtuner-hicache-elastic runs on --device cpu only"):
         kargs.validate_server_args(sa, EL)
     kargs.validate_server_args(SimpleNamespace(enable_hierarchical_cache=True, device="cpu", model_path=""), EL)
+
+
+def test_the_accuracy_harness_top_roundtrip_is_the_pools_top_load():
+    """eval's `NAME+e` configs (quant/elastic_pages.roundtrip_top) reconstruct exactly what the pool loads."""
+    from kvtuner_hicache.quant.elastic_pages import roundtrip_top
+
+    dev = mha_device_pool(3, 2, 64, PS, tokens=8 * PS, seed=9)
+    pool = quant_host_pool(dev, EL, ratio=2.0)
+    src = torch.arange(PS, 4 * PS)
+    h = pool.alloc(3 * PS)
+    pool.backup_from_device_all_layer(dev, h, src, "kernel")
+    got = _load(pool, dev, h, torch.arange(4 * PS, 7 * PS))
+    want = roundtrip_top(pool.page_layout, [[b[src] for b in s] for s in device_streams(dev)])
+    for b in range(2):
+        for layer in range(3):
+            assert torch.equal(got[b][layer], want[b][layer].float()), (b, layer)
+
+
+def test_eval_config_names_for_elastic_pages():
+    from kvtuner_hicache.config import KVShape
+    from kvtuner_hicache.eval.configs import ConfigContext, parse_config
+
+    ctx = ConfigContext(KVShape.mha(2, 2, 64, 64), PS)
+    cfg = parse_config("K4cV4t-a-g64+e", ctx)
+    assert cfg.quant.elastic and cfg.quant.with_(elastic=False) == parse_config("K4cV4t-a-g64", ctx).quant
+    with pytest.raises(ConfigError, match="needs a 4-bit floor"):
+        parse_config("K8cV8t-a-g64+e", ctx)
+    with pytest.raises(ConfigError, match="no residual window"):
+        parse_config("K4cV4t-a-g64+r128+e", ctx)

@@ -15,6 +15,10 @@ A config name is one of
     mixed                     per-layer table built from the model's key outliers (see `mixed_table`)
     table:PATH                a KVTuner per-layer YAML table, with the axes/group/asym it records
                               (`#@kvtuner-hicache` line), else the project's defaults
+    NAME+e                    an elastic page of floor NAME at the top (--kvtuner-hicache-elastic): the
+                              floor page plus 8-bit refinement planes on its 4-bit asymmetric layers.
+                              Its demoted form is NAME itself, bit for bit (test_elastic_pool.py).
+                              Example: K4cV4t-a-g64+e, table:PATH+e
 
 Every quantized config goes through the exact page format (`PageLayout` + `roundtrip_pages`).
 """
@@ -132,7 +136,8 @@ class ConfigContext:
 
 def parse_config(name: str, ctx: ConfigContext) -> EvalConfig:
     """Resolve one config name (grammar in the module docstring); raises ConfigError when invalid."""
-    base, _, res = name.partition("+r")
+    elastic = name.endswith("+e")  # an elastic page at the top: the floor config plus its refinement planes
+    base, _, res = name.removesuffix("+e").partition("+r")
     if res and not res.isdigit():
         raise ConfigError(f"{name}: residual suffix must be +r<tokens>")
     residual = int(res) if res else None
@@ -165,6 +170,10 @@ def parse_config(name: str, ctx: ConfigContext) -> EvalConfig:
         q = QuantConfig(nbits_key=int(m["kb"]), nbits_value=int(m["vb"]), axis_key=_AX[m["ka"]],
                         axis_value=_AX[m["va"]], asym=(m["sym"] or "a") == "a", q_group_size=int(m["g"] or 64))
         desc = ""
+    if elastic:
+        if residual is not None or ctx.residual_length:
+            raise ConfigError(f"{name}: an elastic page has no residual window")
+        q = q.with_(elastic=True)  # validates: asymmetric, a 4-bit floor somewhere
     if residual is not None:
         q = q.with_(residual_length=residual)
     elif base not in ("seed",) and ctx.residual_length:
@@ -173,6 +182,8 @@ def parse_config(name: str, ctx: ConfigContext) -> EvalConfig:
     if not desc:
         desc = (f"K{q.nbits_key} {'per-channel' if q.axis_key else 'per-token'}, V{q.nbits_value} "
                 f"{'per-channel' if q.axis_value else 'per-token'}, {'asym' if q.asym else 'sym'}, g{q.q_group_size}")
+    if q.elastic:
+        desc += ", elastic top: 8-bit refinement planes on the 4-bit layers (the floor is the same name without +e)"
     if q.residual_length:
         desc += f", last {math.ceil(q.residual_length / ctx.page_size)} page(s) bf16"
     del layout

@@ -25,6 +25,7 @@ from kvtuner_hicache.config import KVShape
 from kvtuner_hicache.eval import data as D
 from kvtuner_hicache.eval.configs import EvalConfig
 from kvtuner_hicache.page_format import PageLayout
+from kvtuner_hicache.quant.elastic_pages import roundtrip_top
 from kvtuner_hicache.quant.reference import roundtrip_pages
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [B, H, S, D]
@@ -108,7 +109,8 @@ def apply_config(kv: KV, cfg: EvalConfig, layout: PageLayout | None, page_size: 
     q = tokens - residual * page_size
     pool = [[_to_pool(k, tokens) for k, _ in kv], [_to_pool(v, tokens) for _, v in kv]]
     if q:
-        rt = roundtrip_pages(layout, [[t[:q] for t in pool[0]], [t[:q] for t in pool[1]]])
+        trip = roundtrip_top if cfg.quant.elastic else roundtrip_pages
+        rt = trip(layout, [[t[:q] for t in pool[0]], [t[:q] for t in pool[1]]])
         pool = [[torch.cat([rt[b][i], pool[b][i][q:]]) if residual else rt[b][i] for i in range(len(kv))]
                 for b in range(2)]
     return [(_from_pool(pool[0][i], k.shape[2], dtype), _from_pool(pool[1][i], v.shape[2], dtype))

@@ -29,7 +29,14 @@ import torch
 
 from kvtuner_hicache.page_format import ALIGN, ChunkSpec, PageLayout
 from kvtuner_hicache.quant.elastic import dequantize_embedded, quantize_embedded
-from kvtuner_hicache.quant.reference import from_groups, pack_codes, to_groups, unpack_codes
+from kvtuner_hicache.quant.reference import (
+    dequantize_chunk,
+    encode_pages,
+    from_groups,
+    pack_codes,
+    to_groups,
+    unpack_codes,
+)
 
 PLANE_LAYOUT_VERSION = 1
 ELASTIC_FLOOR_BITS = 4  # chunks at this floor get a refinement plane
@@ -122,5 +129,25 @@ def decode_chunk_top(raw: torch.Tensor, plane: torch.Tensor, c: RefinementChunk)
     return from_groups(x, spec.axis, shape)
 
 
+def roundtrip_top(layout: PageLayout, layer_kv: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """reference.roundtrip_pages for an elastic page at the top: every page holds every refinement plane.
+    layer_kv[b][layer]: [tokens, H, D_total], tokens whole pages; returns new tensors of the same shape."""
+    rl = RefinementLayout(layout)
+    tokens = layer_kv[0][0].shape[0]
+    idx = torch.arange(tokens, device=layer_kv[0][0].device)
+    pages = torch.empty(tokens // layout.page_size, layout.page_bytes, dtype=torch.uint8)
+    encode_pages(layout, layer_kv, idx, pages)
+    out = [[t.clone() for t in per_layer] for per_layer in layer_kv]
+    for s, st in enumerate(layout.streams):
+        plane = encode_planes(rl, s, layer_kv, idx) if s in rl.chunks else None
+        for layer in range(layout.num_layers):
+            spec, c = layout.chunk(s, layer), rl.chunk(s, layer)
+            raw = pages[:, spec.offset : spec.offset + spec.nbytes]
+            x = dequantize_chunk(raw, spec) if c is None else decode_chunk_top(raw, plane, c)
+            dst = out[st.buffer][layer]
+            dst[:, :, st.col_offset : st.col_offset + st.dim] = x.reshape(-1, st.heads, st.dim).to(dst.dtype)
+    return out
+
+
 __all__ = ["ELASTIC_FLOOR_BITS", "PLANE_LAYOUT_VERSION", "REFINE_BITS", "RefinementChunk", "RefinementLayout",
-           "decode_chunk_top", "encode_planes"]
+           "decode_chunk_top", "encode_planes", "roundtrip_top"]
