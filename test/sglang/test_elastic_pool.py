@@ -3,6 +3,7 @@ flag to pool, byte accounting, demotion before eviction, top/floor accuracy, L3 
 
 from __future__ import annotations
 
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -243,3 +244,87 @@ def test_eval_config_names_for_elastic_pages():
         parse_config("K8cV8t-a-g64+e", ctx)
     with pytest.raises(ConfigError, match="no residual window"):
         parse_config("K4cV4t-a-g64+r128+e", ctx)
+
+
+def test_concurrent_allocations_never_give_a_load_another_pages_planes():
+    """SGLang allocates from its prefetch thread while the scheduler backs up and loads: every loaded chunk
+    must be exactly its own top decode or its own floor decode, never a mix with another page's plane."""
+    import random
+    import sys
+    import threading
+
+    from kvtuner_hicache.quant.elastic_pages import roundtrip_top
+    from kvtuner_hicache.quant.reference import roundtrip_pages
+
+    dev = mha_device_pool(2, 2, 64, PS, tokens=16 * PS, seed=11)
+    pool = quant_host_pool(dev, EL, ratio=0.6)
+    srcs = [torch.arange(p * PS, (p + 1) * PS) for p in range(4)]
+    ref = [(roundtrip_top(pool.page_layout, [[b[r] for b in s] for s in device_streams(dev)]),
+            roundtrip_pages(pool.page_layout, [[b[r] for b in s] for s in device_streams(dev)])) for r in srcs]
+    stop, errors = threading.Event(), []
+
+    def churn():
+        rng = random.Random(0)
+        while not stop.is_set():
+            # most of the pool: planes must give way, some rows paired (a plane moved), some demoted
+            need = pool.available_size() - pool.planes.host_rows * PS + rng.randint(1, 3) * PS
+            h = pool.alloc(need) if need > 0 else None
+            if h is not None:
+                pool.free(h)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        rng, held = random.Random(1), []
+        seen = Counter()
+        for i in range(60):
+            j = rng.randrange(4)
+            h = None
+            while h is None:
+                h = pool.alloc(PS)
+            pool.backup_from_device_all_layer(dev, h, srcs[j], "kernel")
+            held.append((h, j))
+            for h2, j2 in held[-3:]:  # recent pages: some at the top, some demoted by the churn
+                got = _load(pool, dev, h2, torch.arange(12 * PS, 13 * PS))
+                for b in range(2):
+                    for layer in range(2):
+                        top, floor = ref[j2][0][b][layer].float(), ref[j2][1][b][layer].float()
+                        which = "top" if torch.equal(got[b][layer], top) else "floor" if torch.equal(got[b][layer], floor) else None
+                        seen[which] += 1
+                        if which is None:
+                            errors.append((i, b, layer))
+            if len(held) > 4:
+                pool.free(held.pop(0)[0])
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(old)
+    assert not errors
+    assert seen["top"] and seen["floor"]  # both happened: the churn did demote pages under the loads
+
+
+def test_a_plane_moved_to_pair_rows_still_decodes_its_own_page():
+    from kvtuner_hicache.quant.elastic_pages import roundtrip_top
+    from kvtuner_hicache.quant.reference import roundtrip_pages
+
+    dev = mha_device_pool(2, 2, 64, PS, tokens=8 * PS, seed=13)
+    pool = quant_host_pool(dev, EL, ratio=2.0)
+    h = pool.alloc(2 * PS)
+    src = torch.arange(2 * PS, 4 * PS)
+    pool.backup_from_device_all_layer(dev, h, src, "kernel")
+    p0, p1 = int(h[0]) // PS, int(h[PS]) // PS
+    assert pool.planes.demote_coldest() == (p0, 1)
+    pool.planes.touch([p0])
+    assert pool.planes.demote_coldest() == (p1, 1)  # two rows, each holding one K plane
+    rows_before = pool.planes.host_rows
+    assert pool.alloc(pool.available_size() - (rows_before - 1) * PS) is not None  # needs one row: pairing gives it
+    assert pool.planes.stats.moves == 1 and pool.planes.host_rows == rows_before - 1
+    assert pool.planes.stats.demotions == [0, 2]
+    got = _load(pool, dev, h, torch.arange(5 * PS, 7 * PS))
+    kv = [[b[src] for b in s] for s in device_streams(dev)]
+    top, floor = roundtrip_top(pool.page_layout, kv), roundtrip_pages(pool.page_layout, kv)
+    for layer in range(2):
+        assert torch.equal(got[0][layer], top[0][layer].float())  # both pages' K planes, one of them moved
+        assert torch.equal(got[1][layer], floor[1][layer].float())
