@@ -240,6 +240,12 @@ def test_eval_config_names_for_elastic_pages():
     ctx = ConfigContext(KVShape.mha(2, 2, 64, 64), PS)
     cfg = parse_config("K4cV4t-a-g64+e", ctx)
     assert cfg.quant.elastic and cfg.quant.with_(elastic=False) == parse_config("K4cV4t-a-g64", ctx).quant
+    from kvtuner_hicache.eval.report import sizes
+
+    shape = ctx.shape
+    top, kv8 = (sizes(c, c.layout(shape, PS), shape, PS, 4 * PS) for c in
+                (cfg, parse_config("K8cV8t-a-g64", ctx)))
+    assert top["effective_bits"] == pytest.approx(kv8["effective_bits"])  # planes counted: KV8's bytes
     with pytest.raises(ConfigError, match="needs a 4-bit floor"):
         parse_config("K8cV8t-a-g64+e", ctx)
     with pytest.raises(ConfigError, match="no residual window"):

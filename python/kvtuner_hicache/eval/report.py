@@ -24,11 +24,17 @@ def sizes(cfg: EvalConfig, layout: PageLayout | None, shape: KVShape, page_size:
     pages = prefix_len // page_size
     residual = min(cfg.residual_pages(page_size), pages)
     bf16_page = shape.bf16_bytes_per_token() * page_size
-    prefix_bytes = (pages - residual) * layout.page_bytes + residual * bf16_page
+    page_bytes = layout.page_bytes
+    if cfg.quant is not None and cfg.quant.elastic:  # a page at the top also holds its refinement planes
+        from kvtuner_hicache.quant.elastic_pages import RefinementLayout
+
+        page_bytes += sum(RefinementLayout(layout).plane_bytes.values())
+    bits = page_bytes * 8 / (page_size * layout.elements_per_token)
+    prefix_bytes = (pages - residual) * page_bytes + residual * bf16_page
     return {
-        "effective_bits": layout.effective_bits,
-        "compression_ratio": layout.compression_vs_bf16,
-        "prefix_effective_bits": prefix_bytes * 8 / (prefix_len * layout.elements_per_token) if prefix_len else layout.effective_bits,
+        "effective_bits": bits,
+        "compression_ratio": 16.0 / bits,
+        "prefix_effective_bits": prefix_bytes * 8 / (prefix_len * layout.elements_per_token) if prefix_len else bits,
     }
 
 
