@@ -117,10 +117,10 @@ class QuantConfig:
                         "(the bf16 tail store and the refinement planes would compete for the same budget)")
         floors = ({b.key for b in self.layer_bits.values()} | {b.value for b in self.layer_bits.values()}
                   if self.layer_bits else {self.nbits_key, self.nbits_value})
-        if 4 not in floors:
-            errs.append(f"--kvtuner-hicache-elastic needs a 4-bit floor on keys or values (the bit flags or the "
-                        f"per-layer table give the floor; these give {sorted(floors)}): pages enter at 8 bits "
-                        "and step down to 4")
+        if not floors & {2, 4}:
+            errs.append(f"--kvtuner-hicache-elastic needs a 2- or 4-bit floor on keys or values (the bit flags or "
+                        f"the per-layer table give the floor; these give {sorted(floors)}): pages enter at twice "
+                        "the floor's bits and step down to it")
         return errs
 
     # ---- per-layer bits -------------------------------------------------------------------------

@@ -108,8 +108,8 @@ def test_seed_asym_flag_still_works(kvtq_hooks, tiny_model):
      "--kvtuner-hicache-elastic needs the asymmetric quantizer"),
     ([*ENABLE, "--kvtuner-hicache-elastic", "--kvtuner-hicache-residual-length", "64"],
      "--kvtuner-hicache-elastic cannot be combined with --kvtuner-hicache-residual-length"),
-    ([*ENABLE, "--kvtuner-hicache-elastic", "--kvtuner-hicache-nbits-key", "8", "--kvtuner-hicache-nbits-value", "2"],
-     "--kvtuner-hicache-elastic needs a 4-bit floor"),
+    ([*ENABLE, "--kvtuner-hicache-elastic", "--kvtuner-hicache-nbits-key", "8", "--kvtuner-hicache-nbits-value", "8"],
+     "--kvtuner-hicache-elastic needs a 2- or 4-bit floor"),
 ])
 def test_cli_mistakes_fail_cleanly(kvtq_hooks, tiny_model, capsys, mixed_table, extra, needle):
     err = _fails(capsys, tiny_model, *[str(mixed_table) if x == "PRESET" else x for x in extra])

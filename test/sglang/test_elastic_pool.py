@@ -28,11 +28,13 @@ def _load(pool, dev, h, dst) -> list[list[torch.Tensor]]:
 
 
 def _top_bound(x: torch.Tensor, loaded: torch.Tensor, spec) -> torch.Tensor:
-    """Per element: s4 / 32 (the embedded 4+4 decode) + bf16 rounding of the loaded value."""
+    """Per element: s / 2^(b+1) (the embedded b+b decode of a b-bit floor chunk) + bf16 rounding of the
+    loaded value."""
     shape = (x.shape[0] // PS, PS, spec.heads, spec.dim)
     g = to_groups(x.reshape(shape), spec.axis, spec.group)
-    _, scale, _ = quantize_groups(g, 4, True)
-    bound = from_groups((scale.float() / 32).unsqueeze(-1).expand(g.shape), spec.axis, shape).reshape(x.shape)
+    _, scale, _ = quantize_groups(g, spec.bits, True)
+    bound = from_groups((scale.float() / 2 ** (spec.bits + 1)).unsqueeze(-1).expand(g.shape), spec.axis, shape)
+    bound = bound.reshape(x.shape)
     return bound * 1.0001 + loaded.float().abs() * 2.0**-8 + 1e-6
 
 
@@ -105,10 +107,15 @@ def test_oldest_pages_lose_precision_first_and_a_load_protects_a_page():
     assert label[demoted[-1]] in ("4", "6")
 
 
-def test_a_demoted_page_is_the_fixed_floor_page_bit_for_bit():
+@pytest.mark.parametrize("floor, mse_ratio, label", [
+    (QuantConfig(), 50, "4"),  # 4 + 4: about 1/256 of the floor's MSE
+    (QuantConfig(nbits_key=2, nbits_value=2), 10, "2"),  # 2 + 2: about 1/16
+    (QuantConfig(nbits_key=4, nbits_value=2), 10, "3"),
+])
+def test_a_demoted_page_is_the_fixed_floor_page_bit_for_bit(floor, mse_ratio, label):
     dev = mha_device_pool(3, 2, 64, PS, tokens=16 * PS, seed=3)
-    fixed = quant_host_pool(dev, QuantConfig(), ratio=2.0)
-    pool = quant_host_pool(dev, EL, ratio=2.0)
+    fixed = quant_host_pool(dev, floor, ratio=2.0)
+    pool = quant_host_pool(dev, floor.with_(elastic=True), ratio=2.0)
     src = torch.arange(2 * PS, 5 * PS)
     hf, he = fixed.alloc(3 * PS), pool.alloc(3 * PS)
     fixed.backup_from_device_all_layer(dev, hf, src, "kernel")
@@ -121,14 +128,16 @@ def test_a_demoted_page_is_the_fixed_floor_page_bit_for_bit():
     for b in range(2):
         for layer in range(3):
             x = [dev.k_buffer, dev.v_buffer][b][layer][src].float()
+            spec = pool.page_layout.chunk(b, layer)
+            assert ((top[b][layer] - x).abs() <= _top_bound(x, top[b][layer], spec)).all()
             err_top, err_floor = (top[b][layer] - x).pow(2).mean(), (want_floor[b][layer] - x).pow(2).mean()
-            assert err_top * 50 < err_floor  # 8-bit class against 4-bit (about 1/256 of the MSE)
+            assert err_top * mse_ratio < err_floor
     assert pool.alloc(pool.available_size()) is not None  # every plane row taken back
-    assert pool.elastic_stats()["pages_by_bits"]["4"] == pool.page_num
-    floor = _load(pool, dev, he, dst)
+    assert pool.elastic_stats()["pages_by_bits"] == {label: pool.page_num}
+    floor_loaded = _load(pool, dev, he, dst)
     for b in range(2):
         for layer in range(3):
-            assert torch.equal(floor[b][layer], want_floor[b][layer])
+            assert torch.equal(floor_loaded[b][layer], want_floor[b][layer])
 
 
 def test_values_step_down_before_keys():
@@ -147,7 +156,7 @@ def test_values_step_down_before_keys():
     assert pool.elastic_stats()["served_tokens_by_bits"] == {"6": PS, "8": PS}
 
 
-def test_per_layer_table_refines_only_its_4_bit_layers(mixed_table):
+def test_per_layer_table_refines_its_2_and_4_bit_layers_only(mixed_table):
     from kvtuner_hicache.config import load_layer_bits
 
     table = load_layer_bits(str(mixed_table))
@@ -155,7 +164,7 @@ def test_per_layer_table_refines_only_its_4_bit_layers(mixed_table):
     pool = quant_host_pool(dev, QuantConfig(layer_bits=table, elastic=True), ratio=2.0)
     rl = pool.refinement
     for s, key in ((0, "key"), (1, "value")):
-        want = [layer for layer in range(28) if getattr(table[layer], key) == 4]
+        want = [layer for layer in range(28) if getattr(table[layer], key) in (2, 4)]
         assert [c.layer for c in rl.chunks.get(s, [])] == want
     h = pool.alloc(PS)
     pool.backup_from_device_all_layer(dev, h, torch.arange(PS), "kernel")
@@ -167,7 +176,7 @@ def test_per_layer_table_refines_only_its_4_bit_layers(mixed_table):
     ref = _load(fixed, dev, hf, dst)
     for s, key in ((0, "key"), (1, "value")):
         for layer in range(28):
-            if getattr(table[layer], key) != 4:  # 2- and 8-bit chunks: exactly the fixed page's decode
+            if getattr(table[layer], key) == 8:  # 8-bit chunks have no plane: exactly the fixed page's decode
                 assert torch.equal(got[s][layer], ref[s][layer]), (s, layer)
 
 
@@ -246,7 +255,7 @@ def test_eval_config_names_for_elastic_pages():
     top, kv8 = (sizes(c, c.layout(shape, PS), shape, PS, 4 * PS) for c in
                 (cfg, parse_config("K8cV8t-a-g64", ctx)))
     assert top["effective_bits"] == pytest.approx(kv8["effective_bits"])  # planes counted: KV8's bytes
-    with pytest.raises(ConfigError, match="needs a 4-bit floor"):
+    with pytest.raises(ConfigError, match="needs a 2- or 4-bit floor"):
         parse_config("K8cV8t-a-g64+e", ctx)
     with pytest.raises(ConfigError, match="no residual window"):
         parse_config("K4cV4t-a-g64+r128+e", ctx)

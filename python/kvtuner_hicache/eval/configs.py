@@ -16,7 +16,7 @@ A config name is one of
     table:PATH                a KVTuner per-layer YAML table, with the axes/group/asym it records
                               (`#@kvtuner-hicache` line), else the project's defaults
     NAME+e                    an elastic page of floor NAME at the top (--kvtuner-hicache-elastic): the
-                              floor page plus 8-bit refinement planes on its 4-bit asymmetric layers.
+                              floor page plus refinement planes that double the bits of its 2-/4-bit asym layers.
                               Its demoted form is NAME itself, bit for bit (test_elastic_pool.py).
                               Example: K4cV4t-a-g64+e, table:PATH+e
 
@@ -173,7 +173,7 @@ def parse_config(name: str, ctx: ConfigContext) -> EvalConfig:
     if elastic:
         if residual is not None or ctx.residual_length:
             raise ConfigError(f"{name}: an elastic page has no residual window")
-        q = q.with_(elastic=True)  # validates: asymmetric, a 4-bit floor somewhere
+        q = q.with_(elastic=True)  # validates: asymmetric, a 2- or 4-bit floor somewhere
     if residual is not None:
         q = q.with_(residual_length=residual)
     elif base not in ("seed",) and ctx.residual_length:
@@ -183,7 +183,7 @@ def parse_config(name: str, ctx: ConfigContext) -> EvalConfig:
         desc = (f"K{q.nbits_key} {'per-channel' if q.axis_key else 'per-token'}, V{q.nbits_value} "
                 f"{'per-channel' if q.axis_value else 'per-token'}, {'asym' if q.asym else 'sym'}, g{q.q_group_size}")
     if q.elastic:
-        desc += ", elastic top: 8-bit refinement planes on the 4-bit layers (the floor is the same name without +e)"
+        desc += ", elastic top: refinement planes double the 2-/4-bit layers' bits (the floor is the name without +e)"
     if q.residual_length:
         desc += f", last {math.ceil(q.residual_length / ctx.page_size)} page(s) bf16"
     del layout

@@ -1,21 +1,21 @@
 """Refinement planes of elastic pages (issue 15): the bits above the floor, per stream, as bytes.
 
 The floor page of an elastic pool is a fixed page of the floor config, byte for byte (page format 2,
-docs/page-format.md). For every 4-bit asymmetric chunk of that page, the *refinement plane* of its
-stream holds a 4-bit code r per element (`elastic.quantize_embedded`: the residual of the 4-bit code
-cut into 16 cells), so that floor code c and r together decode as an 8-bit-class value
-`m + s * (c + (2r - 15) / 32)` (max error s/32 = 1/480 of the group range, direct 8-bit: 1/510), and c
-alone is the fixed 4-bit page, bit for bit. Dropping a plane is the whole demotion: no re-encode, no
-GPU work, no bytes written; what is left is exactly the fixed page.
+docs/page-format.md). For every b-bit asymmetric chunk of that page with b in (2, 4), the *refinement
+plane* of its stream holds a b-bit code r per element (`elastic.quantize_embedded`: the residual of
+the b-bit code c cut into 2^b cells), so that c and r together decode as a 2b-bit-class value
+`m + s * (c + (2r + 1 - 2^b) / 2^(b+1))` (max error s / 2^(b+1): 1/480 of the group range at 4+4 against
+1/510 for a direct 8-bit code, 1/24 at 2+2 against 1/30 for a direct 4-bit code), and c alone is the
+fixed b-bit page, bit for bit. Dropping a plane is the whole demotion: no re-encode, no GPU work, no
+bytes written; what is left is exactly the fixed page.
 
-Plane layout (`PLANE_LAYOUT_VERSION`): one plane per stream, the stream's 4-bit chunks in layer
-order, each `codes_bytes` of r packed like the chunk's codes (same element order, same 4-bit
-packing), each starting 128-byte aligned. Planes live only in host memory (never in L3, never in a
-page header), so the version is checked at pool build, not on read.
+Plane layout (`PLANE_LAYOUT_VERSION`): one plane per stream, the stream's refinable chunks in layer
+order, each `elements * b / 8` bytes of r packed like the chunk's codes (same element order, same
+b-bit packing), each starting 128-byte aligned. Planes live only in host memory (never in L3, never
+in a page header), so no stored object carries the version.
 
-Chunks at 2 or 8 bits have no plane (their stream's pages keep one precision there). Symmetric
-configs have no planes (the embedded code is asymmetric); the config layer rejects
-`--kvtuner-hicache-elastic` for them.
+8-bit chunks have no plane (their stream's pages keep one precision there). Symmetric configs have no
+planes (the embedded code is asymmetric); the config layer rejects `--kvtuner-hicache-elastic` for them.
 
 Pure torch, no sglang: the reference for a native elastic decode.
 """
@@ -39,8 +39,9 @@ from kvtuner_hicache.quant.reference import (
 )
 
 PLANE_LAYOUT_VERSION = 1
-ELASTIC_FLOOR_BITS = 4  # chunks at this floor get a refinement plane
-REFINE_BITS = 4
+# floor bits of a chunk -> bits of its refinement: the top doubles the code bits (4 -> 8, 2 -> 4);
+# 8-bit chunks have no plane
+REFINE_BITS: dict[int, int] = {4: 4, 2: 2}
 
 
 def _align(n: int) -> int:
@@ -52,6 +53,11 @@ class RefinementChunk:
     layer: int
     spec: ChunkSpec
     offset: int  # byte offset of this layer's r codes inside the stream's plane
+    refine_bits: int  # bits of r; the top decodes as spec.bits + refine_bits
+
+    @property
+    def nbytes(self) -> int:
+        return self.spec.elements * self.refine_bits // 8
 
 
 class RefinementLayout:
@@ -65,9 +71,10 @@ class RefinementLayout:
             off, mine = 0, []
             for layer in range(layout.num_layers):
                 spec = layout.chunk(s, layer)
-                if spec.bits == ELASTIC_FLOOR_BITS and spec.asym:
-                    mine.append(RefinementChunk(layer, spec, off))
-                    off += _align(spec.codes_bytes)
+                if spec.bits in REFINE_BITS and spec.asym:
+                    c = RefinementChunk(layer, spec, off, REFINE_BITS[spec.bits])
+                    mine.append(c)
+                    off += _align(c.nbytes)
             if mine:
                 self.chunks[s] = mine
                 self.plane_bytes[s] = off
@@ -87,7 +94,8 @@ class RefinementLayout:
         for s in range(len(self.layout.streams)):
             for layer in range(self.layout.num_layers):
                 spec = self.layout.chunk(s, layer)
-                extra = REFINE_BITS if s in streams_with_plane and self.chunk(s, layer) is not None else 0
+                c = self.chunk(s, layer)
+                extra = c.refine_bits if s in streams_with_plane and c is not None else 0
                 total += spec.elements
                 bits += spec.elements * (spec.bits + extra)
         return bits / total
@@ -107,9 +115,9 @@ def encode_planes(rl: RefinementLayout, stream: int, buffers: Sequence[Sequence[
         spec = c.spec
         x = buffers[st.buffer][c.layer][idx][..., st.col_offset : st.col_offset + st.dim]
         shape = (p, ps, st.heads, st.dim)
-        _, r, _, _ = quantize_embedded(to_groups(x.reshape(shape), spec.axis, spec.group), ELASTIC_FLOOR_BITS, REFINE_BITS)
+        _, r, _, _ = quantize_embedded(to_groups(x.reshape(shape), spec.axis, spec.group), spec.bits, c.refine_bits)
         r = from_groups(r, spec.axis, shape).reshape(p, spec.elements)
-        out[:, c.offset : c.offset + spec.codes_bytes] = pack_codes(r, REFINE_BITS).cpu()
+        out[:, c.offset : c.offset + c.nbytes] = pack_codes(r, c.refine_bits).cpu()
     return out
 
 
@@ -120,12 +128,12 @@ def decode_chunk_top(raw: torch.Tensor, plane: torch.Tensor, c: RefinementChunk)
     p = raw.shape[0]
     shape = (p, spec.page_size, spec.heads, spec.dim)
     codes = unpack_codes(raw[:, : spec.codes_bytes], spec.bits).reshape(shape)
-    r = unpack_codes(plane[:, c.offset : c.offset + spec.codes_bytes], REFINE_BITS).reshape(shape)
+    r = unpack_codes(plane[:, c.offset : c.offset + c.nbytes], c.refine_bits).reshape(shape)
     meta = spec.num_groups * 2
     scale = raw[:, spec.scale_offset : spec.scale_offset + meta].contiguous().view(torch.float16)
     mn = raw[:, spec.min_offset : spec.min_offset + meta].contiguous().view(torch.float16)
     x = dequantize_embedded(to_groups(codes, spec.axis, spec.group), to_groups(r, spec.axis, spec.group),
-                            scale, mn, REFINE_BITS)
+                            scale, mn, c.refine_bits)
     return from_groups(x, spec.axis, shape)
 
 
@@ -149,5 +157,5 @@ def roundtrip_top(layout: PageLayout, layer_kv: Sequence[Sequence[torch.Tensor]]
     return out
 
 
-__all__ = ["ELASTIC_FLOOR_BITS", "PLANE_LAYOUT_VERSION", "REFINE_BITS", "RefinementChunk", "RefinementLayout",
+__all__ = ["PLANE_LAYOUT_VERSION", "REFINE_BITS", "RefinementChunk", "RefinementLayout",
            "decode_chunk_top", "encode_planes", "roundtrip_top"]

@@ -73,8 +73,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         f"in a host tail store (1/8 of the host budget); 0 disables (default "
                         f"{d.residual_length}).")
     g.add_argument("--kvtuner-hicache-elastic", action="store_true", default=None,
-                   help="Precision-elastic host pool: pages enter L2 with 8-bit refinement planes on their "
-                        "4-bit layers and drop them (coldest first, values before keys) before SGLang evicts "
+                   help="Precision-elastic host pool: pages enter L2 with refinement planes that double the bits "
+                        "of their 2- and 4-bit layers and drop them (coldest first, values before keys) before SGLang evicts "
                         "any page; the bit flags or the per-layer table give the floor. L3 stores floor "
                         "pages. CPU device pools only in this release.")
     g.add_argument("--kvtuner-hicache-config", type=str, default=None, metavar="PATH",

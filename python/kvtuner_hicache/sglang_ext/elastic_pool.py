@@ -4,7 +4,7 @@ before they give up their place.
 Every page's own row holds its floor page (the bit flags or the per-layer table), byte for byte the
 fixed pool's page, so L3, the storage proxy and the per-layer load of the floor are unchanged. A page
 also holds, while there is room, one refinement plane per elastic stream (`quant/elastic_pages.py`:
-4 more bits on every 4-bit chunk), kept in rows SGLang has not allocated (`elastic_planes.PlaneTable`).
+b more bits on every b-bit chunk, b = 2 or 4), kept in rows SGLang has not allocated (`elastic_planes.PlaneTable`).
 
 Lifecycle contract, on top of the fixed pool's:
 
@@ -62,8 +62,8 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         super().__init__(device_pool, **kwargs)
         self.refinement = RefinementLayout(self.page_layout)
         if not self.refinement.streams:
-            raise ConfigError("--kvtuner-hicache-elastic needs at least one 4-bit asymmetric layer (the floor "
-                              "comes from the bit flags or the per-layer table; 4-bit layers get 8-bit planes)")
+            raise ConfigError("--kvtuner-hicache-elastic needs at least one 2- or 4-bit asymmetric layer (the floor "
+                              "comes from the bit flags or the per-layer table; b-bit layers get b more bits)")
         widest = max(self.refinement.plane_bytes.values())
         halves = self.row_stride // ((widest + ALIGN - 1) // ALIGN * ALIGN)
         half_stride = self.row_stride // halves // ALIGN * ALIGN

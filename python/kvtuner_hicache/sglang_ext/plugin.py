@@ -131,7 +131,7 @@ def validate(server_args: Any, era: Era | None = None) -> None:
     verify_hooks(required=True)
     kargs.validate_server_args(server_args, cfg, era or active_era())
     logger.info("kvtuner_hicache enabled: %s%s (SGLang %s, era %s)", cfg.short_name(),
-                ", elastic (floor given, 8-bit planes on 4-bit layers)" if cfg.elastic else "", active_release(),
+                ", elastic (this is the floor; 2- and 4-bit layers enter at twice the bits)" if cfg.elastic else "", active_release(),
                 (era or active_era()).name)
 
 
