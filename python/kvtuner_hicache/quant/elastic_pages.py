@@ -30,7 +30,7 @@ import torch
 from kvtuner_hicache.page_format import ALIGN, ChunkSpec, PageLayout
 from kvtuner_hicache.quant.elastic import dequantize_embedded, quantize_embedded
 from kvtuner_hicache.quant.reference import (
-    dequantize_chunk,
+    decode_layer,
     encode_pages,
     from_groups,
     pack_codes,
@@ -137,25 +137,38 @@ def decode_chunk_top(raw: torch.Tensor, plane: torch.Tensor, c: RefinementChunk)
     return from_groups(x, spec.axis, shape)
 
 
+def load_top(layout: PageLayout, c: RefinementChunk, raw: torch.Tensor, planes: torch.Tensor,
+             buffer: torch.Tensor, rows: torch.Tensor) -> None:
+    """Overwrite device `rows` of one layer's `buffer` with the top decode of chunk `c`, given its floor
+    bytes `raw` (uint8 [P, nbytes]) and its stream's planes (uint8 [P, >= plane bytes]): what an elastic
+    pool's per-layer load adds after the floor decode."""
+    st = layout.streams[c.spec.stream]
+    x = decode_chunk_top(raw, planes, c).reshape(-1, st.heads, st.dim)
+    buffer[rows.to(buffer.device), :, st.col_offset : st.col_offset + st.dim] = x.to(buffer.dtype)
+
+
 def roundtrip_top(layout: PageLayout, layer_kv: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
-    """reference.roundtrip_pages for an elastic page at the top: every page holds every refinement plane.
-    layer_kv[b][layer]: [tokens, H, D_total], tokens whole pages; returns new tensors of the same shape."""
+    """reference.roundtrip_pages for an elastic page at the top: every page holds every refinement plane,
+    loaded as the pool loads it (floor decode, then `load_top`). layer_kv[b][layer]: [tokens, H, D_total],
+    tokens whole pages; returns new tensors of the same shape."""
     rl = RefinementLayout(layout)
     tokens = layer_kv[0][0].shape[0]
     idx = torch.arange(tokens, device=layer_kv[0][0].device)
     pages = torch.empty(tokens // layout.page_size, layout.page_bytes, dtype=torch.uint8)
     encode_pages(layout, layer_kv, idx, pages)
+    planes = {s: encode_planes(rl, s, layer_kv, idx) for s in rl.streams}
     out = [[t.clone() for t in per_layer] for per_layer in layer_kv]
-    for s, st in enumerate(layout.streams):
-        plane = encode_planes(rl, s, layer_kv, idx) if s in rl.chunks else None
-        for layer in range(layout.num_layers):
-            spec, c = layout.chunk(s, layer), rl.chunk(s, layer)
-            raw = pages[:, spec.offset : spec.offset + spec.nbytes]
-            x = dequantize_chunk(raw, spec) if c is None else decode_chunk_top(raw, plane, c)
-            dst = out[st.buffer][layer]
-            dst[:, :, st.col_offset : st.col_offset + st.dim] = x.reshape(-1, st.heads, st.dim).to(dst.dtype)
+    pid = torch.arange(pages.shape[0])
+    for layer in range(layout.num_layers):
+        bufs = [out[b][layer] for b in range(len(out))]
+        decode_layer(layout, layer, pages, pid, bufs, idx)
+        for s in rl.streams:
+            c = rl.chunk(s, layer)
+            if c is not None:
+                raw = pages[:, c.spec.offset : c.spec.offset + c.spec.nbytes]
+                load_top(layout, c, raw, planes[s], bufs[layout.streams[s].buffer], idx)
     return out
 
 
 __all__ = ["PLANE_LAYOUT_VERSION", "REFINE_BITS", "RefinementChunk", "RefinementLayout",
-           "decode_chunk_top", "encode_planes", "roundtrip_top"]
+           "decode_chunk_top", "encode_planes", "load_top", "roundtrip_top"]

@@ -39,7 +39,7 @@ import torch
 from kvtuner_hicache.config import ConfigError
 from kvtuner_hicache.elastic_planes import PlaneTable, Slot
 from kvtuner_hicache.page_format import ALIGN
-from kvtuner_hicache.quant.elastic_pages import PLANE_LAYOUT_VERSION, RefinementLayout, decode_chunk_top, encode_planes
+from kvtuner_hicache.quant.elastic_pages import PLANE_LAYOUT_VERSION, RefinementLayout, encode_planes, load_top
 from kvtuner_hicache.sglang_ext.host_pool import QuantizedMHATokenToKVPoolHost
 
 logger = logging.getLogger(__name__)
@@ -174,12 +174,11 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
                 idx = torch.tensor([i for i, _ in sel], dtype=torch.int64)
                 r = torch.tensor([sl[0] for _, sl in sel], dtype=torch.int64)
                 h = torch.tensor([sl[1] for _, sl in sel], dtype=torch.int64)
-                spec, st = chunk.spec, self.page_layout.streams[s]
-                raw = self.pages[self._load_page_ids[idx], spec.offset : spec.offset + spec.nbytes]
-                x = decode_chunk_top(raw, self._halves[r, h], chunk).reshape(-1, st.heads, st.dim)
                 dst = device_indices.reshape(len(page_ids), ps)[idx].reshape(-1)
-                buf = self._buffers[st.buffer][layer_id]
-                buf[dst.to(buf.device), :, st.col_offset : st.col_offset + st.dim] = x.to(buf.dtype)
+                spec = chunk.spec
+                raw = self.pages[self._load_page_ids[idx], spec.offset : spec.offset + spec.nbytes]
+                load_top(self.page_layout, chunk, raw, self._halves[r, h],
+                         self._buffers[self.page_layout.streams[s].buffer][layer_id], dst)
 
     def set_from_flat_data_page(self, index: int, data_page: torch.Tensor) -> None:
         super().set_from_flat_data_page(index, data_page)
