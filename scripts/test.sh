@@ -3,7 +3,8 @@
 # smoke-test model and the eval data, lint, then:
 #   1. every CPU test on the pinned release (0.5.23);
 #   2. every CPU test again on the oldest supported release (0.5.17, through scripts/with_sglang.sh);
-#   3. the per-release compatibility tests on each release in between (0.5.18 .. 0.5.22);
+#   3. the per-release compatibility tests (adapters, plugin, elastic pool, flags) on each release in between
+#      (0.5.18 .. 0.5.22);
 #   4. the L3 tests against real engines (JuiceFS FUSE mount, Mooncake master, LMCache server on 127.0.0.1).
 # GPU tests (-m gpu) run on a GPU machine through scripts/gpu_test.sh. Extra arguments go to pytest (step 1).
 # RELEASES="0.5.18 0.5.20" narrows step 3; SKIP_OLDEST=1 skips step 2 (local iteration only: CI runs all).
@@ -31,7 +32,7 @@ fi
 for v in ${RELEASES:-0.5.18 0.5.19 0.5.20 0.5.21 0.5.22}; do
   step "compatibility tests on SGLang $v"
   bash scripts/with_sglang.sh "$v" "${PYTEST[@]}" -q test/sglang/test_release_compat.py test/sglang/test_plugin.py \
-    test/sglang/test_elastic_pool.py
+    test/sglang/test_elastic_pool.py test/sglang/test_args.py
 done
 
 step "L3 tests against real engines"
