@@ -343,3 +343,40 @@ def test_a_plane_moved_to_pair_rows_still_decodes_its_own_page():
     for layer in range(2):
         assert torch.equal(got[0][layer], top[0][layer].float())  # both pages' K planes, one of them moved
         assert torch.equal(got[1][layer], floor[1][layer].float())
+
+
+def test_enable_metrics_exports_pages_demotions_evictions_and_hits(kvtq_hooks, tiny_model):
+    from prometheus_client import REGISTRY
+
+    sa = resolved_server_args(tiny_model, *ELASTIC, "--enable-metrics")
+    kv = mha_device_pool(2, 2, 64, PS, tokens=16 * PS)
+    cache, alloc = tree_cache(kv, sa)
+    host = kv_host_pool(cache)
+    assert host.metrics is not None
+
+    def sample(name, **labels):
+        return REGISTRY.get_sample_value(name, {"tp_rank": "0", **labels}) or 0.0
+
+    before = {k: sample("sglang:kvtq_elastic_demotions_total", stream=k) for k in ("k", "v")}
+    ev0, hit0 = sample("sglang:kvtq_elastic_evictions_total"), sample("sglang:kvtq_elastic_hit_tokens_total", bits="8")
+    h = host.alloc(2 * PS)
+    host.backup_from_device_all_layer(kv, h, torch.arange(2 * PS), "kernel")
+    _load(host, kv, h, torch.arange(4 * PS, 6 * PS))
+    host.publish_metrics(force=True)
+    assert sample("sglang:kvtq_elastic_pages", bits="8") == 2
+    assert sample("sglang:kvtq_elastic_plane_rows") == host.planes.host_rows > 0
+    assert sample("sglang:kvtq_elastic_hit_tokens_total", bits="8") - hit0 == 2 * PS
+    rest = host.alloc(host.available_size())  # every plane goes
+    host.publish_metrics(force=True)
+    assert sample("sglang:kvtq_elastic_pages", bits="8") == 0
+    assert sample("sglang:kvtq_elastic_pages", bits="4") == host.page_num
+    assert all(sample("sglang:kvtq_elastic_demotions_total", stream=k) - before[k] == 2 for k in ("k", "v"))
+    host.free(rest)
+    host.publish_metrics(force=True)
+    assert sample("sglang:kvtq_elastic_evictions_total") - ev0 == rest.numel() // PS
+
+
+def test_no_metrics_without_the_flag(kvtq_hooks, tiny_model):
+    sa = resolved_server_args(tiny_model, *ELASTIC)  # published: replaces any server with --enable-metrics
+    cache, _ = tree_cache(mha_device_pool(2, 2, 64, PS, tokens=4 * PS), sa)
+    assert kv_host_pool(cache).metrics is None

@@ -40,11 +40,21 @@ from kvtuner_hicache.config import ConfigError
 from kvtuner_hicache.elastic_planes import PlaneTable, Slot
 from kvtuner_hicache.page_format import ALIGN
 from kvtuner_hicache.quant.elastic_pages import PLANE_LAYOUT_VERSION, RefinementLayout, encode_planes, load_top
+from kvtuner_hicache.sglang_ext.elastic_metrics import ElasticMetrics, metrics_enabled
 from kvtuner_hicache.sglang_ext.host_pool import QuantizedMHATokenToKVPoolHost
 
 logger = logging.getLogger(__name__)
 
 LOG_EVERY_DEMOTIONS = 1000  # one INFO line with the pool's counters per this many demotions
+
+
+def _tp_rank() -> int:
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return int(getattr(get_parallel(), "tp_rank", 0) or 0)
+    except Exception:  # no published runtime context: a single rank
+        return 0
 
 
 class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
@@ -74,6 +84,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         self.planes = PlaneTable(self.refinement.streams, halves, self._take_row, self._release_row, self._move_plane)
         self.evicted_pages = 0
         self.served_tokens_by_bits: Counter[str] = Counter()
+        self.metrics = ElasticMetrics(_tp_rank()) if metrics_enabled() else None
         floor_bits = self.refinement.top_bits_per_element(())
         top_bits = self.refinement.top_bits_per_element(self.refinement.streams)
         top_pages = self.page_num * halves // (halves + len(self.refinement.streams))
@@ -123,6 +134,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
                 pages = torch.unique(indices.cpu() // self.page_size).tolist()
                 self.planes.drop(pages)
                 self.evicted_pages += len(pages)
+                self.publish_metrics()
             return super().free(indices)
 
     def clear(self) -> None:
@@ -163,6 +175,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
                 for p in page_ids:
                     self.served_tokens_by_bits[self.bits_label(p)] += ps
                 self.planes.touch(page_ids)
+                self.publish_metrics()
             for s in self.refinement.streams:
                 chunk = self.refinement.chunk(s, layer_id)
                 if chunk is None:
@@ -215,10 +228,16 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
                 "served_tokens_by_bits": dict(self.served_tokens_by_bits),
             }
 
+    def publish_metrics(self, force: bool = False) -> None:
+        """Push elastic_stats() to the Prometheus series (--enable-metrics); throttled unless `force`."""
+        if self.metrics is not None and (force or self.metrics.due()):
+            self.metrics.publish(self.elastic_stats())
+
     def _log_if_due(self, demotions_before: int) -> None:
         now = sum(self.planes.stats.demotions)
         if now // LOG_EVERY_DEMOTIONS > demotions_before // LOG_EVERY_DEMOTIONS:
             logger.info("kvtuner_hicache elastic host pool: %s", self.elastic_stats())
+        self.publish_metrics()
 
 
 __all__ = ["ElasticMHATokenToKVPoolHost"]
