@@ -5,7 +5,8 @@
 #   2. every CPU test again on the oldest supported release (0.5.17, through scripts/with_sglang.sh);
 #   3. the per-release compatibility tests (adapters, plugin, elastic pool, flags) on each release in between
 #      (0.5.18 .. 0.5.22);
-#   4. the L3 tests against real engines (JuiceFS FUSE mount, Mooncake master, LMCache server on 127.0.0.1).
+#   4. a real SGLang server on CPU with the plugin (test/server, pinned release only);
+#   5. the L3 tests against real engines (JuiceFS FUSE mount, Mooncake master, LMCache server on 127.0.0.1).
 # GPU tests (-m gpu) run on a GPU machine through scripts/gpu_test.sh. Extra arguments go to pytest (step 1).
 # RELEASES="0.5.18 0.5.20" narrows step 3; SKIP_OLDEST=1 skips step 2 (local iteration only: CI runs all).
 set -euo pipefail
@@ -18,7 +19,7 @@ bash scripts/fetch_models.sh smollm2-135m
 bash scripts/fetch_models.sh data
 export KVT_REQUIRE_MODELS=1   # the real-model smoke test must run, never skip silently
 .venv/bin/ruff check .
-PYTEST=(.venv/bin/python -m pytest -m "not gpu and not l3" -p no:cacheprovider)
+PYTEST=(.venv/bin/python -m pytest -m "not gpu and not l3 and not server" -p no:cacheprovider)
 
 pinned=$(sed -nE "s/^SGLANG_VERSION[[:space:]]*=[[:space:]]*\"([^\"]+)\".*/\1/p" python/kvtuner_hicache/_upstream.py)
 step "all CPU tests on SGLang $pinned (the pin)"
@@ -34,6 +35,9 @@ for v in ${RELEASES:-0.5.18 0.5.19 0.5.20 0.5.21 0.5.22}; do
   bash scripts/with_sglang.sh "$v" "${PYTEST[@]}" -q test/sglang/test_release_compat.py test/sglang/test_plugin.py \
     test/sglang/test_elastic_pool.py test/sglang/test_args.py
 done
+
+step "a real SGLang $pinned server on this CPU machine (smollm2-135m, elastic pool; scripts/cpu/serve.sh)"
+.venv/bin/python -m pytest -m server -p no:cacheprovider -q test/server
 
 step "L3 tests against real engines"
 # installs, starts, tests (missing engines fail, never skip) and always tears down.

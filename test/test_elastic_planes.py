@@ -6,6 +6,8 @@ move copies the dict entry, so a plane that ends up under the wrong owner fails 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -53,7 +55,9 @@ class Rows:
         granted = self.table.admit(pages)
         for p, streams in zip(pages, granted, strict=True):
             for s in streams:
-                self.mem[self.table.slot_of(p, s)] = (p, s)
+                slot = self.table.slot_of(p, s)
+                assert slot is not None, f"page {p} was granted a stream-{s} plane it no longer holds"
+                self.mem[slot] = (p, s)
         return granted
 
 
@@ -73,6 +77,8 @@ def _check(rows: Rows, table: PlaneTable, sglang_pages: set[int]) -> None:
             assert rows.mem.get(slot) == (p, s), f"plane ({p}, {s}) lost its bytes"
             assert slot[0] not in sglang_pages and slot[0] not in rows.free, "plane in a row SGLang can see"
     assert table.planes == len(slots)
+    held = Counter(table.streams_of(p) for p in sglang_pages if table.streams_of(p))
+    assert table.census == held, "the incremental census drifted"
     host_rows = {sl[0] for sl in slots}
     assert table.host_rows == len(host_rows), "a row without planes was kept from SGLang"
     assert len(rows.free) + len(sglang_pages) + table.host_rows == len(rows.free | sglang_pages | host_rows)
@@ -89,7 +95,8 @@ def test_new_pages_get_both_planes_two_to_a_row_while_rows_are_free():
 def test_a_new_page_takes_the_coldest_pages_plane_values_first():
     rows, t = make(6)
     a = rows.sglang_alloc(3)
-    rows.backup(a)  # 3 pages + 3 plane rows: pool full
+    for p in a:  # one backup each: three recencies
+        rows.backup([p])  # 3 pages + 3 plane rows: pool full
     assert not rows.free
     t.touch([a[0]])  # a[1] is now the coldest, then a[2]
     # SGLang frees nothing; a fourth page cannot be allocated without demotions
@@ -108,10 +115,18 @@ def test_a_new_page_takes_the_coldest_pages_plane_values_first():
 def test_values_go_before_keys_of_the_same_page():
     rows, t = make(8)
     pages = rows.sglang_alloc(2)
-    rows.backup(pages)
+    for p in pages:
+        rows.backup([p])
     assert t.demote_coldest() == (pages[0], V)
     assert t.demote_coldest() == (pages[0], K)
     assert t.demote_coldest() == (pages[1], V)
+
+
+def test_one_batch_gives_up_all_its_values_before_any_key():
+    rows, t = make(8)
+    pages = rows.sglang_alloc(2)
+    rows.backup(pages)  # one batch: equally recent
+    assert [t.demote_coldest() for _ in range(3)] == [(pages[0], V), (pages[1], V), (pages[0], K)]
 
 
 def test_reclaim_frees_rows_only_when_every_page_is_at_the_floor_as_last_resort():
@@ -185,3 +200,26 @@ def test_bad_arguments_are_errors():
         PlaneTable((K, V), 0, lambda: None, lambda r: None, lambda a, b: None)
     with pytest.raises(ValueError, match="demotion order"):
         PlaneTable((K, V), 2, lambda: None, lambda r: None, lambda a, b: None, demotion_order=(K,))
+
+
+def test_a_batch_never_takes_planes_from_its_own_pages():
+    """Found by the CPU server test: a backup batch larger than the room left used to demote its own
+    earlier pages (equally hot) and hand the pool a stale grant."""
+    rows, t = make(7)
+    old = rows.sglang_alloc(1)
+    rows.backup(old)  # 1 page + 1 plane row; 5 rows free
+    batch = rows.sglang_alloc(5)  # exactly the free rows: nothing to reclaim
+    granted = rows.backup(batch)
+    # the first page takes the old page's planes (colder); the others cannot take any from their batch
+    assert granted == [(K, V)] + [()] * 4 and t.streams_of(old[0]) == ()
+    assert t.stats.refused_planes == 8
+    _check(rows, t, set(old + batch))
+    rows2, t2 = make(10)
+    a = rows2.sglang_alloc(2)
+    rows2.backup(a)  # 2 pages + 2 plane rows; 6 free
+    b = rows2.sglang_alloc(5)  # 1 row left free
+    granted = rows2.backup(b)
+    # one free row for the first page of b, then a's planes (colder) for the next two; no page of b gives
+    assert granted[:3] == [(K, V)] * 3 and all(g == () for g in granted[3:])
+    assert all(t2.streams_of(p) == () for p in a)
+    _check(rows2, t2, set(a + b))

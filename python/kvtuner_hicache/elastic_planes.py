@@ -11,9 +11,9 @@ as it holds no plane.
 Lifecycle contract (this class is the only writer of its state; the pool serialises every call
 under its lock):
 
-- `admit(pages, touch)` gives new pages planes, hottest last. A plane comes from a half-used host
-  row, else a fresh row (`take_row`), else by demoting the coldest plane of a page colder than the
-  one admitted; otherwise the page stays at its floor for that stream.
+- `admit(pages)` gives one backup batch's pages planes. A plane comes from a half-used host row, else a
+  fresh row (`take_row`), else by demoting the coldest plane of a page colder than the batch (never
+  one of the batch itself); otherwise the page stays at its floor for that stream.
 - `touch(pages)` marks pages used (backup, load, prefetch): demotion takes the coldest first.
 - `reclaim(rows)` frees whole rows for SGLang's allocator: pairs half-used host rows (one plane
   move each, `move_plane`), demoting the coldest planes (values before keys of the same page)
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -73,7 +74,9 @@ class PlaneTable:
 
     def clear(self) -> None:
         """Forget everything (the pool's rows were all freed by SGLang's clear)."""
-        self._slot: dict[tuple[int, int], Slot] = {}  # (page, stream) -> slot
+        self._slot: dict[tuple[int, int], Slot] = {}  # (page, stream) -> slot; only _set/_unset write it
+        self._held: dict[int, tuple[int, ...]] = {}  # page -> the streams it holds planes of (pages with >= 1)
+        self.census: Counter[tuple[int, ...]] = Counter()  # streams held -> pages (kept as planes come and go)
         self._owner: dict[Slot, tuple[int, int]] = {}
         self._free_halves: dict[int, list[int]] = {}  # host row -> its free halves (rows with >= 1 plane)
         self._partial: set[int] = set()  # host rows with a free half
@@ -95,11 +98,32 @@ class PlaneTable:
         return self._slot.get((page, stream))
 
     def pages_with_planes(self) -> set[int]:
-        return {p for (p, _s) in self._slot}
+        return set(self._held)
 
     def streams_of(self, page: int) -> tuple[int, ...]:
         """The streams whose plane `page` holds now."""
-        return tuple(s for s in self.streams if (page, s) in self._slot)
+        return self._held.get(page, ())
+
+    def _set(self, owner: tuple[int, int], slot: Slot) -> None:
+        self._slot[owner] = slot
+        self._recount(owner[0])
+
+    def _unset(self, owner: tuple[int, int]) -> Slot | None:
+        slot = self._slot.pop(owner, None)
+        if slot is not None:
+            self._recount(owner[0])
+        return slot
+
+    def _recount(self, page: int) -> None:
+        old = self._held.pop(page, ())
+        if old:
+            self.census[old] -= 1
+            if not self.census[old]:
+                del self.census[old]
+        new = tuple(s for s in self.streams if (page, s) in self._slot)
+        if new:
+            self._held[page] = new
+            self.census[new] += 1
 
     def is_host_row(self, row: int) -> bool:
         return row in self._free_halves
@@ -157,11 +181,12 @@ class PlaneTable:
         if not free:
             self._partial.discard(row)
         self._owner[slot] = owner
-        self._slot[owner] = slot
+        self._set(owner, slot)
 
     def _demote(self, page: int, stream: int) -> Slot:
         """Take `page`'s plane of `stream` away; returns the slot it held (still marked used)."""
-        slot = self._slot.pop((page, stream))
+        slot = self._unset((page, stream))
+        assert slot is not None
         self.stats.demotions[stream] += 1
         return slot
 
@@ -184,15 +209,14 @@ class PlaneTable:
         return slot
 
     def admit(self, pages: Sequence[int], streams: Sequence[int] | None = None) -> list[tuple[int, ...]]:
-        """New pages (just backed up, hottest last): give each a plane per stream where room can be made.
-        Returns per page the streams that got a plane (the caller encodes exactly those)."""
-        want = tuple(self.streams if streams is None else streams)
-        got: list[tuple[int, ...]] = []
+        """New pages (one backup batch, all equally hot): give each a plane per stream where room can be
+        made, never by demoting a page of the same batch. Returns per page the streams that hold a plane
+        (the caller encodes exactly those)."""
+        want = sorted(self.streams if streams is None else streams, key=lambda s: -self._rank[s])  # keys first
+        t = next(self._clock)
         for p in pages:
-            t = next(self._clock)
             self._touch[p] = t
-            mine = []
-            for s in sorted(want, key=lambda s: -self._rank[s]):  # keys before values: demoted last
+            for s in want:
                 assert (p, s) not in self._slot, f"page {p} already holds a stream-{s} plane"
                 slot = self._slot_for(t)
                 if slot is None:
@@ -201,15 +225,13 @@ class PlaneTable:
                 self._use_slot(slot, (p, s))
                 heapq.heappush(self._heap, (t, self._rank[s], p, s))
                 self.stats.admitted_planes += 1
-                mine.append(s)
-            got.append(tuple(sorted(mine)))
-        return got
+        return [self.streams_of(p) for p in pages]
 
     def drop(self, pages: Iterable[int]) -> None:
         """Pages freed by SGLang: their planes go (not demotions) and their recency is forgotten."""
         for p in pages:
             for s in self.streams:
-                slot = self._slot.pop((p, s), None)
+                slot = self._unset((p, s))
                 if slot is not None:
                     self._free_slot(slot)
             if self._touch.pop(p, None) is not None:
@@ -247,7 +269,7 @@ class PlaneTable:
             dst = (dst_row, self._free_halves[dst_row][-1])
             self._move((src, half), dst)
             self.stats.moves += 1
-            self._slot.pop(owner)
+            self._unset(owner)
             self._owner.pop((src, half))
             self._free_halves[src].append(half)
             self._use_slot(dst, owner)

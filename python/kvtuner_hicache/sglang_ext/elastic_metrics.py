@@ -10,17 +10,15 @@ directory) appear there beside SGLang's own:
     sglang:kvtq_elastic_evictions_total{tp_rank}         counter: pages SGLang freed (evicted)
     sglang:kvtq_elastic_hit_tokens_total{tp_rank, bits}  counter: host-hit tokens loaded at that precision
 
-The pool publishes at most once per `PUBLISH_INTERVAL_S` from its own methods (the page census walks
-the pages that hold planes), and on demand. The series are process-wide (prometheus_client refuses a
-second series of one name), one label set per pool.
+The pool publishes after every change from its own methods (its page census is kept incrementally, so
+a publish is a few series updates). The series are process-wide (prometheus_client refuses a second
+series of one name), one label set per pool.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-PUBLISH_INTERVAL_S = 1.0
 _SERIES: dict[str, Any] | None = None
 
 
@@ -60,7 +58,6 @@ class ElasticMetrics:
         self.series = _series()
         self._sent: dict[tuple[str, str], float] = {}  # counter totals already published
         self._bits_seen: set[str] = set()
-        self._last = 0.0
 
     def _inc(self, name: str, label: str, total: float) -> None:
         delta = total - self._sent.get((name, label), 0)
@@ -69,11 +66,7 @@ class ElasticMetrics:
             (s.labels(self.rank, label) if label else s.labels(self.rank)).inc(delta)
             self._sent[(name, label)] = total
 
-    def due(self) -> bool:
-        return time.monotonic() - self._last >= PUBLISH_INTERVAL_S
-
     def publish(self, stats: dict[str, Any]) -> None:
-        self._last = time.monotonic()
         pages = stats["pages_by_bits"]
         for bits in self._bits_seen | set(pages):  # a precision that emptied reads 0, not its last value
             self.series["pages"].labels(self.rank, bits).set(pages.get(bits, 0))
@@ -86,4 +79,4 @@ class ElasticMetrics:
             self._inc("hit_tokens", bits, n)
 
 
-__all__ = ["PUBLISH_INTERVAL_S", "ElasticMetrics", "metrics_enabled"]
+__all__ = ["ElasticMetrics", "metrics_enabled"]

@@ -84,6 +84,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         self.planes = PlaneTable(self.refinement.streams, halves, self._take_row, self._release_row, self._move_plane)
         self.evicted_pages = 0
         self.served_tokens_by_bits: Counter[str] = Counter()
+        self._labels: dict[tuple[int, ...], str] = {}
         self.metrics = ElasticMetrics(_tp_rank()) if metrics_enabled() else None
         floor_bits = self.refinement.top_bits_per_element(())
         top_bits = self.refinement.top_bits_per_element(self.refinement.streams)
@@ -122,11 +123,13 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
     def alloc(self, need_size: int) -> torch.Tensor | None:
         with self.lock:
             short = need_size - super().available_size()
-            if short > 0 and self.planes is not None:
-                before = sum(self.planes.stats.demotions)
-                self.planes.reclaim(-(-short // self.page_size))
-                self._log_if_due(before)
-            return super().alloc(need_size)
+            if short <= 0 or self.planes is None:
+                return super().alloc(need_size)
+            before = sum(self.planes.stats.demotions)
+            self.planes.reclaim(-(-short // self.page_size))
+            got = super().alloc(need_size)
+            self._log_if_due(before)  # after the allocation: the published census counts the new pages
+            return got
 
     def free(self, indices: torch.Tensor) -> int:
         with self.lock:
@@ -134,8 +137,9 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
                 pages = torch.unique(indices.cpu() // self.page_size).tolist()
                 self.planes.drop(pages)
                 self.evicted_pages += len(pages)
-                self.publish_metrics()
-            return super().free(indices)
+            freed = super().free(indices)
+            self.publish_metrics()
+            return freed
 
     def clear(self) -> None:
         with self.lock:
@@ -202,20 +206,25 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
 
     def bits_label(self, page: int) -> str:
         """Mean code bits per element of `page` now ('8', '6', '4' for a K4V4 floor; metadata not counted)."""
-        return f"{self.refinement.top_bits_per_element(self.planes.streams_of(page)):g}"
+        return self._label(self.planes.streams_of(page))
+
+    def _label(self, streams: tuple[int, ...]) -> str:
+        label = self._labels.get(streams)
+        if label is None:  # a handful of stream sets per pool: computed once each
+            label = self._labels[streams] = f"{self.refinement.top_bits_per_element(streams):g}"
+        return label
 
     def elastic_stats(self) -> dict[str, Any]:
         """Pages per precision, demotions, plane moves and evictions, as one JSON-able dict."""
         with self.lock:
             ps = self.page_size
             by_bits: Counter[str] = Counter()
-            top_pages = self.planes.pages_with_planes()
-            for p in top_pages:
-                by_bits[self.bits_label(p)] += 1
+            for streams, n in self.planes.census.items():  # kept incrementally: no walk over the pages
+                by_bits[self._label(streams)] += n
+            above = sum(self.planes.census.values())
             used = self.page_num - super().available_size() // ps - self.planes.host_rows
-            floor = f"{self.refinement.top_bits_per_element(()):g}"
-            if used > len(top_pages):
-                by_bits[floor] += used - len(top_pages)
+            if used > above:
+                by_bits[self._label(())] += used - above
             st = self.planes.stats
             names = [self.page_layout.streams[s].name for s in range(len(self.page_layout.streams))]
             return {
@@ -228,9 +237,10 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
                 "served_tokens_by_bits": dict(self.served_tokens_by_bits),
             }
 
-    def publish_metrics(self, force: bool = False) -> None:
-        """Push elastic_stats() to the Prometheus series (--enable-metrics); throttled unless `force`."""
-        if self.metrics is not None and (force or self.metrics.due()):
+    def publish_metrics(self) -> None:
+        """Push elastic_stats() to the Prometheus series (--enable-metrics) after every change: the census
+        is incremental, so this costs a few series updates, not a walk over the pages."""
+        if self.metrics is not None:
             self.metrics.publish(self.elastic_stats())
 
     def _log_if_due(self, demotions_before: int) -> None:
