@@ -22,18 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import cpu_server  # noqa: E402
+
+REPO = cpu_server.REPO
 ARMS = {
     "none": [],
     "bf16": ["--enable-hierarchical-cache"],
@@ -83,29 +83,9 @@ def metrics(url: str) -> dict[tuple[str, str], float]:
 
 
 def start(arm: str, args: argparse.Namespace, log: pathlib.Path) -> subprocess.Popen:
-    cmd = ["bash", str(REPO / "scripts" / "cpu" / "serve.sh"), "--model-path", args.model, "--port", str(args.port),
-           "--max-total-tokens", "2048", "--hicache-ratio", str(args.hicache_ratio), "--enable-metrics",
-           "--enable-cache-report", "--skip-tokenizer-init", *ARMS[arm]]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{arm}: server exited ({proc.returncode}); see {log}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{args.port}/health", timeout=5)
-            return proc
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(2)
-    raise RuntimeError(f"{arm}: server not ready after 300 s; see {log}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    return cpu_server.start(["--model-path", args.model, "--max-total-tokens", "2048", "--hicache-ratio",
+                             str(args.hicache_ratio), "--enable-metrics", "--enable-cache-report",
+                             "--skip-tokenizer-init", *ARMS[arm]], args.port, log)
 
 
 def run_arm(arm: str, pattern: str, args: argparse.Namespace, logs: pathlib.Path) -> dict:
@@ -122,7 +102,7 @@ def run_arm(arm: str, pattern: str, args: argparse.Namespace, logs: pathlib.Path
         wall = time.time() - t0
         after = metrics(url)
     finally:
-        stop(proc)
+        cpu_server.stop(proc)
 
     def delta(name: str, key: str) -> float:
         return after.get((name, key), 0.0) - before.get((name, key), 0.0)

@@ -10,17 +10,16 @@ pool fills. One server for the module (about 30 s to start). Run by scripts/test
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import random
 import re
-import signal
-import subprocess
-import time
-import urllib.error
+import sys
 import urllib.request
 
 import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmark"))
+import cpu_server  # noqa: E402
 
 pytestmark = pytest.mark.server
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -35,30 +34,15 @@ def server(tmp_path_factory):
     if not (MODEL / "config.json").exists():
         pytest.fail(f"{MODEL} missing: run bash scripts/fetch_models.sh smollm2-135m")
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = ["bash", str(REPO / "scripts" / "cpu" / "serve.sh"), "--model-path", str(MODEL), "--port", str(PORT),
-           "--max-total-tokens", str(DEVICE_TOKENS), "--hicache-ratio", "1.0", "--enable-metrics",
-           "--enable-cache-report", "--skip-tokenizer-init", "--enable-hierarchical-cache",
-           "--enable-kvtuner-hicache", "--kvtuner-hicache-nbits-key", "4", "--kvtuner-hicache-nbits-value", "4",
-           "--kvtuner-hicache-elastic"]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = cpu_server.start(["--model-path", str(MODEL), "--max-total-tokens", str(DEVICE_TOKENS),
+                             "--hicache-ratio", "1.0", "--enable-metrics", "--enable-cache-report",
+                             "--skip-tokenizer-init", "--enable-hierarchical-cache", "--enable-kvtuner-hicache",
+                             "--kvtuner-hicache-nbits-key", "4", "--kvtuner-hicache-nbits-value", "4",
+                             "--kvtuner-hicache-elastic"], PORT, log)
     try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline, f"server not ready in 300 s:\n{log.read_text()[-3000:]}"
-            try:
-                urllib.request.urlopen(f"{URL}/health", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(2)
         yield log
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        cpu_server.stop(proc)
 
 
 def _generate(ids: list[int]) -> dict:
