@@ -90,11 +90,12 @@ def start(arm: str, args: argparse.Namespace, log: pathlib.Path) -> subprocess.P
 
 def run_arm(arm: str, pattern: str, args: argparse.Namespace, logs: pathlib.Path) -> dict:
     url = f"http://127.0.0.1:{args.port}"
+    requests = trace(pattern, args.seed)
     proc = start(arm, args, logs / f"{pattern}_{arm}.log")
     try:
         before = metrics(url)
         outputs, host, t0 = [], 0, time.time()
-        for ids in trace(pattern, args.seed):
+        for ids in requests:
             r = _post(f"{url}/generate", {"input_ids": ids, "sampling_params": {
                 "max_new_tokens": 8, "temperature": 0, "ignore_eos": True}})
             outputs.append(r["output_ids"])
@@ -109,7 +110,7 @@ def run_arm(arm: str, pattern: str, args: argparse.Namespace, logs: pathlib.Path
 
     by_bits = {k: delta(n, k) for (n, k) in after if n == "sglang:kvtq_elastic_hit_tokens_total"}
     return {"pattern": pattern, "arm": arm, "requests": len(outputs), "outputs": outputs, "cpu_wall_s": wall,
-            "prompt_tokens": sum(len(x) for x in trace(pattern, args.seed)),
+            "prompt_tokens": sum(len(x) for x in requests),
             "host_hit_tokens": delta("sglang:prefill_effective_tokens_total", "host_hit"),
             "device_hit_tokens": delta("sglang:prefill_effective_tokens_total", "device_hit"),
             "host_hit_tokens_reported": host,

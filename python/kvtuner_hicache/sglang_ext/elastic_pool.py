@@ -128,7 +128,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
             before = sum(self.planes.stats.demotions)
             self.planes.reclaim(-(-short // self.page_size))
             got = super().alloc(need_size)
-            self._log_if_due(before)  # after the allocation: the published census counts the new pages
+            self._report(before)  # after the allocation: the published census counts the new pages
             return got
 
     def free(self, indices: torch.Tensor) -> int:
@@ -166,7 +166,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
                 r = torch.tensor([sl[0] for sl in slots], dtype=torch.int64)
                 h = torch.tensor([sl[1] for sl in slots], dtype=torch.int64)
                 self._halves[r, h, : plane.shape[1]] = plane
-            self._log_if_due(before)
+            self._report(before)
 
     def load_to_device_per_layer(self, device_pool, host_indices, device_indices, layer_id, io_backend,
                                  *, is_draft: bool = False) -> None:
@@ -243,7 +243,8 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         if self.metrics is not None:
             self.metrics.publish(self.elastic_stats())
 
-    def _log_if_due(self, demotions_before: int) -> None:
+    def _report(self, demotions_before: int) -> None:
+        """After a change: the periodic INFO line (per LOG_EVERY_DEMOTIONS demotions) and the metrics."""
         now = sum(self.planes.stats.demotions)
         if now // LOG_EVERY_DEMOTIONS > demotions_before // LOG_EVERY_DEMOTIONS:
             logger.info("kvtuner_hicache elastic host pool: %s", self.elastic_stats())
