@@ -6,7 +6,11 @@ config (quant/codec.py) over the installed kernel wheel:
   backup      GPU -> pinned host, incl. quantize: codec.backup (encode into a 64-page GPU staging area,
               then one DMA per run of host pages on the codec's own stream), ordered on one stream.
   load        pinned host -> GPU, per layer x L, incl. dequantize: codec.load_layer L times (zero-copy
-              reads of pinned memory, bounded grid of KVTQ_LOAD_BLOCKS blocks).
+              reads of pinned memory, bounded grid of KVTQ_LOAD_BLOCKS blocks). A load of at most
+              codec.FUSE_PAGES pages decodes every layer on the layer-0 call (one launch); the per-layer
+              launches of the same load are timed beside it (`time_ms_per_layer_launches`).
+  load-fused  KV4 only: the one-launch load at every batch size and grid share (`--fused-sweep`), the
+              measurement that FUSE_PAGES and FUSED_BLOCKS_PER_LAYER come from.
   quantize    native.encode_pages from device rows into GPU memory only (no PCIe).
   dequantize  load_layer x L from pages in GPU memory only (no PCIe, unbounded grid).
 
@@ -24,9 +28,11 @@ bf16 baselines, timed in the same run:
 speedup_vs_bf16 = (faster of bf16-kernel and bf16-copy) / ours. Effective bf16 GB/s = bf16 bytes / our time.
 
 Host time per load call (`host_us_per_load_call`): the CPU time of enqueueing one codec.load_layer call
-(perf_counter around L calls, no synchronisation inside, median of batches), next to the module-level
-`native.decode_layer` path that resolves pointers and plans per call (`host_us_per_load_call_unplanned`)
-and SGLang's bf16 per-layer call (`sglang_bf16_host_us_per_load_call`).
+(perf_counter around L calls, no synchronisation inside, median of batches; for a one-launch load the
+mean over the L calls of one load), next to the per-layer launch (`host_us_per_layer_launch`), the
+module-level `native.decode_layer` path that resolves pointers and plans per call
+(`host_us_per_load_call_unplanned`) and SGLang's bf16 per-layer call (`sglang_bf16_host_us_per_load_call`).
+Load times carry their spread: `time_ms_p10`/`time_ms_p90` over the repeats (also for SGLang's load).
 
 Usage: PYTHONPATH=python python3 benchmark/bench_transfer.py [--json docs/results/bench_transfer.json]
        [--md docs/benchmarks.md] [--quick]
@@ -50,7 +56,7 @@ sys.path.insert(0, str(REPO / "python"))
 from kvtuner_hicache.config import KVShape, QuantConfig, load_layer_bits  # noqa: E402
 from kvtuner_hicache.page_format import PageLayout  # noqa: E402
 from kvtuner_hicache.quant import native  # noqa: E402
-from kvtuner_hicache.quant.codec import DeviceKV, NativeCodec  # noqa: E402
+from kvtuner_hicache.quant.codec import FUSE_PAGES, FUSED_BLOCKS_PER_LAYER, DeviceKV, NativeCodec  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmark"))
 import bf16_baseline  # noqa: E402
@@ -95,6 +101,11 @@ def presets_dir() -> pathlib.Path | None:
 
 def bench(fn, reps: int, warmup: int = 2) -> float:
     """Median milliseconds of fn() between CUDA events (host launch gaps included)."""
+    return bench_spread(fn, reps, warmup)[0]
+
+
+def bench_spread(fn, reps: int, warmup: int = 2) -> tuple[float, float, float]:
+    """(median, p10, p90) milliseconds of fn() between CUDA events (host launch gaps included)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -106,7 +117,8 @@ def bench(fn, reps: int, warmup: int = 2) -> float:
         b.record()
         b.synchronize()
         ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    ts.sort()
+    return statistics.median(ts), ts[int(0.1 * (len(ts) - 1))], ts[int(round(0.9 * (len(ts) - 1)))]
 
 
 def configs_for(shape_name: str) -> list[tuple[str, QuantConfig]]:
@@ -121,7 +133,7 @@ def configs_for(shape_name: str) -> list[tuple[str, QuantConfig]]:
 
 
 def run_shape(shape_name: str, shape: KVShape, pages_list: list[int], reps: int, ext, sgl, records: list,
-              sweep: bool) -> None:
+              sweep: bool, fused_sweep: bool = False) -> None:
     dev = torch.device("cuda")
     L, H, D = shape.num_layers, shape.heads, shape.head_dim
     ps = PAGE_SIZE
@@ -151,7 +163,8 @@ def run_shape(shape_name: str, shape: KVShape, pages_list: list[int], reps: int,
     ctx = dict(dev=dev, L=L, k=k, v=v, bufs=bufs, kptrs=kptrs, vptrs=vptrs, row_bytes=row_bytes, host_k=host_k,
                host_v=host_v, bf16_flat_dev=bf16_flat_dev, bf16_flat_host=bf16_flat_host, cfgs=cfgs, layouts=layouts,
                hostq_flat=hostq_flat, devq_flat=devq_flat, gpu=gpu, sms=sms, pg=pg, slots=slots, ps=ps, shape=shape,
-               shape_name=shape_name, reps=reps, ext=ext, sgl=sgl, records=records, sweep=sweep)
+               shape_name=shape_name, reps=reps, ext=ext, sgl=sgl, records=records, sweep=sweep,
+               fused_sweep=fused_sweep)
     for n in pages_list:
         run_pages(n, **ctx)
     torch.cuda.empty_cache()
@@ -159,7 +172,7 @@ def run_shape(shape_name: str, shape: KVShape, pages_list: list[int], reps: int,
 
 def run_pages(n, *, dev, L, k, v, bufs, kptrs, vptrs, row_bytes, host_k, host_v, bf16_flat_dev, bf16_flat_host, cfgs,
               layouts, hostq_flat, devq_flat, gpu, sms, pg, slots, ps, shape, shape_name, reps, ext, sgl, records,
-              sweep):
+              sweep, fused_sweep):
     dslots = torch.randperm(slots, generator=pg)[:n]
     tidx = (dslots[:, None] * ps + torch.arange(ps)).reshape(-1).to(dev)
     host_tok = torch.arange(n * ps, dtype=torch.int64, device=dev)  # host slots for bf16 (page runs)
@@ -194,7 +207,8 @@ def run_pages(n, *, dev, L, k, v, bufs, kptrs, vptrs, row_bytes, host_k, host_v,
             all_layer_lf_pf(src_k_layers=kp64, dst_k=host_k, src_v_layers=vp64, dst_v=host_v, src_indices=tidx,
                             dst_indices=host_tok, item_size=item, dst_layout_dim=item * L, num_layers=L)
 
-        sg = {"load": bench(sgl_load, reps), "backup": bench(sgl_backup, reps),
+        sg_load = bench_spread(sgl_load, reps)
+        sg = {"load": sg_load[0], "load_p10": sg_load[1], "load_p90": sg_load[2], "backup": bench(sgl_backup, reps),
               "host_us": host_us_per_call(lambda i: sgl_load_layer(i % L), L)}
     t_cp_h2d = bench(lambda: bf16_flat_dev[:bf16_bytes].copy_(bf16_flat_host[:bf16_bytes], non_blocking=True), reps)
     lb = bf16_bytes // L
@@ -209,11 +223,11 @@ def run_pages(n, *, dev, L, k, v, bufs, kptrs, vptrs, row_bytes, host_k, host_v,
         run_config(name, layouts[name], n=n, dev=dev, L=L, k=k, v=v, bufs=bufs, tidx=tidx, hostq_flat=hostq_flat,
                    devq_flat=devq_flat, gpu=gpu, pg=pg, ps=ps, shape_name=shape_name, reps=reps, records=records,
                    sweep=sweep, bf16_bytes=bf16_bytes, t_bf=(t_bf_backup, t_bf_load), t_cp=(t_cp_d2h, t_cp_h2d),
-                   t_cp_layers=t_cp_h2d_layers, sg=sg)
+                   t_cp_layers=t_cp_h2d_layers, sg=sg, fused_sweep=fused_sweep)
 
 
 def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat, gpu, pg, ps, shape_name, reps, records,
-               sweep, bf16_bytes, t_bf, t_cp, t_cp_layers, sg):
+               sweep, bf16_bytes, t_bf, t_cp, t_cp_layers, sg, fused_sweep=False):
     t_bf_backup, t_bf_load = t_bf
     t_cp_d2h, t_cp_h2d = t_cp
     pb = lay.page_bytes
@@ -226,6 +240,7 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
     q_bytes = n * pb
     kv = DeviceKV.from_lists(bufs)
     codec = NativeCodec(lay, kv, hostq, dev, staging_pages=min(n, STAGING_PAGES))
+    codec_pl = NativeCodec(lay, kv, hostq, dev, staging_pages=1, fuse_pages=0)  # per-layer launches always
     codec_dev = NativeCodec(lay, kv, devq, dev, staging_pages=1, load_blocks=0)  # pages in GPU memory
     sweep_codecs: dict[int, NativeCodec] = {}
 
@@ -241,6 +256,10 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
         for layer in range(L):
             c.load_layer(layer, pid_dev, tidx)
 
+    def load_per_layer():
+        for layer in range(L):
+            codec_pl.load_layer(layer, pid_dev, tidx)
+
     def quantize():
         native.encode_pages(lay, bufs, tidx, devq)
 
@@ -253,10 +272,12 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
     backup()  # fill host pages with real data before timing the load
     torch.cuda.synchronize()
     t_backup = bench(backup, reps)
-    t_load = bench(load, reps)
+    t_load, t_load_p10, t_load_p90 = bench_spread(load, reps)
+    t_load_pl = bench(load_per_layer, reps)
     t_q = bench(quantize, reps)
     t_dq = bench(dequantize, reps)
     host_us = host_us_per_call(lambda i: codec.load_layer(i % L, pid_dev, tidx), L)
+    host_us_pl = host_us_per_call(lambda i: codec_pl.load_layer(i % L, pid_dev, tidx), L)
     host_us_unplanned = host_us_per_call(
         lambda i: native.decode_layer(lay, i % L, hostq, pid_dev, [k[i % L], v[i % L]], tidx), L)
     codec.check()
@@ -282,10 +303,16 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
                                            else "sgl_kernel.kvcacheio.transfer_kv_all_layer_lf_pf"))
         if direction == "load":
             rec["load_blocks"] = native.load_blocks()
+            rec["one_launch"] = 0 < n <= codec.fuse_pages
+            rec["time_ms_p10"], rec["time_ms_p90"] = round(t_load_p10, 4), round(t_load_p90, 4)
+            rec["time_ms_per_layer_launches"] = round(t_load_pl, 4)
             rec["host_us_per_load_call"] = round(host_us, 2)
+            rec["host_us_per_layer_launch"] = round(host_us_pl, 2)
             rec["host_us_per_load_call_unplanned"] = round(host_us_unplanned, 2)
             if sg is not None:
                 rec["sglang_bf16_host_us_per_load_call"] = round(sg["host_us"], 2)
+                rec["sglang_bf16_ms_p10"], rec["sglang_bf16_ms_p90"] = round(sg["load_p10"], 4), round(sg["load_p90"], 4)
+                rec["speedup_vs_sglang_bf16_per_layer_launches"] = round(sg["load"] / t_load_pl, 3)
         records.append(rec)
     for direction, t in (("quantize", t_q), ("dequantize", t_dq)):
         records.append(dict(base, direction=direction, time_ms=round(t, 4), bytes_pcie=0,
@@ -297,11 +324,29 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
                                 eff_bf16_GBps=round(bf16_bytes / t_b / 1e6, 2),
                                 speedup_vs_bf16=round(min(t_cp_layers, t_bf_load or t_cp_layers) / t_b, 3),
                                 speedup_vs_single_dma=round(t_cp_h2d / t_b, 3)))
-    for c in (codec, codec_dev, *sweep_codecs.values()):
+    if fused_sweep and name == "KV4":
+        for fb in (1, 2, 4, 8, 16, 0):
+            cf = NativeCodec(lay, kv, hostq, dev, staging_pages=1, fuse_pages=1 << 30, fused_blocks_per_layer=fb)
+
+            def load_fused(c=cf):
+                for layer in range(L):
+                    c.load_layer(layer, pid_dev, tidx)
+
+            t_f, t_f10, t_f90 = bench_spread(load_fused, reps)
+            rec = dict(base, direction="load-fused", fused_blocks_per_layer=fb, time_ms=round(t_f, 4),
+                       time_ms_p10=round(t_f10, 4), time_ms_p90=round(t_f90, 4),
+                       time_ms_per_layer_launches=round(t_load_pl, 4), eff_bf16_GBps=round(bf16_bytes / t_f / 1e6, 2),
+                       speedup_vs_bf16=round(min(t_cp_layers, t_bf_load or t_cp_layers) / t_f, 3))
+            if sg is not None:
+                rec.update(sglang_bf16_ms=round(sg["load"], 4), speedup_vs_sglang_bf16=round(sg["load"] / t_f, 3))
+            records.append(rec)
+            cf.shutdown()
+    for c in (codec, codec_pl, codec_dev, *sweep_codecs.values()):
         c.shutdown()
     sgl_txt = f" | sglang bf16 load {sg['load']:8.3f} backup {sg['backup']:8.3f}" if sg is not None else ""
     print(f"{shape_name:13s} {name:12s} {n:4d}p  backup {t_backup:8.3f} ms  load {t_load:8.3f} ms  "
-          f"q {t_q:7.3f}  dq {t_dq:7.3f}  host/load call {host_us:5.2f} us (unplanned {host_us_unplanned:5.2f})"
+          f"(per-layer launches {t_load_pl:8.3f})  q {t_q:7.3f}  dq {t_dq:7.3f}  host/load call {host_us:5.2f} us "
+          f"(per-layer launch {host_us_pl:5.2f}, unplanned {host_us_unplanned:5.2f})"
           f"{sgl_txt} | copy h2d {t_cp_h2d:8.3f} (per layer {t_cp_layers:8.3f}) d2h {t_cp_d2h:8.3f}", flush=True)
 
 
@@ -310,17 +355,23 @@ def table(records: list) -> str:
     def f(r, key, fmt):
         return format(r[key], fmt) if r.get(key) is not None else "-"
 
-    lines = ["| shape | config | dir | pages | ours ms | SGLang bf16 ms | vs SGLang bf16 | bf16 kernel ms | bf16 copy ms "
-             "| PCIe GB/s | eff. bf16 GB/s | speed-up vs bf16 | vs one bf16 DMA | host us/load call |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| shape | config | dir | pages | ours ms [p10, p90] | ours, per-layer launches ms | SGLang bf16 ms [p10, p90] "
+             "| vs SGLang bf16 | bf16 kernel ms | bf16 copy ms | PCIe GB/s | eff. bf16 GB/s | speed-up vs bf16 "
+             "| vs one bf16 DMA | host us/load call (per-layer launch / SGLang) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in records:
         if r["direction"] not in ("backup", "load"):
             continue
-        lines.append(f"| {r['shape']} | {r['config']} | {r['direction']} | {r['pages']} | {r['time_ms']:.3f} | "
-                     f"{f(r, 'sglang_bf16_ms', '.3f')} | {f(r, 'speedup_vs_sglang_bf16', '.2f')}x | "
+        spread = (f" [{r['time_ms_p10']:.3f}, {r['time_ms_p90']:.3f}]" if "time_ms_p10" in r else "")
+        sg_spread = (f" [{r['sglang_bf16_ms_p10']:.3f}, {r['sglang_bf16_ms_p90']:.3f}]" if "sglang_bf16_ms_p10" in r else "")
+        host = (f"{f(r, 'host_us_per_load_call', '.2f')} ({f(r, 'host_us_per_layer_launch', '.2f')} / "
+                f"{f(r, 'sglang_bf16_host_us_per_load_call', '.2f')})" if r["direction"] == "load" else "-")
+        lines.append(f"| {r['shape']} | {r['config']} | {r['direction']} | {r['pages']} | {r['time_ms']:.3f}{spread} | "
+                     f"{f(r, 'time_ms_per_layer_launches', '.3f')} | {f(r, 'sglang_bf16_ms', '.3f')}{sg_spread} | "
+                     f"{f(r, 'speedup_vs_sglang_bf16', '.2f')}x | "
                      f"{f(r, 'bf16_kernel_ms', '.3f')} | {r['bf16_copy_ms']:.3f} | {r['pcie_GBps']:.1f} | "
                      f"{r['eff_bf16_GBps']:.1f} | {r['speedup_vs_bf16']:.2f}x | {r['speedup_vs_single_dma']:.2f}x | "
-                     f"{f(r, 'host_us_per_load_call', '.2f')} |")
+                     f"{host} |")
     return "\n".join(lines)
 
 
@@ -344,6 +395,18 @@ def table_sweep(records: list) -> str:
         if r["direction"] == "load-sweep":
             lines.append(f"| {r['shape']} | {r['pages']} | {r['load_blocks']} | {r['time_ms']:.3f} | "
                          f"{r['eff_bf16_GBps']:.1f} | {r['speedup_vs_bf16']:.2f}x |")
+    return "\n".join(lines)
+
+
+def table_fused(records: list) -> str:
+    lines = ["| shape | pages | grid share per layer (0 = one block per unit) | one-launch load ms [p10, p90] "
+             "| per-layer launches ms | SGLang bf16 ms | vs SGLang bf16 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in records:
+        if r["direction"] == "load-fused":
+            sg = f"{r['sglang_bf16_ms']:.3f} | {r['speedup_vs_sglang_bf16']:.2f}x" if "sglang_bf16_ms" in r else "- | -"
+            lines.append(f"| {r['shape']} | {r['pages']} | {r['fused_blocks_per_layer']} | {r['time_ms']:.3f} "
+                         f"[{r['time_ms_p10']:.3f}, {r['time_ms_p90']:.3f}] | {r['time_ms_per_layer_launches']:.3f} | {sg} |")
     return "\n".join(lines)
 
 
@@ -399,8 +462,9 @@ def main() -> None:
     ap.add_argument("--md", default=None, help="also write a markdown report here")
     ap.add_argument("--pages", default="1,16,256")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--quick", action="store_true", help="Qwen shape only, fewer reps")
+    ap.add_argument("--quick", action="store_true", help="Qwen shape only")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--fused-sweep", action="store_true", help="KV4: the one-launch load at every size and grid share")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_transfer: needs a CUDA GPU")
@@ -414,25 +478,29 @@ def main() -> None:
     records: list = []
     shapes = {"Qwen2.5-7B": SHAPES["Qwen2.5-7B"]} if args.quick else SHAPES
     for name, shape in shapes.items():
-        run_shape(name, shape, pages_list, 5 if args.quick else args.reps, ext, sgl, records, not args.no_sweep)
+        run_shape(name, shape, pages_list, args.reps, ext, sgl, records, not args.no_sweep,
+                  args.fused_sweep)
     gpu = torch.cuda.get_device_name()
     cmd = "PYTHONPATH=python python3 benchmark/bench_transfer.py " + " ".join(sys.argv[1:])
     res = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "page_size": PAGE_SIZE,
            "kernels": native.build_name(), "sglang_bf16": "sgl_kernel.kvcacheio" if sgl else None,
-           "staging_pages": STAGING_PAGES, "load_blocks": native.load_blocks(), "command": cmd, "records": records,
+           "staging_pages": STAGING_PAGES, "load_blocks": native.load_blocks(), "fuse_pages": FUSE_PAGES,
+           "fused_blocks_per_layer": FUSED_BLOCKS_PER_LAYER, "command": cmd, "records": records,
            "targets": targets(records)}
     pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
     print(table(records))
     print(table_device(records))
     print(table_sweep(records))
+    print(table_fused(records))
     print("\n".join(res["targets"]))
     if args.md:
         md = [f"GPU: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}); page size {PAGE_SIZE}; "
               f"backup staging {STAGING_PAGES} pages; load blocks {native.load_blocks()}; median of {args.reps} "
               f"CUDA-event timings.", "", f"Command: `{cmd}`", "", "### Transfers", "", table(records), "",
               "### Quantize / dequantize on device memory alone", "", table_device(records), "",
-              "### Load block-quota sweep (KV4)", "", table_sweep(records), "", "### Targets", "",
+              "### Load block-quota sweep (KV4)", "", table_sweep(records), "",
+              "### One-launch load: batch size and grid share (KV4)", "", table_fused(records), "", "### Targets", "",
               "\n".join(f"- {t}" for t in res["targets"]), ""]
         pathlib.Path(args.md).write_text("\n".join(md))
     print(f"done in {time.time() - t0:.0f} s")

@@ -575,16 +575,15 @@ __device__ __forceinline__ void unit_emit(const DecodeArgs& A, const UnitCtx& x,
   }
 }
 
-// Persistent, bounded grid: block b handles units b, b + gridDim.x, ...; the global (PCIe) loads of
-// the next unit are in flight while the current one is dequantized and stored.
+// Persistent, bounded grid: block `first` handles units first, first + stride, ...; the global (PCIe)
+// loads of the next unit are in flight while the current one is dequantized and stored.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeArgs A) {
-  extern __shared__ __align__(16) uint8_t smem[];
+__device__ __forceinline__ void decode_units(const DecodeArgs& A, int first, int stride, uint8_t* smem) {
   uint8_t* s_codes = smem;
   uint16_t* s_scale = reinterpret_cast<uint16_t*>(smem + A.smem_codes);
   uint16_t* s_min = s_scale + A.smem_meta;
-  const int64_t total = (int64_t)A.n_pages * A.units_per_page;  // < 2^31: launch_decode checks
-  int unit = blockIdx.x;
+  const int64_t total = (int64_t)A.n_pages * A.units_per_page;  // < 2^31: the launchers check
+  int unit = first;
   if (unit >= total) return;
   UnitCtx cur = unit_ctx(A, unit);
   UnitRegs R;
@@ -592,7 +591,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeArgs A) {
   while (true) {
     unit_stash(A, cur, R, s_codes, s_scale, s_min);
     __syncthreads();
-    const int next = unit + (int)gridDim.x;
+    const int next = unit + stride;
     UnitCtx nxt;
     if (next < total) {
       nxt = unit_ctx(A, next);
@@ -607,6 +606,38 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeArgs A) {
     unit = next;
     cur = nxt;
   }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant__ DecodeArgs A) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  decode_units<T>(A, blockIdx.x, gridDim.x, smem);
+}
+
+// blockIdx.y = layer: the block copies its layer's arguments into shared memory, adds the load's indices.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) decode_layers_kernel(const DecodeArgs* __restrict__ table,
+                                                                const int64_t* page_ids, const int64_t* token_index,
+                                                                int n_pages) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ __align__(16) DecodeArgs sA;
+  static_assert(sizeof(DecodeArgs) % 8 == 0 && sizeof(DecodeArgs) / 8 <= kThreads, "DecodeArgs copy");
+  const int64_t* src = reinterpret_cast<const int64_t*>(table + blockIdx.y);
+  if (threadIdx.x < sizeof(DecodeArgs) / 8) reinterpret_cast<int64_t*>(&sA)[threadIdx.x] = src[threadIdx.x];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    sA.page_ids = page_ids;
+    sA.token_index = token_index;
+    sA.n_pages = n_pages;
+  }
+  __syncthreads();
+  decode_units<T>(sA, blockIdx.x, gridDim.x, smem);
+}
+
+template <typename K>
+cudaError_t allow_smem(K kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
 }
 
 }  // namespace
@@ -634,17 +665,34 @@ cudaError_t launch_decode(const DecodeArgs& a, int dtype, int blocks, cudaStream
   if (blocks <= 0 || blocks > total) blocks = (int)total;
   const size_t smem = (size_t)a.smem_codes + (size_t)a.smem_meta * 4;
   if (dtype == kBF16) {
-    if (smem > 48 * 1024) {
-      const cudaError_t e = cudaFuncSetAttribute(decode_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-      if (e != cudaSuccess) return e;
-    }
+    const cudaError_t e = allow_smem(decode_kernel<__nv_bfloat16>, smem);
+    if (e != cudaSuccess) return e;
     decode_kernel<__nv_bfloat16><<<blocks, kThreads, smem, stream>>>(a);
   } else {
-    if (smem > 48 * 1024) {
-      const cudaError_t e = cudaFuncSetAttribute(decode_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-      if (e != cudaSuccess) return e;
-    }
+    const cudaError_t e = allow_smem(decode_kernel<__half>, smem);
+    if (e != cudaSuccess) return e;
     decode_kernel<__half><<<blocks, kThreads, smem, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_decode_layers(const DecodeArgs* table, int num_layers, int max_units_per_page,
+                                 const int64_t* page_ids, const int64_t* token_index, int64_t n_pages,
+                                 int smem_codes, int smem_meta, int dtype, int blocks_per_layer, cudaStream_t stream) {
+  const int64_t total = n_pages * max_units_per_page;  // units of the largest layer
+  if (total <= 0 || num_layers <= 0) return cudaSuccess;
+  if (total > 0x7fffffffLL || num_layers > 65535) return cudaErrorInvalidValue;
+  const int64_t per_layer = (blocks_per_layer <= 0 || blocks_per_layer > total) ? total : blocks_per_layer;
+  const dim3 grid((unsigned)per_layer, (unsigned)num_layers);
+  const size_t smem = (size_t)smem_codes + (size_t)smem_meta * 4;
+  if (dtype == kBF16) {
+    const cudaError_t e = allow_smem(decode_layers_kernel<__nv_bfloat16>, smem);
+    if (e != cudaSuccess) return e;
+    decode_layers_kernel<__nv_bfloat16><<<grid, kThreads, smem, stream>>>(table, page_ids, token_index, (int)n_pages);
+  } else {
+    const cudaError_t e = allow_smem(decode_layers_kernel<__half>, smem);
+    if (e != cudaSuccess) return e;
+    decode_layers_kernel<__half><<<grid, kThreads, smem, stream>>>(table, page_ids, token_index, (int)n_pages);
   }
   return cudaGetLastError();
 }

@@ -94,5 +94,11 @@ enum DType : int { kBF16 = 0, kFP16 = 1 };
 
 cudaError_t launch_encode(const EncodeArgs& a, int dtype, cudaStream_t stream);
 cudaError_t launch_decode(const DecodeArgs& a, int dtype, int blocks, cudaStream_t stream);
+// Every layer of a load in one launch. `table` is device memory [num_layers] of DecodeArgs whose index
+// fields (page_ids, token_index, n_pages) are ignored: the launch supplies them. `blocks_per_layer`
+// bounds each layer's blocks (<= 0: one block per unit of the largest layer).
+cudaError_t launch_decode_layers(const DecodeArgs* table, int num_layers, int max_units_per_page,
+                                 const int64_t* page_ids, const int64_t* token_index, int64_t n_pages,
+                                 int smem_codes, int smem_meta, int dtype, int blocks_per_layer, cudaStream_t stream);
 
 }  // namespace kvtq

@@ -9,6 +9,8 @@
 //   encode            quantize device rows into whole pages in GPU memory (one launch, all layers)
 //   backup            encode into GPU staging and DMA the pages to pinned host pages (owned side stream)
 //   decode            dequantize one layer of pages (zero-copy reads of pinned pages) into device rows
+//   decode_table      the per-layer launch arguments of every layer, as a device table (built once per pool)
+//   decode_layers     dequantize every layer of a load in one launch, from that table (small loads)
 // Bad indices never fault: host page ids given on the CPU are checked before anything is enqueued
 // (IndexError); device rows and page ids given on the GPU are checked in the kernels, which skip the
 // access and report the first bad index through an ErrorSink that the Python codec reads (no sync).
@@ -22,6 +24,7 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <tuple>
 
 #include "kvtq_kernels.h"
 
@@ -313,31 +316,17 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
 
 // ---- decode ---------------------------------------------------------------------------------------
 
-// One layer: desc = CPU int64 [nstreams, kDecodeFields] (this layer's streams), cfg = CPU int64
-// [kCfgFields] (pool constants, resolved once). dst0/dst1 = this layer's device buffers (the same
-// tensor twice for MLA). page_ids and token_index are range-checked in the kernel.
-void decode(const at::Tensor& desc, const at::Tensor& cfg, const at::Tensor& page_ids, const at::Tensor& token_index,
-            const at::Tensor& dst0, const at::Tensor& dst1, const at::Tensor& err_word) {
-  TORCH_CHECK(desc.device().is_cpu() && desc.scalar_type() == at::kLong && desc.is_contiguous() && desc.dim() == 2 &&
-                  desc.size(1) == kvtq::kDecodeFields && desc.size(0) >= 1 && desc.size(0) <= 2,
-              "kvtq: bad decode descriptor");
-  const int64_t* c = cpu_fields(cfg, kCfgFields, "decode cfg");
-  check_index(page_ids, "page_ids");
-  check_index(token_index, "token_index");
-  const int64_t n_pages = page_ids.numel();
-  const int64_t page_size = c[kCfgPageSize];
-  TORCH_CHECK(token_index.numel() == n_pages * page_size, "kvtq: token_index must hold page_size rows per page");
+// The launch arguments of one layer, index tensors left out: desc = this layer's CPU int64
+// [nstreams, kDecodeFields] descriptor, c = the pool's cfg fields, dst0/dst1 = the layer's device buffers
+// (the same tensor twice for MLA). Every check of a decode call that does not depend on the indices.
+kvtq::DecodeArgs layer_args(const int64_t* d, int64_t nstreams, const int64_t* c, const at::Tensor& dst0,
+                            const at::Tensor& dst1, const at::Tensor& err_word) {
+  TORCH_CHECK(nstreams >= 1 && nstreams <= 2, "kvtq: bad decode descriptor");
   TORCH_CHECK(dst0.is_cuda() && dst1.is_cuda() && dst0.dim() == 3 && dst1.dim() == 3 && dst0.stride(2) == 1 &&
-                  dst1.stride(2) == 1 && dst0.scalar_type() == dst1.scalar_type(),
-              "kvtq: device buffers must be CUDA [rows, heads, dim] tensors with a contiguous last dim");
-  TORCH_CHECK(page_ids.device() == dst0.device() && token_index.device() == dst0.device() &&
-                  dst1.device() == dst0.device(),
-              "kvtq: page_ids, token_index and the device buffers must be on one GPU");
-  if (n_pages == 0) return;
-  const int dt = dtype_code(dst0);
+                  dst1.stride(2) == 1 && dst0.scalar_type() == dst1.scalar_type() && dst1.device() == dst0.device(),
+              "kvtq: device buffers must be CUDA [rows, heads, dim] tensors on one GPU with a contiguous last dim");
   kvtq::DecodeArgs a{};
-  const int64_t* d = desc.data_ptr<int64_t>();
-  a.nstreams = (int32_t)desc.size(0);
+  a.nstreams = (int32_t)nstreams;
   int64_t upp = 0;
   const at::Tensor* dsts[2] = {&dst0, &dst1};
   for (int s = 0; s < a.nstreams; ++s) {
@@ -362,16 +351,102 @@ void decode(const at::Tensor& desc, const at::Tensor& cfg, const at::Tensor& pag
   a.page_stride = c[kCfgPageStride];
   a.num_pages = c[kCfgNumPages];
   TORCH_CHECK(a.pages != nullptr && aligned16(a.pages) && a.page_stride % 16 == 0, "kvtq: pages must be 16-byte aligned");
-  a.page_ids = page_ids.data_ptr<int64_t>();
-  a.token_index = token_index.data_ptr<int64_t>();
-  a.page_size = (int32_t)page_size;
-  a.n_pages = (int32_t)n_pages;
+  a.page_size = (int32_t)c[kCfgPageSize];
   a.units_per_page = (int32_t)upp;
   a.smem_codes = (int32_t)c[kCfgSmemCodes];
   a.smem_meta = (int32_t)c[kCfgSmemMeta];
   a.err = error_sink(err_word, c[kCfgErrReport]);
+  return a;
+}
+
+void check_decode_indices(const at::Tensor& page_ids, const at::Tensor& token_index, int64_t page_size,
+                          const at::Device& device) {
+  check_index(page_ids, "page_ids");
+  check_index(token_index, "token_index");
+  TORCH_CHECK(token_index.numel() == page_ids.numel() * page_size, "kvtq: token_index must hold page_size rows per page");
+  TORCH_CHECK(page_ids.device() == device && token_index.device() == device,
+              "kvtq: page_ids, token_index and the device buffers must be on one GPU");
+}
+
+// One layer: desc = CPU int64 [nstreams, kDecodeFields] (this layer's streams), cfg = CPU int64
+// [kCfgFields] (pool constants, resolved once). dst0/dst1 = this layer's device buffers (the same
+// tensor twice for MLA). page_ids and token_index are range-checked in the kernel.
+void decode(const at::Tensor& desc, const at::Tensor& cfg, const at::Tensor& page_ids, const at::Tensor& token_index,
+            const at::Tensor& dst0, const at::Tensor& dst1, const at::Tensor& err_word) {
+  TORCH_CHECK(desc.device().is_cpu() && desc.scalar_type() == at::kLong && desc.is_contiguous() && desc.dim() == 2 &&
+                  desc.size(1) == kvtq::kDecodeFields,
+              "kvtq: bad decode descriptor");
+  const int64_t* c = cpu_fields(cfg, kCfgFields, "decode cfg");
+  kvtq::DecodeArgs a = layer_args(desc.data_ptr<int64_t>(), desc.size(0), c, dst0, dst1, err_word);
+  check_decode_indices(page_ids, token_index, a.page_size, dst0.device());
+  const int64_t n_pages = page_ids.numel();
+  if (n_pages == 0) return;
+  a.page_ids = page_ids.data_ptr<int64_t>();
+  a.token_index = token_index.data_ptr<int64_t>();
+  a.n_pages = (int32_t)n_pages;
   const c10::cuda::CUDAGuard guard(dst0.device());
-  KVTQ_CUDA_OK(kvtq::launch_decode(a, dt, (int)c[kCfgBlocks], c10::cuda::getCurrentCUDAStream().stream()));
+  KVTQ_CUDA_OK(kvtq::launch_decode(a, dtype_code(dst0), (int)c[kCfgBlocks], c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+// ---- decode of every layer in one launch (small loads are launch-bound) --------------------------
+
+// Field order of the CPU int64 `info` tensor that decode_table returns next to the table.
+enum LayersInfo : int { kInfoLayers, kInfoMaxUnitsPerPage, kInfoDType, kInfoArgBytes, kInfoDevice, kInfoFields };
+
+// The per-layer launch arguments of every layer (desc = CPU int64 [L, nstreams, kDecodeFields]), as a
+// device uint8 table [L, sizeof(DecodeArgs)] for decode_layers, and its CPU int64 info [kInfoFields].
+// The table holds the layer tensors' addresses: the caller rebuilds it when a layer tensor is replaced.
+std::tuple<at::Tensor, at::Tensor> decode_table(const at::Tensor& desc, const at::Tensor& cfg, at::TensorList dst0,
+                                                at::TensorList dst1, const at::Tensor& err_word) {
+  TORCH_CHECK(desc.device().is_cpu() && desc.scalar_type() == at::kLong && desc.is_contiguous() && desc.dim() == 3 &&
+                  desc.size(2) == kvtq::kDecodeFields,
+              "kvtq: decode_table wants a CPU int64 [layers, streams, ", kvtq::kDecodeFields, "] descriptor");
+  const int64_t L = desc.size(0);
+  TORCH_CHECK(L >= 1 && (int64_t)dst0.size() == L && (int64_t)dst1.size() == L,
+              "kvtq: decode_table wants one device tensor per layer and buffer");
+  const int64_t* c = cpu_fields(cfg, kCfgFields, "decode cfg");
+  const int64_t row = (int64_t)sizeof(kvtq::DecodeArgs);
+  at::Tensor host = at::empty({L, row}, at::TensorOptions().dtype(at::kByte));
+  int64_t max_upp = 0;
+  const int dt = dtype_code(dst0[0]);
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(dst0[l].device() == dst0[0].device() && dtype_code(dst0[l]) == dt,
+                "kvtq: every layer's device buffers must share one GPU and dtype");
+    const kvtq::DecodeArgs a =
+        layer_args(desc.data_ptr<int64_t>() + l * desc.size(1) * kvtq::kDecodeFields, desc.size(1), c, dst0[l], dst1[l], err_word);
+    max_upp = std::max<int64_t>(max_upp, a.units_per_page);
+    std::memcpy(host.data_ptr<uint8_t>() + l * row, &a, sizeof(a));
+  }
+  at::Tensor info = at::empty({kInfoFields}, at::TensorOptions().dtype(at::kLong));
+  int64_t* f = info.data_ptr<int64_t>();
+  f[kInfoLayers] = L;
+  f[kInfoMaxUnitsPerPage] = max_upp;
+  f[kInfoDType] = dt;
+  f[kInfoArgBytes] = row;
+  f[kInfoDevice] = dst0[0].device().index();
+  return {host.to(dst0[0].device()), info};
+}
+
+// Every layer of a load in one launch: the table and info of decode_table, the load's indices.
+// blocks_per_layer bounds each layer's share of the grid (<= 0: one block per unit).
+void decode_layers(const at::Tensor& table, const at::Tensor& info, const at::Tensor& cfg, const at::Tensor& page_ids,
+                   const at::Tensor& token_index, const at::Tensor& err_word, int64_t blocks_per_layer) {
+  const int64_t* f = cpu_fields(info, kInfoFields, "decode_layers info");
+  const int64_t* c = cpu_fields(cfg, kCfgFields, "decode cfg");
+  TORCH_CHECK(f[kInfoArgBytes] == (int64_t)sizeof(kvtq::DecodeArgs) && table.is_cuda() && table.is_contiguous() &&
+                  table.scalar_type() == at::kByte && table.numel() == f[kInfoLayers] * f[kInfoArgBytes] &&
+                  table.device().index() == f[kInfoDevice],
+              "kvtq: decode_layers table does not match its info (rebuild it with decode_table)");
+  check_decode_indices(page_ids, token_index, c[kCfgPageSize], table.device());
+  TORCH_CHECK(err_word.is_cuda() && err_word.device() == table.device(), "kvtq: err_word must be on the table's GPU");
+  const int64_t n_pages = page_ids.numel();
+  if (n_pages == 0) return;
+  const c10::cuda::CUDAGuard guard(table.device());
+  KVTQ_CUDA_OK(kvtq::launch_decode_layers(reinterpret_cast<const kvtq::DecodeArgs*>(table.data_ptr()),
+                                          (int)f[kInfoLayers], (int)f[kInfoMaxUnitsPerPage],
+                                          page_ids.data_ptr<int64_t>(), token_index.data_ptr<int64_t>(), n_pages,
+                                          (int)c[kCfgSmemCodes], (int)c[kCfgSmemMeta], (int)f[kInfoDType],
+                                          (int)blocks_per_layer, c10::cuda::getCurrentCUDAStream().stream()));
 }
 
 }  // namespace
@@ -391,10 +466,17 @@ TORCH_LIBRARY(kvtq, m) {
         "__torch__.torch.classes.kvtq.BackupStream side) -> ()");
   m.def("decode(Tensor desc, Tensor cfg, Tensor page_ids, Tensor token_index, Tensor(a!) dst0, Tensor(b!) dst1, "
         "Tensor(c!) err_word) -> ()");
+  m.def("decode_table(Tensor desc, Tensor cfg, Tensor[] dst0, Tensor[] dst1, Tensor err_word) -> (Tensor, Tensor)");
+  // Writes the device rows of every layer through the table's addresses (eager only: the writes are
+  // not visible to the schema; the load path that calls it is not compiled).
+  m.def("decode_layers(Tensor table, Tensor info, Tensor cfg, Tensor page_ids, Tensor token_index, "
+        "Tensor(a!) err_word, int blocks_per_layer) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvtq, CUDA, m) {
   m.impl("encode", &encode);
   m.impl("backup", &backup);
   m.impl("decode", &decode);
+  m.impl("decode_table", &decode_table);
+  m.impl("decode_layers", &decode_layers);
 }

@@ -14,7 +14,7 @@ import pathlib
 
 import pytest
 import torch
-from kvtuner_hicache.config import KVShape, QuantConfig, load_layer_bits
+from kvtuner_hicache.config import KVShape, LayerBits, QuantConfig, load_layer_bits
 from kvtuner_hicache.page_format import PageLayout
 from kvtuner_hicache.quant import dispatch, native, reference
 from kvtuner_hicache.quant.codec import DeviceKV, NativeCodec
@@ -188,12 +188,14 @@ def check_encode(layout: PageLayout, dev_bufs, cpu_bufs, tidx: torch.Tensor) -> 
 
 
 def check_decode(layout: PageLayout, host_pages_cpu: torch.Tensor, pages_for_kernel: torch.Tensor, page_ids: torch.Tensor,
-                 tidx: torch.Tensor, rows: int, dtype: torch.dtype, seed: int, blocks=None) -> None:
-    """native decode (zero-copy from `pages_for_kernel`) == reference decode, whole buffers compared."""
+                 tidx: torch.Tensor, rows: int, dtype: torch.dtype, seed: int, blocks=None, fuse_pages=None) -> None:
+    """native decode (zero-copy from `pages_for_kernel`) == reference decode, whole buffers compared.
+    fuse_pages=None: the codec's default (a small load decodes every layer in one launch); 0: per layer."""
     dev, cpu = make_pool(layout, rows, dtype, "normal", seed + 1000)  # poison: untouched rows must stay
     pid_dev, tidx_dev = to_dev(page_ids), to_dev(tidx)
+    extra = {} if fuse_pages is None else {"fuse_pages": fuse_pages}
     codec = NativeCodec(layout, DeviceKV.from_lists(dev), pages_for_kernel, torch.device(DEV), staging_pages=1,
-                        load_blocks=blocks)
+                        load_blocks=blocks, **extra)
     for layer in range(layout.num_layers):
         codec.load_layer(layer, pid_dev, tidx_dev)
         reference.decode_layer(layout, layer, host_pages_cpu, page_ids, [per[layer] for per in cpu], tidx)
@@ -222,7 +224,8 @@ def roundtrip_check(cfg: QuantConfig, shape: KVShape, ps: int, dtype=torch.bfloa
     dslots = torch.randperm(slots_total, generator=gen)[:n_pages].tolist()
     hp = pin(host)
     for b in ([blocks] if blocks is not None else [None, 1]):  # default grid (small units) and 1 block (big units)
-        check_decode(layout, host, hp, host_ids, page_rows(dslots, ps), rows, dtype, seed, b)
+        for fuse in (None, 0):  # one launch for a small load, and the per-layer launches
+            check_decode(layout, host, hp, host_ids, page_rows(dslots, ps), rows, dtype, seed, b, fuse)
     return layout
 
 
@@ -346,6 +349,69 @@ def test_mixed_presets(nat, model, asym):
 def test_page_counts(nat, n_pages):
     cfg = QuantConfig(nbits_key=4, nbits_value=4)
     roundtrip_check(cfg, KVShape.mha(2, 4, 128), 64, kind="normal", n_pages=n_pages, seed=n_pages)
+
+
+@gpu
+@pytest.mark.parametrize("fused_blocks", [1, 2, 8, 0])
+@pytest.mark.parametrize("mixed", [False, True], ids=["uniform", "mixed"])
+def test_one_launch_load(nat, mixed, fused_blocks):
+    """A load of <= fuse_pages pages decodes every layer on the layer-0 call, bit-exact, with layers of
+    different precision (different units per page) and any grid share; the calls for layers 1..L-1 of
+    the same index tensors enqueue nothing, other index tensors decode their layer."""
+    table = {i: LayerBits(k, v) for i, (k, v) in enumerate([(8, 4), (2, 2), (4, 8), (4, 4)])}
+    cfg = (QuantConfig(layer_bits=table, axis_key=1, axis_value=0, q_group_size=32)
+           if mixed else QuantConfig(nbits_key=4, nbits_value=4, q_group_size=32))
+    layout = PageLayout(cfg, KVShape.mha(4, 4, 128), 32)
+    ps, n = layout.page_size, 5
+    dev, cpu = make_pool(layout, 12 * ps, torch.bfloat16, "normal", 3)
+    host = torch.zeros(n + 3, layout.page_bytes, dtype=torch.uint8)
+    ids = torch.tensor([6, 0, 3, 1, 7])
+    ref_pages = torch.empty(n, layout.page_bytes, dtype=torch.uint8)
+    reference.encode_pages(layout, cpu, page_rows([0, 1, 2, 3, 4], ps), ref_pages)
+    host[ids] = ref_pages
+    hp = pin(host)
+    codec = NativeCodec(layout, DeviceKV.from_lists(dev), hp, torch.device(DEV), staging_pages=1,
+                        fused_blocks_per_layer=fused_blocks)
+    assert codec.fuse_pages >= n
+    drows = page_rows([9, 5, 11, 6, 10], ps)
+    pid, tid = to_dev(ids), to_dev(drows)
+    want = [[t.clone() for t in per] for per in cpu]
+    codec.load_layer(0, pid, tid)
+    sync()
+    for layer in range(layout.num_layers):
+        reference.decode_layer(layout, layer, host, ids, [per[layer] for per in want], drows)
+    assert_rows_equal(dev, want, "one-launch load after the layer-0 call")
+    for per in dev:  # the later calls of this load must not write again
+        for t in per:
+            t[drows.to(DEV)] = 0
+    for layer in range(1, layout.num_layers):
+        codec.load_layer(layer, pid, tid)
+    sync()
+    assert all(int(t[drows.to(DEV)].abs().sum()) == 0 for per in dev for t in per)
+    # a call of another load for layer 2 only decodes layer 2
+    pid2, tid2 = to_dev(ids[:2]), to_dev(drows[: 2 * ps])
+    codec.load_layer(2, pid2, tid2)
+    sync()
+    got = [[t.cpu() for t in per] for per in dev]
+    for b, per in enumerate(got):
+        for layer, t in enumerate(per):
+            rows_written = int((t[drows[: 2 * ps]].abs().sum(dim=(1, 2)) != 0).sum())
+            assert rows_written == (2 * ps if layer == 2 else 0), (b, layer, rows_written)
+    codec.check()
+    codec.shutdown()
+
+
+@gpu
+def test_one_launch_load_bad_index_raises(nat):
+    layout, dev, cpu, rows, host, codec, _ = _codec_setup(seed=57)
+    ps = layout.page_size
+    assert codec.fuse_pages > 0
+    codec.load_layer(0, to_dev(torch.tensor([0, 9_000_000])), to_dev(page_rows([0, 1], ps)))
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match="host page id 9000000"):
+        codec.check()
+    _assert_codec_roundtrip(layout, dev, cpu, rows, host, codec, 57)
+    codec.shutdown()
 
 
 @gpu
@@ -646,6 +712,15 @@ def test_replaced_layer_tensor_is_used(nat, owner):
     want = [cpu[0][0].clone(), torch.zeros_like(cpu[1][0])]
     reference.decode_layer(layout, 0, host, torch.tensor([2]), want, drows)
     assert torch.equal(target.cpu().view(torch.int16), want[1].view(torch.int16))
+    assert codec.fuse_pages >= 1  # that load ran as one launch: its table followed the replacement
+    # and the per-layer path does too
+    target2 = torch.zeros_like(dev[0][2])
+    dev[0][2] = target2
+    codec.load_layer(2, to_dev(torch.tensor([2])), to_dev(drows))
+    sync()
+    want2 = [torch.zeros_like(cpu[0][2]), cpu[1][2].clone()]
+    reference.decode_layer(layout, 2, host, torch.tensor([2]), want2, drows)
+    assert torch.equal(target2.cpu().view(torch.int16), want2[0].view(torch.int16))
     codec.shutdown()
 
 

@@ -12,7 +12,10 @@ Stream contract: both calls only enqueue work on the caller's current CUDA strea
 synchronize (the reference codec, a slow opt-in, is synchronous). When `backup` returns, everything it
 did, including the DMAs on the codec's own side stream, is ordered before any work enqueued afterwards
 on the caller's stream, so SGLang's events recorded there cover the host writes. `load_layer` writes the
-layer's device rows on the caller's stream.
+layer's device rows on the caller's stream. A native load of at most FUSE_PAGES pages writes every layer's
+rows on the layer-0 call (one launch) and the calls for layers 1..L-1 of the same index tensors enqueue
+nothing: each layer's rows are still ready when that layer's call returns, which is all SGLang's per-layer
+events need.
 
 Index contract: `host_page_ids` are CPU int64 [n] host page numbers (range-checked on the host before
 anything is enqueued: IndexError). `page_ids` of a load are int64 [n] (GPU, as SGLang passes them; CPU ids
@@ -46,6 +49,13 @@ log = logging.getLogger(__name__)
 
 ENV_ALLOW_REFERENCE = "KVTQ_ALLOW_REFERENCE_CODEC"
 STAGING_PAGES = 64  # pages encoded per staging chunk on backup
+# Loads of at most this many pages decode every layer in one launch on the layer-0 call. Small loads are
+# launch-bound: on the H200 the 28 per-layer launches of a Qwen2.5-7B load cost ~0.3 ms of scheduler
+# host time, about what the one launch takes on the GPU at 16 pages (0.37 ms), while it costs ~10 us of
+# host time. Larger loads keep per-layer launches, so layer i's forward starts once its rows are in.
+# Measured with `benchmark/bench_transfer.py --fused-sweep` (docs/benchmarks.md, run 5).
+FUSE_PAGES = 16
+FUSED_BLOCKS_PER_LAYER = 2  # grid share of each layer in the one-launch load: the fastest at 1-256 pages
 
 
 class NativeCodecUnavailable(RuntimeError):
@@ -247,7 +257,8 @@ class NativeCodec(PageCodec):
 
     def __init__(self, layout: PageLayout, device_kv: DeviceKV, host_pages: torch.Tensor, device: torch.device,
                  *, staging: torch.Tensor | None = None, staging_pages: int = STAGING_PAGES,
-                 load_blocks: int | None = None):
+                 load_blocks: int | None = None, fuse_pages: int = FUSE_PAGES,
+                 fused_blocks_per_layer: int = FUSED_BLOCKS_PER_LAYER):
         super().__init__(layout, device_kv, host_pages)
         ops = native.ops()
         self.plan = native.plan_for(layout)
@@ -271,7 +282,15 @@ class NativeCodec(PageCodec):
         self.staging = staging
         self._side = torch.classes.kvtq.BackupStream(device.index)
         self._decode = ops.decode.default
+        self._decode_layers = ops.decode_layers.default
+        self._decode_table = ops.decode_table.default
         self._backup = ops.backup.default
+        self.fuse_pages = int(fuse_pages) if layout.num_layers > 1 else 0
+        self.fused_blocks_per_layer = int(fused_blocks_per_layer)
+        self._desc_fused = torch.stack(self.plan.dec_desc_small)  # [L, streams, fields]: small loads
+        self._fused_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fused_ids: torch.Tensor | None = None  # the index tensors of the load decoded at layer 0
+        self._fused_rows: torch.Tensor | None = None
         # per-layer decode descriptors, and the batch size from which big units fill the grid
         self._desc_big = self.plan.dec_desc
         self._desc_small = self.plan.dec_desc_small
@@ -313,6 +332,9 @@ class NativeCodec(PageCodec):
                 tabs.append(torch.tensor(want[b], dtype=torch.int64).to(self.device))
         self._tables = (tabs[0], tabs[1] if len(tabs) > 1 else tabs[0])
         self._geom = native.geometry(self.layout, self.plan, rs, hs, nr, dtype, self.err)
+        if self.fuse_pages > 0:  # the one-launch load's per-layer arguments hold the layer addresses
+            self._fused_table = self._decode_table(self._desc_fused, self._cfg, list(bufs[0]), list(bufs[-1]),
+                                                   self.err.word)
         self._key = self._identity()
         self.pointer_rebuilds += 1
 
@@ -344,15 +366,27 @@ class NativeCodec(PageCodec):
                      self._geom, self.err.word, self._side)
 
     def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+        if self._fused_ids is not None:
+            if layer > 0 and page_ids is self._fused_ids and device_rows is self._fused_rows:
+                return  # decoded by this load's layer-0 call
+            self._fused_ids = self._fused_rows = None
         if self.err.pending():
             self.err.check()
-        if not page_ids.is_cuda:
-            page_ids = self._host_ids(page_ids).to(self.device, non_blocking=True)
-        if not device_rows.is_cuda:
-            device_rows = device_rows.to(device=self.device, dtype=torch.int64)
+        ids, rows = page_ids, device_rows
+        if not ids.is_cuda:
+            ids = self._host_ids(ids).to(self.device, non_blocking=True)
+        if not rows.is_cuda:
+            rows = rows.to(device=self.device, dtype=torch.int64)
+        if layer == 0 and 0 < ids.numel() <= self.fuse_pages:
+            self._pointers()  # a replaced layer tensor rebuilds the table first
+            assert self._fused_table is not None
+            table, info = self._fused_table
+            self._decode_layers(table, info, self._cfg, ids, rows, self.err.word, self.fused_blocks_per_layer)
+            self._fused_ids, self._fused_rows = page_ids, device_rows
+            return
         d = self.device_kv.layer(layer)  # live tensors: a replaced layer tensor is used at once
-        desc = self._desc_big[layer] if page_ids.numel() >= self._big_from[layer] else self._desc_small[layer]
-        self._decode(desc, self._cfg, page_ids, device_rows, d[0], d[-1], self.err.word)
+        desc = self._desc_big[layer] if ids.numel() >= self._big_from[layer] else self._desc_small[layer]
+        self._decode(desc, self._cfg, ids, rows, d[0], d[-1], self.err.word)
 
     def shutdown(self) -> None:
         if self._closed:
