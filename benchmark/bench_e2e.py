@@ -1,0 +1,343 @@
+"""End-to-end benchmark that can resolve +-3 %: arms side by side on one GPU, repeats in alternating order.
+
+Runs ON THE GPU MACHINE from the repo root after `scripts/device/run_server.sh setup` (the wrapper
+scripts/device/session_bench_e2e.sh does both, one scenario per device call).
+
+Method (why each choice):
+- One SGLang server per arm, started strictly one after another (SGLang's start-up memory profile
+  fails when several start together), each warmed up (Triton/JIT kernels compiled, cache flushed).
+  They stay resident, idle, while another arm is measured: nothing starts beside a measurement, and the
+  arm order can alternate without restarts (repeat r runs the arms forwards when r is even, backwards
+  when odd, so drift of the machine does not favour one arm).
+- Decode CUDA graphs on (`--cuda-graph-max-bs-decode 8`; `--cuda-graph-max-bs` before 0.5.23), 48 output tokens per request: TPOT is a steady decode.
+- Every repeat and pattern starts from a flushed cache (`/flush_cache`) and uses its own token ids
+  (seed = repeat x 1000 + pattern), identical for every arm: no arm meets another repeat's L3 objects.
+- Patterns (token ids only, never generated tokens, so every arm gets the same prompts), sized so that
+  bf16's GPU + host pool cannot hold the working set while KV4's can (l2), or cannot either (l3):
+    chat       12 clients x 4 rounds, each round appends 768 tokens; round-robin over the clients;
+    documents  16 documents of 2,048 tokens, Zipf(1.1) popularity, 48 requests of document + 64 tokens;
+    sessions   14 sessions of 2,048 tokens revisited in turn, 4 turns of +256 tokens.
+  At most 4 requests in flight (FIFO), so a prefix comes back after the others were served.
+- Scenarios: l2 = GPU pool 16,384 tokens, 1 GB host (`--hicache-size 1`) for every HiCache arm, no L3,
+  arms none (no HiCache: the recompute baseline), bf16 (SGLang's HiCache), kv4 (ours); l3 = GPU pool
+  4,096 tokens, `--hicache-ratio 1.2`, `file` backend on local disk, prefetch wait_complete, arms bf16, kv4.
+
+Per record (scenario x pattern x arm x repeat): TTFT mean (all requests, and of requests with an L3 hit),
+TPOT mean, prompt / host-hit / storage-hit tokens (SGLang's cached_tokens_details), L3 bytes written
+(the backend directory's growth) and read (SGLang's prefetched-token counter x the pool's bytes per
+token). The summary gives mean and spread (min..max over repeats) per arm and the ratio to bf16.
+
+    PYTHONPATH=<site> python3 benchmark/bench_e2e.py --scenario l2 --out-dir $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_multiturn as bm  # noqa: E402
+from multiturn_arms import arm_args, gpu_name, parse_server_log  # noqa: E402
+
+OUTPUT_TOKENS = 48
+PARALLEL = 4
+VOCAB = (1000, 150000)
+PATTERNS = ("chat", "documents", "sessions")
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "l2": {"args": ["--max-total-tokens", "16384"], "hicache": ["--hicache-size", "1"],
+           "arms": ("none", "bf16", "kv4")},
+    "l3": {"args": ["--max-total-tokens", "4096"],
+           "hicache": ["--hicache-ratio", "1.2", "--hicache-storage-backend", "file",
+                       "--hicache-storage-prefetch-policy", "wait_complete"],
+           "arms": ("bf16", "kv4")},
+}
+
+
+def cuda_graph_bs_flag() -> str:
+    """The decode CUDA-graph batch-size flag of the installed release (0.5.23 split it per phase)."""
+    import dataclasses
+
+    from sglang.srt.server_args import ServerArgs
+
+    names = getattr(ServerArgs, "__struct_fields__", None) or [f.name for f in dataclasses.fields(ServerArgs)]
+    return "--cuda-graph-max-bs-decode" if "cuda_graph_max_bs_decode" in names else "--cuda-graph-max-bs"
+
+
+def server_args(model_dir: str, scenario: str, arm: str, stage: str, graph_flag: str = "--cuda-graph-max-bs") -> list[str]:
+    sc = SCENARIOS[scenario]
+    extra = arm_args(arm, stage)
+    if extra is None:
+        raise SystemExit(f"bench_e2e: unknown arm {arm!r}")
+    return (["--model-path", model_dir, "--load-format", "dummy", "--skip-tokenizer-init", "--attention-backend",
+             "triton", "--sampling-backend", "pytorch", "--page-size", "64", "--mem-fraction-static", "0.85",
+             graph_flag, "8", "--enable-metrics", "--enable-cache-report", "--skip-server-warmup",
+             "--log-level", "info"] + sc["args"] + (sc["hicache"] + extra if extra else []))
+
+
+def trace(pattern: str, seed: int) -> list[list[int]]:
+    """The pattern's prompts in issue order (deterministic from seed)."""
+    rng = random.Random(seed)
+
+    def toks(n: int) -> list[int]:
+        return [rng.randrange(*VOCAB) for _ in range(n)]
+
+    if pattern == "chat":
+        hist = [[] for _ in range(12)]
+        out = []
+        for _round in range(4):
+            for h in hist:
+                h += toks(768)
+                out.append(list(h))
+        return out
+    if pattern == "documents":
+        docs = [toks(2048) for _ in range(16)]
+        weights = [1 / (i + 1) ** 1.1 for i in range(len(docs))]
+        return [docs[rng.choices(range(len(docs)), weights)[0]] + toks(64) for _ in range(48)]
+    if pattern == "sessions":
+        sessions = [toks(2048) for _ in range(14)]
+        out = []
+        for _turn in range(4):
+            for s in sessions:
+                s += toks(256)
+                out.append(list(s))
+        return out
+    raise ValueError(pattern)
+
+
+def run_trace(url: str, prompts: list[list[int]]) -> tuple[list[bm.ReqRecord], float]:
+    """Issue the prompts in order with PARALLEL requests in flight."""
+    todo = deque(enumerate(prompts))
+    lock = threading.Lock()
+    recs: list[bm.ReqRecord] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i, ids = todo.popleft()
+            rec, _ = bm.generate(url, ids, OUTPUT_TOKENS)
+            rec.client, rec.round = i, i
+            with lock:
+                recs.append(rec)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(PARALLEL)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return recs, time.perf_counter() - t0
+
+
+def flush(url: str) -> None:
+    """SGLang refuses to flush while requests or backups are pending: retry for a while."""
+    for _ in range(40):
+        try:
+            if requests.post(url + "/flush_cache", timeout=30).status_code == 200:
+                time.sleep(0.5)
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}: /flush_cache kept failing")
+
+
+def dir_bytes(d: str | None) -> int:
+    if not d or not os.path.isdir(d):
+        return 0
+    return sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
+
+
+class Server:
+    """One arm's server (launched through run_server.sh --exec); stop() kills its process group."""
+
+    def __init__(self, scenario: str, arm: str, port: int, a: argparse.Namespace):
+        self.scenario, self.arm, self.port = scenario, arm, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.args = server_args(a.model_dir, scenario, arm, a.stage, a.graph_flag)
+        self.log_path = os.path.join(a.work_dir, f"server_{scenario}_{arm}.log")
+        env = dict(os.environ)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.l3_dir = None
+        if "--hicache-storage-backend" in self.args:
+            self.l3_dir = os.path.join(a.work_dir, "l3", f"{scenario}_{arm}")
+            shutil.rmtree(self.l3_dir, ignore_errors=True)
+            os.makedirs(self.l3_dir)
+            env["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = self.l3_dir
+        self.log = open(self.log_path, "w")
+        self.t0 = time.time()
+        self.proc = subprocess.Popen([*shlex.split(a.launcher), "--port", str(port), "--", *self.args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def ready(self, timeout: float) -> float:
+        bm.wait_ready(self.url, timeout, lambda: self.proc.poll() is None)
+        bm.warmup(self.url, VOCAB[1])
+        return time.time() - self.t0
+
+    def info(self) -> dict[str, Any]:
+        return parse_server_log(Path(self.log_path).read_text(errors="replace"))
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(8)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        self.log.close()
+
+
+def measure(srv: Server, pattern: str, rep: int, meta: dict[str, Any]) -> dict[str, Any]:
+    flush(srv.url)
+    prompts = trace(pattern, rep * 1000 + PATTERNS.index(pattern))
+    l3_before = dir_bytes(srv.l3_dir)
+    m0 = bm.scrape(srv.url)
+    recs, wall = run_trace(srv.url, prompts)
+    time.sleep(1.0)  # the last write-through backups land before the counters are read
+    m1 = bm.scrape(srv.url)
+    s = bm.summarize(recs, wall, m0, m1)
+    bpt = meta.get("host_bytes_per_token") or 0
+    md = s["metrics_delta"]
+    return {"scenario": srv.scenario, "pattern": pattern, "arm": srv.arm, "rep": rep, **meta,
+            "requests": s["requests"], "errors": s["errors"], "first_error": s["first_error"],
+            "ttft_mean_s": s["ttft_mean_s"], "ttft_p50_s": s["ttft_p50_s"], "ttft_p90_s": s["ttft_p90_s"],
+            "ttft_mean_storage_hit_s": s["ttft_mean_storage_hit_s"], "storage_hit_requests": s["storage_hit_requests"],
+            "ttft_mean_host_hit_s": s["ttft_mean_host_hit_s"], "tpot_mean_s": s["tpot_mean_s"],
+            "prompt_tokens": s["prompt_tokens"], "host_hit_tokens": s["host_hit_tokens"],
+            "storage_hit_tokens": s["storage_hit_tokens"], "device_hit_tokens": s["device_hit_tokens"],
+            "l3_bytes_written": dir_bytes(srv.l3_dir) - l3_before if srv.l3_dir else 0,
+            "l3_bytes_read": md.get("sglang:prefetched_tokens_total", 0.0) * bpt if srv.l3_dir else 0,
+            "l3_prefetched_tokens": md.get("sglang:prefetched_tokens_total", 0.0),
+            "l3_backup_tokens": md.get("sglang:backuped_tokens_total", 0.0), "wall_s": wall}
+
+
+def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and min..max over repeats per scenario x pattern x arm, and the ratio of means to bf16."""
+    keys = ("ttft_mean_s", "tpot_mean_s", "ttft_mean_storage_hit_s", "host_hit_tokens", "storage_hit_tokens",
+            "l3_bytes_written", "l3_bytes_read")
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["scenario"], r["pattern"], r["arm"]), []).append(r)
+    out = []
+    for (sc, pat, arm), rs in groups.items():
+        row: dict[str, Any] = {"scenario": sc, "pattern": pat, "arm": arm, "reps": len(rs)}
+        for k in keys:
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            if vals:
+                row[k] = statistics.fmean(vals)
+                row[k + "_min"], row[k + "_max"] = min(vals), max(vals)
+        out.append(row)
+    base = {(r["scenario"], r["pattern"]): r for r in out if r["arm"] == "bf16"}
+    for r in out:
+        b = base.get((r["scenario"], r["pattern"]))
+        for k in ("ttft_mean_s", "tpot_mean_s"):
+            if b and r.get(k) and b.get(k):
+                r[k.replace("_mean_s", "_vs_bf16")] = r[k] / b[k]
+    return out
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    def ms(r: dict[str, Any], k: str) -> str:
+        if r.get(k) is None:
+            return "-"
+        return f"{r[k] * 1e3:.1f} [{r[k + '_min'] * 1e3:.1f}, {r[k + '_max'] * 1e3:.1f}]"
+
+    print(f"{'scen':4} {'pattern':10} {'arm':5} {'TTFT mean ms [min, max]':>26} {'vs bf16':>7} "
+          f"{'TPOT ms [min, max]':>22} {'vs bf16':>7} {'host hit':>9} {'L3 hit':>8} {'L3 GB wr/rd':>12}")
+    for r in rows:
+        print(f"{r['scenario']:4} {r['pattern']:10} {r['arm']:5} {ms(r, 'ttft_mean_s'):>26} "
+              f"{r.get('ttft_vs_bf16', float('nan')):7.3f} {ms(r, 'tpot_mean_s'):>22} "
+              f"{r.get('tpot_vs_bf16', float('nan')):7.3f} {r.get('host_hit_tokens', 0):9.0f} "
+              f"{r.get('storage_hit_tokens', 0):8.0f} "
+              f"{r.get('l3_bytes_written', 0) / 1e9:5.2f}/{r.get('l3_bytes_read', 0) / 1e9:5.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenario", choices=sorted(SCENARIOS), required=True)
+    ap.add_argument("--arms", default="", help="comma-separated (default: the scenario's arms)")
+    ap.add_argument("--patterns", default=",".join(PATTERNS))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out-dir", default=os.environ.get("OUT", "/tmp/kvtq_out"))
+    ap.add_argument("--work-dir", default="/tmp/kvtq_e2e_work")
+    ap.add_argument("--stage", default=".stage")
+    ap.add_argument("--model-dir", default="/tmp/qwen2_7b")
+    ap.add_argument("--port0", type=int, default=30100)
+    ap.add_argument("--launcher", default="bash scripts/device/run_server.sh --exec")
+    ap.add_argument("--server-wait", type=float, default=240)
+    ap.add_argument("--budget", type=float, default=540, help="seconds; repeats that would not fit are left out")
+    a = ap.parse_args(argv)
+    a.graph_flag = cuda_graph_bs_flag()
+    t_start = time.time()
+    os.makedirs(a.out_dir, exist_ok=True)
+    os.makedirs(a.work_dir, exist_ok=True)
+    arms = [x for x in a.arms.split(",") if x] or list(SCENARIOS[a.scenario]["arms"])
+    patterns = [p for p in a.patterns.split(",") if p]
+    gpu = gpu_name()
+    from importlib.metadata import version
+
+    sgl_version = version("sglang")
+    print(f"GPU {gpu}; SGLang {sgl_version}; scenario {a.scenario}; arms {arms}; patterns {patterns}", flush=True)
+    servers: list[Server] = []
+    records: list[dict[str, Any]] = []
+    metas: dict[str, dict[str, Any]] = {}
+    out_json = os.path.join(a.out_dir, f"bench_e2e_{a.scenario}.json")
+    try:
+        for i, arm in enumerate(arms):  # strictly one start at a time
+            srv = Server(a.scenario, arm, a.port0 + i, a)
+            servers.append(srv)
+            up = srv.ready(a.server_wait)
+            info = srv.info()
+            metas[arm] = {"gpu": gpu, "sglang_version": sgl_version, "codec": info.get("codec", "-"),
+                          "l2_capacity_tokens": info.get("l2_capacity_tokens"),
+                          "host_bytes_per_token": info.get("host_bytes_per_token"), "startup_s": round(up, 1)}
+            print(f"[{time.time() - t_start:5.0f}s] {a.scenario}:{arm} ready in {up:.0f} s: {metas[arm]}", flush=True)
+        per_rep = None
+        for rep in range(a.reps):
+            if per_rep is not None and time.time() + per_rep > t_start + a.budget:
+                print(f"[{time.time() - t_start:5.0f}s] repeat {rep} would not fit the budget: stopping", flush=True)
+                break
+            t_rep = time.time()
+            order = servers if rep % 2 == 0 else servers[::-1]
+            for srv in order:
+                for pat in patterns:
+                    r = measure(srv, pat, rep, metas[srv.arm])
+                    records.append(r)
+                    print(f"[{time.time() - t_start:5.0f}s] rep {rep} {a.scenario}:{srv.arm} {pat}: TTFT "
+                          f"{(r['ttft_mean_s'] or 0) * 1e3:.1f} ms TPOT {(r['tpot_mean_s'] or 0) * 1e3:.2f} ms host "
+                          f"{r['host_hit_tokens']} L3 {r['storage_hit_tokens']} errors {r['errors']}", flush=True)
+                    with open(out_json, "w") as f:
+                        json.dump(records, f, indent=1)
+            per_rep = time.time() - t_rep
+    finally:
+        for srv in servers:
+            srv.stop()
+    rows = summary(records)
+    with open(os.path.join(a.out_dir, f"bench_e2e_{a.scenario}_summary.json"), "w") as f:
+        json.dump({"command": "python3 benchmark/bench_e2e.py " + " ".join(sys.argv[1:]), "gpu": gpu,
+                   "sglang_version": sgl_version, "arms": metas, "summary": rows}, f, indent=1)
+    print_summary(rows)
+    bad = sum(r["errors"] for r in records)
+    print(f"[{time.time() - t_start:5.0f}s] done: {len(records)} records, {bad} request errors", flush=True)
+    return 0 if records and bad == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

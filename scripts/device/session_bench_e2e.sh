@@ -1,0 +1,34 @@
+#!/bin/bash
+# One device call of the +-3 % end-to-end benchmark (ON THE GPU MACHINE from the repo root, .stage carried):
+#   SCENARIO=l2 bash scripts/device/session_bench_e2e.sh      # arms none, bf16, kv4 (~8 min)
+#   SCENARIO=l3 bash scripts/device/session_bench_e2e.sh      # arms bf16, kv4 over the file backend
+# Builds and installs our wheels into the release site (run_server.sh setup), optionally runs the GPU tests
+# and the quick transfer benchmark first (GPU_CHECKS=1: scripts/gpu_test.sh, ~2 min), then
+# benchmark/bench_e2e.py. Leaves in $OUT: bench_e2e_<scenario>.json (one record per pattern x arm x repeat),
+# bench_e2e_<scenario>_summary.json, setup.log, run.log, logs.tgz (server logs, start-up lines).
+# Env: SCENARIO (l2), SGLANG_RELEASE (0.5.23), BUDGET (s, 430), REPS (3), GPU_CHECKS (0), BENCH_ARGS.
+set -u
+OUT=${OUT:-/tmp/kvtq_out}
+WORK=/tmp/kvtq_e2e_work
+SCENARIO=${SCENARIO:-l2}
+export SGLANG_RELEASE=${SGLANG_RELEASE:-0.5.23}
+rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
+t0=$(date +%s)
+if [ "${GPU_CHECKS:-0}" = 1 ]; then
+  OUT=$OUT/gpu timeout 300 bash scripts/gpu_test.sh 2>&1 | grep -E "^\[gpu_test\]|passed|failed|PASS|MISS" | tail -30
+fi
+read -r SGLANG_RELEASE SITE <<< "$(bash scripts/device/run_server.sh release)"
+export SGLANG_RELEASE SITE
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; echo "SGLang $SGLANG_RELEASE"
+  bash scripts/device/run_server.sh setup; } > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
+tail -3 "$OUT/setup.log"
+left=$(( ${BUDGET:-430} - ($(date +%s) - t0) ))
+PYTHONPATH=$SITE PYTHONUNBUFFERED=1 python3 benchmark/bench_e2e.py --scenario "$SCENARIO" --reps "${REPS:-3}" \
+  --budget "$left" --out-dir "$OUT" --work-dir "$WORK" 2>&1 | tee "$OUT/run.log" | tail -60
+rc=${PIPESTATUS[0]}
+for f in "$WORK"/server_*.log; do
+  grep -E "kvtuner_hicache|Allocating|Capture cuda graph|error|Error|Traceback" "$f" | head -40 > "$f.head"
+done
+tar -czf "$OUT/logs.tgz" -C "$WORK" --exclude='l3' . 2>/dev/null
+echo "session_bench_e2e: rc=$rc in $(( $(date +%s) - t0 )) s"
+exit $rc

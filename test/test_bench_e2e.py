@@ -1,0 +1,89 @@
+"""benchmark/bench_e2e.py: its traces, its measurement against a fake SGLang server, its summary, and the
+server flags it builds parsed by the installed SGLang release's own argument parser."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmark"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_e2e as be  # noqa: E402
+from fake_sglang import FakeSGLang  # noqa: E402
+
+
+def test_traces_are_deterministic_distinct_per_seed_and_reuse_prefixes():
+    for p in be.PATTERNS:
+        a, b, c = be.trace(p, 7), be.trace(p, 7), be.trace(p, 8)
+        assert a == b and a != c
+        assert not set(map(tuple, a)) & set(map(tuple, c))  # another repeat never meets these prompts
+    chat = be.trace("chat", 0)
+    assert len(chat) == 48 and chat[12][:768] == chat[0]  # round 2 of client 0 extends its round 1
+    sess = be.trace("sessions", 0)
+    assert sess[14][: len(sess[0])] == sess[0] and len(sess[-1]) == 2048 + 4 * 256
+    docs = be.trace("documents", 0)
+    heads = [tuple(d[:2048]) for d in docs]
+    assert len(set(heads)) < len(heads)  # popular documents come back
+
+
+def test_summary_means_spread_and_ratio_to_bf16():
+    recs = []
+    for arm, ttfts, tpots in (("bf16", [0.10, 0.12, 0.11], [0.006, 0.006, 0.006]),
+                              ("kv4", [0.05, 0.07, 0.06], [0.0057, 0.0060, 0.0063])):
+        for rep, (t, d) in enumerate(zip(ttfts, tpots, strict=True)):
+            recs.append({"scenario": "l2", "pattern": "chat", "arm": arm, "rep": rep, "ttft_mean_s": t,
+                         "tpot_mean_s": d, "ttft_mean_storage_hit_s": None, "host_hit_tokens": 10 * rep,
+                         "storage_hit_tokens": 0, "l3_bytes_written": 0, "l3_bytes_read": 0})
+    rows = {r["arm"]: r for r in be.summary(recs)}
+    assert rows["kv4"]["reps"] == 3
+    assert rows["kv4"]["ttft_mean_s"] == pytest.approx(0.06)
+    assert (rows["kv4"]["ttft_mean_s_min"], rows["kv4"]["ttft_mean_s_max"]) == (0.05, 0.07)
+    assert rows["kv4"]["ttft_vs_bf16"] == pytest.approx(0.06 / 0.11)
+    assert rows["kv4"]["tpot_vs_bf16"] == pytest.approx(1.0)
+    assert "ttft_mean_storage_hit_s" not in rows["kv4"]  # no storage hits: no number made up
+    assert rows["bf16"]["ttft_vs_bf16"] == pytest.approx(1.0)
+
+
+@pytest.fixture()
+def fake_url():
+    FakeSGLang.seen, FakeSGLang.prompts, FakeSGLang.flushed = set(), [], 0
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_measure_flushes_and_records_the_report_fields(fake_url, tmp_path):
+    srv = be.Server.__new__(be.Server)  # the measurement only needs the url, names and L3 directory
+    srv.url, srv.scenario, srv.arm, srv.l3_dir = fake_url, "l3", "kv4", str(tmp_path)
+    (tmp_path / "page0").write_bytes(b"x" * 100)
+    rec = be.measure(srv, "sessions", 1, {"gpu": "fake", "sglang_version": "0", "host_bytes_per_token": 16192})
+    assert FakeSGLang.flushed == 1 and rec["requests"] == 56 and rec["errors"] == 0
+    assert sorted(FakeSGLang.prompts) == sorted(len(p) for p in be.trace("sessions", 1000 + 2))  # 4 in flight
+    for k in ("scenario", "pattern", "arm", "rep", "gpu", "sglang_version", "ttft_mean_s", "ttft_mean_storage_hit_s",
+              "tpot_mean_s", "prompt_tokens", "host_hit_tokens", "storage_hit_tokens", "l3_bytes_read",
+              "l3_bytes_written"):
+        assert k in rec, k
+    assert rec["l3_bytes_written"] == 0  # the fake writes nothing; the existing file is not counted
+    assert rec["tpot_mean_s"] > 0
+
+
+def test_server_flags_parse_on_the_installed_release():
+    from kvtuner_hicache.sglang_ext import args as our_args
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    ServerArgs.add_cli_args(parser)
+    our_args.add_cli_args(parser)
+    flag = be.cuda_graph_bs_flag()
+    for sc, spec in be.SCENARIOS.items():
+        for arm in spec["arms"]:
+            ns = parser.parse_args(be.server_args("/m", sc, arm, ".stage", flag))
+            assert not ns.disable_cuda_graph
+            assert ns.enable_hierarchical_cache == (arm != "none")
+            assert ns.enable_kvtuner_hicache == (arm == "kv4")
