@@ -45,4 +45,14 @@ done
 installs=$(grep -oE 'pip install[^&]*' "$DF")
 grep -q -- '--no-deps /tmp/kvtq-wheels/\*\.whl' <<< "$installs" || fail "pip must install only the copied wheels, --no-deps"
 [ "$(grep -c 'pip install' "$DF")" = 1 ] || fail "one pip install expected (our two wheels)"
+# beside the wheels only pinned runtime dependencies of our package, at the pins CI tests with
+extra=$(sed -n 's|.*--no-deps /tmp/kvtq-wheels/\*\.whl \([^\\&]*\).*|\1|p' "$DF")
+for req in $extra; do
+  name=${req%%==*}
+  [ "$name" != "$req" ] || fail "pip install $req must be pinned (name==version)"
+  grep -qw "$name" <<< "$(sed -n 's/^dependencies = \[\(.*\)\]$/\1/p' "$REPO/python/pyproject.toml")" \
+    || fail "pip install $req: not a dependency of python/pyproject.toml"
+  grep -qxF "$req" "$REPO/scripts/requirements-cpu.txt" || fail "pip install $req: not the pin of scripts/requirements-cpu.txt"
+done
+
 echo "check_docker: OK (hadolint clean; base lmsysorg/sglang:v$pin = pinned release; copies $(echo $copied))"

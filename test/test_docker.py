@@ -33,7 +33,11 @@ def test_dockerfile_passes_the_ci_check():
     (lambda s: s.replace("COPY dist/", "COPY docker/Dockerfile dist/"), "not built by"),
     (lambda s: s.replace(" dist/sglang_kvtuner_hicache-*.whl", ""), "both wheels"),
     (lambda s: s + "RUN python3 -m pip install --no-cache-dir requests==2.32.3\n", "one pip install"),
-], ids=["wrong-base-tag", "foreign-copy", "one-wheel-only", "extra-install"])
+    (lambda s: s.replace("crc32c==2.9.post0", "crc32c"), "hadolint found problems"),  # DL3013: pin versions
+    (lambda s: s.replace("crc32c==2.9.post0", "requests==2.32.3"), "not a dependency"),
+    (lambda s: s.replace("crc32c==2.9.post0", "crc32c==2.8"), "not the pin"),
+], ids=["wrong-base-tag", "foreign-copy", "one-wheel-only", "extra-install", "unpinned-dep", "foreign-package",
+        "other-pin"])
 def test_check_rejects(tmp_path, edit, message):
     bad = tmp_path / "Dockerfile"
     bad.write_text(edit(DOCKERFILE.read_text()))
