@@ -79,7 +79,8 @@ def test_server_flags_parse_on_the_installed_release():
 
     parser = argparse.ArgumentParser(allow_abbrev=False)
     ServerArgs.add_cli_args(parser)
-    our_args.add_cli_args(parser)
+    if "--enable-kvtuner-hicache" not in parser._option_string_actions:  # the plugin's hook adds them once loaded
+        our_args.add_cli_args(parser)
     flag = be.cuda_graph_bs_flag()
     for sc, spec in be.SCENARIOS.items():
         for arm in spec["arms"]:
