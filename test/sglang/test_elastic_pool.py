@@ -3,7 +3,6 @@ flag to pool, byte accounting, demotion before eviction, top/floor accuracy, L3 
 
 from __future__ import annotations
 
-from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -263,7 +262,13 @@ def test_eval_config_names_for_elastic_pages():
 
 def test_concurrent_allocations_never_give_a_load_another_pages_planes():
     """SGLang allocates from its prefetch thread while the scheduler backs up and loads: every loaded chunk
-    must be exactly its own top decode or its own floor decode, never a mix with another page's plane."""
+    must be exactly its own top decode or its own floor decode, never a mix with another page's plane.
+
+    Every fourth iteration pauses the churn (at the top of its loop, holding nothing) and walks the three
+    outcomes in order, so each is exercised whatever the thread scheduler does: two fresh pages load at
+    the top; after one value plane of each is demoted, an allocation that needs one row pairs the two
+    half-used rows (a key plane moves) and both pages still load their own keys at the top; after an
+    allocation of everything available they load at the floor. The other iterations race the churn."""
     import random
     import sys
     import threading
@@ -276,48 +281,89 @@ def test_concurrent_allocations_never_give_a_load_another_pages_planes():
     srcs = [torch.arange(p * PS, (p + 1) * PS) for p in range(4)]
     ref = [(roundtrip_top(pool.page_layout, [[b[r] for b in s] for s in device_streams(dev)]),
             roundtrip_pages(pool.page_layout, [[b[r] for b in s] for s in device_streams(dev)])) for r in srcs]
-    stop, errors = threading.Event(), []
+    stop, go, idle, errors = threading.Event(), threading.Event(), threading.Event(), []
+    go.set()
 
     def churn():
         rng = random.Random(0)
         while not stop.is_set():
+            if not go.is_set():
+                idle.set()
+                go.wait(0.01)
+                continue
+            idle.clear()
             # most of the pool: planes must give way, some rows paired (a plane moved), some demoted
             need = pool.available_size() - pool.planes.host_rows * PS + rng.randint(1, 3) * PS
             h = pool.alloc(need) if need > 0 else None
             if h is not None:
                 pool.free(h)
 
+    def classify(i: int, h: torch.Tensor, j: int) -> tuple[set[str], set[str]]:
+        """What each buffer (keys, values) of page `h` loaded as: {"top"}, {"floor"}; None marks a mix."""
+        got = _load(pool, dev, h, torch.arange(12 * PS, 13 * PS))
+        kinds = (set(), set())
+        for b in range(2):
+            for layer in range(2):
+                top, floor = ref[j][0][b][layer].float(), ref[j][1][b][layer].float()
+                which = "top" if torch.equal(got[b][layer], top) else "floor" if torch.equal(got[b][layer], floor) else None
+                if which is None:
+                    errors.append((i, b, layer))
+                kinds[b].add(which)
+        return kinds
+
+    def backup(j: int) -> torch.Tensor:
+        h = None
+        while h is None:
+            h = pool.alloc(PS)
+        pool.backup_from_device_all_layer(dev, h, srcs[j], "kernel")
+        held.append((h, j))
+        return h
+
+    def walk_outcomes(i: int) -> None:
+        TOP, FLOOR = {"top"}, {"floor"}
+        pool.free(pool.alloc(pool.available_size()))  # no planes left anywhere: a known start
+        (a, ja), (b, jb) = [(backup(j), j) for j in (i % 4, (i + 1) % 4)]
+        assert classify(i, a, ja) == (TOP, TOP) and classify(i, b, jb) == (TOP, TOP), i
+        for page in (a, b):  # one value plane each: two half-used rows
+            victim = pool.planes.demote_coldest()
+            assert victim == (int(page[0]) // PS, 1), (i, victim)
+            pool.planes.touch([victim[0]])
+        moves, rows = pool.planes.stats.moves, pool.planes.host_rows
+        pool.free(pool.alloc(pool.available_size() - (rows - 1) * PS))  # needs one row: pairing gives it
+        assert pool.planes.stats.moves == moves + 1 and pool.planes.host_rows == rows - 1, i
+        assert classify(i, a, ja) == (TOP, FLOOR) and classify(i, b, jb) == (TOP, FLOOR), i
+        everything = pool.alloc(pool.available_size())
+        assert everything is not None and pool.planes.host_rows == 0
+        assert classify(i, a, ja) == (FLOOR, FLOOR) and classify(i, b, jb) == (FLOOR, FLOOR), i
+        pool.free(everything)
+
     old = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)
     t = threading.Thread(target=churn)
     t.start()
+    rng, held, walked = random.Random(1), [], 0
     try:
-        rng, held = random.Random(1), []
-        seen = Counter()
         for i in range(60):
-            j = rng.randrange(4)
-            h = None
-            while h is None:
-                h = pool.alloc(PS)
-            pool.backup_from_device_all_layer(dev, h, srcs[j], "kernel")
-            held.append((h, j))
+            if i % 4 == 3:
+                go.clear()
+                idle.clear()
+                assert idle.wait(10), "the churn thread did not pause"
+                walk_outcomes(i)
+                walked += 1
+                go.set()
+            else:
+                backup(rng.randrange(4))
             for h2, j2 in held[-3:]:  # recent pages: some at the top, some demoted by the churn
-                got = _load(pool, dev, h2, torch.arange(12 * PS, 13 * PS))
-                for b in range(2):
-                    for layer in range(2):
-                        top, floor = ref[j2][0][b][layer].float(), ref[j2][1][b][layer].float()
-                        which = "top" if torch.equal(got[b][layer], top) else "floor" if torch.equal(got[b][layer], floor) else None
-                        seen[which] += 1
-                        if which is None:
-                            errors.append((i, b, layer))
-            if len(held) > 4:
+                classify(i, h2, j2)
+            while len(held) > 4:
                 pool.free(held.pop(0)[0])
     finally:
         stop.set()
+        go.set()
         t.join()
         sys.setswitchinterval(old)
     assert not errors
-    assert seen["top"] and seen["floor"]  # both happened: the churn did demote pages under the loads
+    assert walked == 15
 
 
 def test_a_plane_moved_to_pair_rows_still_decodes_its_own_page():
