@@ -150,6 +150,11 @@ def test_runs_on_the_same_windows_merge():
     assert [r["config"] for r in both["records"]] == ["bf16", "A", "B"]
     with pytest.raises(ValueError, match="differ in"):
         merge([one, {**two, "meta": {**meta, "windows": 4}}])
+    assert both["meta"]["merge_ref_max_rel_diff"] == 0.0
+    # another thread count: the same windows within 1e-5 relative merge, and the gap is recorded
+    near = {**ref, "ppl_per_window": [10.0 * (1 + 1e-5), 12.0, 11.0, 9.0, 10.5]}
+    close = merge([one, {"meta": meta, "records": [near, two["records"][1]]}])
+    assert 0 < close["meta"]["merge_ref_max_rel_diff"] < 1e-4
     other_ref = {**ref, "ppl_per_window": [10.0, 12.0, 11.0, 9.0, 10.6]}
     with pytest.raises(ValueError, match="references differ"):
         merge([one, {"meta": meta, "records": [other_ref]}])

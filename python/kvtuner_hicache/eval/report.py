@@ -220,11 +220,17 @@ def with_window_sums(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Runs with another --threads sum in another order: the same windows' bf16 NLL then differ by about
+# 1e-5 relative (1.2e-5 measured on qwen2.5-coder-1.5b, 1 vs 2 threads); other windows or text by > 1e-3.
+MERGE_REF_REL_TOL = 1e-4
+
+
 def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One result from several runs on the same windows (same model, windows, prefix, scored
     tokens, page size), e.g. uniform configs first and calibrated tables later. The runs must agree
     on the bf16 reference's per-window NLL (it is computed the same way, batch 1, in every run) to
-    1e-6 relative; then every record pairs with every other. Later runs' duplicates are dropped."""
+    MERGE_REF_REL_TOL; then every record pairs with every other. Later runs' duplicates are dropped.
+    The largest relative difference seen is recorded in the merged meta (`merge_ref_max_rel_diff`)."""
     if not results:
         raise ValueError("merge: no results")
     keys = ("model", "windows", "prefix_len", "score_len", "page_size")
@@ -232,20 +238,24 @@ def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ref0 = with_window_sums(next(r for r in first["records"] if r.get("config") == "bf16"))
     records = list(first["records"])
     seen = {r["config"] for r in records}
+    worst = 0.0
     for res in results[1:]:
         diff = [k for k in keys if res["meta"].get(k) != first["meta"].get(k)]
         if diff:
             raise ValueError(f"merge: runs differ in {diff}")
         ref = with_window_sums(next(r for r in res["records"] if r.get("config") == "bf16"))
         for a, b in zip(ref["nll_sum_per_window"], ref0["nll_sum_per_window"], strict=True):
-            if abs(a - b) > 1e-6 * abs(b):
-                raise ValueError("merge: the bf16 references differ (not the same windows or text)")
+            rel = abs(a - b) / abs(b)
+            if rel > MERGE_REF_REL_TOL:
+                raise ValueError(f"merge: the bf16 references differ by {rel:.1e} relative (not the same windows or text)")
+            worst = max(worst, rel)
         for r in res["records"]:
             if r["config"] not in seen:
                 records.append(r)
                 seen.add(r["config"])
     meta = dict(first["meta"])
     meta["merged_commands"] = [r["meta"].get("command") for r in results]
+    meta["merge_ref_max_rel_diff"] = worst
     return {**first, "meta": meta, "records": records}
 
 
