@@ -33,7 +33,7 @@ fi
 for v in ${RELEASES:-0.5.18 0.5.19 0.5.20 0.5.21 0.5.22}; do
   step "compatibility tests on SGLang $v"
   bash scripts/with_sglang.sh "$v" "${PYTEST[@]}" -q test/sglang/test_release_compat.py test/sglang/test_plugin.py \
-    test/sglang/test_elastic_pool.py test/sglang/test_args.py
+    test/sglang/test_elastic_pool.py test/sglang/test_args.py test/sglang/test_l3_in_pool_reads.py
 done
 
 step "a real SGLang $pinned server on this CPU machine (smollm2-135m, elastic pool; scripts/cpu/serve.sh)"

@@ -104,11 +104,9 @@ def make_rig(backend: str, extra: dict[str, Any], cfg: QuantConfig | None, model
     host = host_pool(dev, cfg)
     parallel = get_parallel()
     if hasattr(parallel, "override_permanently"):  # newer releases: the storage threads read it later too
-        parallel.override_permanently(**_ONE_RANK)
+        parallel.override_permanently(**_ONE_RANK)  # derived widths only on 0.5.20: tp_rank is a leaf there
+    with parallel.override(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1):
         cc = _controller(alloc, host, backend, model, extra)
-    else:
-        with parallel.override(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1):
-            cc = _controller(alloc, host, backend, model, extra)
     return Rig(cc, dev, host, cfg)
 
 

@@ -202,6 +202,11 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         with self.lock:
             self.planes.touch([int(index) // self.page_size])
 
+    def kvtq_write_pages(self, page_ids: torch.Tensor, rows: torch.Tensor) -> None:
+        super().kvtq_write_pages(page_ids, rows)
+        with self.lock:
+            self.planes.touch(page_ids.tolist())
+
     # ---- visibility --------------------------------------------------------------------------------
 
     def bits_label(self, page: int) -> str:

@@ -9,7 +9,9 @@ The core (config, page format, quantizers, kernels) never changes per release. W
   `ServerArgs.resolve_once` in 0.5.19, `register_resolution_hook` from 0.5.20 (ServerArgs is a
   msgspec struct there, which ignores a patched `__post_init__`);
 - how `HostKVCache.__init__` is called: positionally with the device pool up to 0.5.21,
-  keyword-only with precomputed geometry from 0.5.22.
+  keyword-only with precomputed geometry from 0.5.22;
+- how the controller's L3 page reader reports progress: `operation.increment` up to 0.5.18, a
+  returned page count from 0.5.19.
 
 `active_era()` picks the adapter once, from the installed SGLang version. Releases outside the table
 are unsupported: `unsupported_release_error()` names the installed version and the supported range.
@@ -58,6 +60,9 @@ class Era:
     resolution: str  # "post_init", "resolve_once" or "resolution_hook"
     keyword_only_host_base: bool  # HostKVCache.__init__(*, dtype, size_per_token, ...) from 0.5.22
     has_storage_format_tag: bool  # HostKVCache.storage_format_tag names our format in L3 keys
+    # HiCacheController.page_get_func returns the pages it loaded (0.5.19+); before, it counts them
+    # itself through operation.increment(tokens) and returns nothing
+    page_get_returns_count: bool = True
 
     def resolution_for(self, release: str) -> str:
         return self.resolution
@@ -103,8 +108,10 @@ class _Era0519(Era):
 
 
 ERAS: tuple[Era, ...] = (
-    Era("A", ("0.5.17",), "hiradix", "post_init", keyword_only_host_base=False, has_storage_format_tag=False),
-    Era("B", ("0.5.18",), "hiradix", "post_init", keyword_only_host_base=False, has_storage_format_tag=False),
+    Era("A", ("0.5.17",), "hiradix", "post_init", keyword_only_host_base=False, has_storage_format_tag=False,
+        page_get_returns_count=False),
+    Era("B", ("0.5.18",), "hiradix", "post_init", keyword_only_host_base=False, has_storage_format_tag=False,
+        page_get_returns_count=False),
     _Era0519("C", ("0.5.19", "0.5.20", "0.5.21"), "assembler", "resolution_hook",
              keyword_only_host_base=False, has_storage_format_tag=False),
     Era("D", ("0.5.22",), "assembler", "resolution_hook", keyword_only_host_base=True, has_storage_format_tag=True),

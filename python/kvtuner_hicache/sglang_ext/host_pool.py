@@ -234,6 +234,11 @@ class _QuantizedHostPool(HostKVCache):
     def is_stride_page_aligned(self, page_size_bytes: int = 4096) -> bool:
         return self.kv_buffer.data_ptr() % page_size_bytes == 0 and self.row_stride % page_size_bytes == 0
 
+    def kvtq_write_pages(self, page_ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Verified L3 pages (`rows`: uint8[n, page_bytes]) into host pages `page_ids` (int64, CPU), one copy."""
+        self.pages.index_copy_(0, page_ids, rows)
+        self.codec.pages_written(page_ids.tolist())  # as set_from_flat_data_page does, per batch
+
     def kvtq_page_ids(self, host_indices) -> list[int]:
         """Page ids of host token slots given page by page (the storage proxy uses this)."""
         ps = self.page_size

@@ -19,6 +19,9 @@ Hooks, by what they do (targets in `hooks_for`):
 - `registry.create_tree_cache` (AFTER): a HiCache whose host pool is not ours stops the server.
 - `StorageBackendFactory.create_backend`: our pools' L3 backends get the checking proxy; other
   pools' backends are returned untouched.
+- `HiCacheController.attach_storage_backend` (AFTER): a copying backend behind our proxy reads
+  into the host pool in one copy per batch (`l3_read`); with KVTQ_L3_PROFILE set, every
+  controller's L3 stages are timed (`l3_profile`, bf16 pools too).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ T_UNIFIED = "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache.init_hic
 T_BUILD_POOL = "sglang.srt.mem_cache.hybrid_cache.hybrid_pool_assembler.build_kv_host_pool"
 T_TREE = "sglang.srt.mem_cache.registry.create_tree_cache"
 T_BACKEND = "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory.create_backend"
+T_ATTACH = "sglang.srt.managers.cache_controller.HiCacheController.attach_storage_backend"
 RESOLUTION_STEP = "handle_other_validations"  # late in the pipeline: layouts and dtypes are resolved
 RESOLUTION_TARGET = f"resolution_hooks:{RESOLUTION_STEP}"
 
@@ -330,6 +334,15 @@ def _create_backend(orig, cls, backend_name, storage_config, mem_pool_host, **kw
     return KVTQStorageProxy(backend, mem_pool_host, storage_config)  # pages bound to key and model
 
 
+def _attach_storage_backend(result, controller, *a, **kw):
+    from kvtuner_hicache.sglang_ext import l3_profile, l3_read
+
+    era = active_era()
+    l3_read.install(controller, returns_count=era is None or era.page_get_returns_count)
+    l3_profile.install(controller)
+    return result
+
+
 # ---- registration and verification ---------------------------------------------------------------
 
 
@@ -355,6 +368,7 @@ def hooks_for(era: Era | None, release: str | None) -> list[tuple[str, Any, Hook
         (T_UNIFIED, _unified_init_hicache, HookType.AROUND),
         (T_TREE, _create_tree_cache, HookType.AFTER),
         (T_BACKEND, _create_backend, HookType.AROUND),
+        (T_ATTACH, _attach_storage_backend, HookType.AFTER),
     ]
     return hooks
 

@@ -1,0 +1,112 @@
+"""L3 reads of copying backends into the quantized host pool: the controller's `page_get_func`.
+
+SGLang reads pages from a copying backend (`file`, our juicefs and lmcache stores, any backend
+without the zero-copy `*_v1` interface) through `HiCacheController._generic_page_get`: a freshly
+allocated pinned zero page per key, the backend's `batch_get` into them, then one
+`set_from_flat_data_page` call per page. `InPoolReader` does the same job for our pools with one
+reused buffer and one copy per batch.
+
+Contract (installed by the plugin's `attach_storage_backend` hook, releases 0.5.17 .. 0.5.23):
+- Installed only on a controller whose backend is our `KVTQStorageProxy` over a quantized pool and
+  whose `page_get_func` is SGLang's generic reader; zero-copy backends and bf16 pools keep
+  SGLang's readers. `KVTQ_L3_IN_POOL_READS=0` keeps SGLang's reader for our pools too (to measure
+  the difference).
+- One call is one controller batch (at most SGLang's STORAGE_BATCH_SIZE pages). The proxy's
+  `batch_get` reads into rows of a staging buffer the reader owns and reuses, so the proxy's
+  deadline, page checks (key, model, layout, CRC32C) and healing apply exactly as for SGLang's
+  reader; the verified prefix then goes into the pool's rows in one `kvtq_write_pages` copy and
+  is counted only after its bytes are in place.
+- Pool rows are written only by that copy, after the read returned and while the operation is not
+  terminated: a read cut off by the deadline, or still running when the scheduler frees the slots
+  of a terminated prefetch, lands in staging, never in rows another request may own. After a
+  deadline the staging buffer is dropped (the late read may still be writing into it).
+- Progress follows the era: a returned page count (0.5.19+), or `operation.increment(tokens)`
+  (0.5.17, 0.5.18), as SGLang's own reader of that release reports it.
+- Called from the controller's prefetch I/O thread; a lock guards the staging buffer regardless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENV_IN_POOL_READS = "KVTQ_L3_IN_POOL_READS"  # "0": keep SGLang's generic reader for our pools
+_STAGING_PAGES = 128  # SGLang's STORAGE_BATCH_SIZE in every supported release; grows if a batch is larger
+
+
+class InPoolReader:
+    """`page_get_func(operation, hash_values, host_indices, extra_info=None)` for our pools."""
+
+    def __init__(self, proxy: Any, pool: Any, page_size: int, returns_count: bool):
+        self.proxy = proxy
+        self.pool = pool
+        self.page_size = page_size
+        self.returns_count = returns_count
+        self.page_bytes = pool.page_layout.page_bytes
+        self._staging: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    def _rows(self, n: int) -> torch.Tensor:
+        if self._staging is None or self._staging.shape[0] < n:
+            self._staging = torch.empty((max(n, _STAGING_PAGES), self.page_bytes), dtype=torch.uint8)
+        return self._staging[:n]
+
+    def __call__(self, operation: Any, hash_values: list[str], host_indices: torch.Tensor,
+                 extra_info: Any = None) -> int | None:
+        with self._lock:
+            n = self._read(operation, list(hash_values), host_indices)
+        if self.returns_count:
+            return n
+        if n:
+            operation.increment(n * self.page_size)  # False when terminated meanwhile: nothing counted
+        return None
+
+    def _read(self, operation: Any, keys: list[str], host_indices: torch.Tensor) -> int:
+        if not keys:
+            return 0
+        rows = self._rows(len(keys))
+        targets = list(rows.unbind(0))
+        errors = self.proxy.kvtq_l3_backend_errors
+        pages = self.proxy.batch_get(keys, targets)
+        if self.proxy.kvtq_l3_backend_errors != errors:
+            self._staging = None  # a read cut off by the deadline may still be writing into it
+        if not isinstance(pages, list):
+            return 0
+        n = next((i for i, p in enumerate(pages) if p is None), len(pages))
+        for i in range(n):  # a backend that returns its own tensor instead of filling ours
+            if pages[i].data_ptr() != targets[i].data_ptr():
+                targets[i].copy_(pages[i].reshape(-1).view(torch.uint8))
+        if n == 0 or operation.is_terminated():
+            return 0
+        ps = self.page_size
+        page_ids = torch.as_tensor(self.pool.kvtq_page_ids(host_indices[: n * ps]), dtype=torch.int64)
+        self.pool.kvtq_write_pages(page_ids, rows[:n])
+        return n
+
+
+def install(controller: Any, returns_count: bool) -> bool:
+    """Give `controller` an InPoolReader when its backend is our proxy behind SGLang's generic
+    reader; True when installed. Leaves every other controller as SGLang built it."""
+    from kvtuner_hicache.sglang_ext.storage import KVTQStorageProxy
+
+    proxy = getattr(controller, "storage_backend", None)
+    if not isinstance(proxy, KVTQStorageProxy) or proxy.layout is None:
+        return False
+    current = getattr(controller.page_get_func, "__func__", None)
+    if current is not getattr(type(controller), "_generic_page_get", None):
+        return False  # a zero-copy reader (the proxy's batch_get_v1 checks those pages in place)
+    if os.environ.get(ENV_IN_POOL_READS, "1") == "0":
+        logger.info("kvtuner_hicache: %s=0: L3 pages are read through SGLang's generic reader", ENV_IN_POOL_READS)
+        return False
+    if not hasattr(proxy.pool, "kvtq_write_pages"):
+        raise RuntimeError(f"kvtuner_hicache: host pool {type(proxy.pool).__name__} has no kvtq_write_pages")
+    controller.page_get_func = InPoolReader(proxy, proxy.pool, controller.page_size, returns_count)
+    logger.info("kvtuner_hicache: L3 pages of %s are read into the host pool in one copy per batch",
+                type(proxy.inner).__name__)
+    return True

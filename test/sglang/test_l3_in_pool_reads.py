@@ -1,0 +1,157 @@
+"""L3 reads into the quantized host pool (`l3_read.InPoolReader`) through SGLang's real controller.
+
+On the installed release (CI: 0.5.23, 0.5.17 and every release between): the plugin's
+attach_storage_backend hook gives a quantized pool's controller our reader and leaves SGLang's
+reader to bf16 pools and to `KVTQ_L3_IN_POOL_READS=0`; pages written to SGLang's HiCacheFile by the
+backup thread come back through the prefetch thread bit for bit; a damaged page is a miss with the
+pages after it; a terminated prefetch writes nothing into the pool; the per-stage profiler times
+the same path (`l3_profile`).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import time
+
+import pytest
+import torch
+from kvtuner_hicache.sglang_ext import l3_profile
+from kvtuner_hicache.sglang_ext.l3_read import ENV_IN_POOL_READS, InPoolReader
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "l3"))
+import harness as H  # noqa: E402  (test/l3/harness.py: a real HiCacheController on CPU)
+
+pytestmark = pytest.mark.sglang
+
+
+@pytest.fixture
+def file_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def _rig(cfg, **kw):
+    rig = H.make_rig("file", {}, cfg, **kw)
+    return rig
+
+
+def _stored_then_dropped(rig, n: int, seed: int):
+    """Back up n pages to L3, note what they hold and load to, then drop the host copy."""
+    toks = H.tokens_for(n, seed=seed)
+    h, done = H.backup(rig, toks, list(range(1, n + 1)))
+    assert done == n * H.PAGE
+    stored = H.page_snapshot(rig, h)
+    rows = H.load_rows(rig, h, list(range(8, 8 + n)))
+    rig.host.free(h)
+    rig.host.kv_buffer.zero_()  # the host copy is really gone
+    return toks, stored, rows
+
+
+def test_reader_installed_for_our_pools_only(kvtq_hooks, file_dir, monkeypatch):
+    ours = _rig(H.KV4)
+    plain = _rig(None)
+    try:
+        assert isinstance(ours.cc.page_get_func, InPoolReader)
+        assert plain.cc.page_get_func.__func__ is type(plain.cc)._generic_page_get  # bf16: SGLang's reader
+    finally:
+        ours.close()
+        plain.close()
+    monkeypatch.setenv(ENV_IN_POOL_READS, "0")
+    kept = _rig(H.KV4)
+    try:
+        assert kept.cc.page_get_func.__func__ is type(kept.cc)._generic_page_get
+    finally:
+        kept.close()
+
+
+@pytest.mark.parametrize("reader", ["in_pool", "sglang"])
+def test_l3_round_trip_is_bit_exact(kvtq_hooks, file_dir, monkeypatch, reader):
+    """Both readers give the same host pages and the same device rows as the original host copy."""
+    if reader == "sglang":
+        monkeypatch.setenv(ENV_IN_POOL_READS, "0")
+    rig = _rig(H.KV4)
+    try:
+        n = 5
+        toks, stored, rows = _stored_then_dropped(rig, n, seed=3)
+        h2, hits, got = H.prefetch(rig, toks)
+        assert (hits, got) == (n * H.PAGE, n * H.PAGE)
+        assert H.page_snapshot(rig, h2) == stored
+        after = H.load_rows(rig, h2, list(range(8, 8 + n)))
+        assert all(torch.equal(a, b) for a, b in zip(rows, after, strict=True))
+    finally:
+        rig.close()
+
+
+def test_damaged_page_is_a_miss_with_the_pages_after_it(kvtq_hooks, file_dir):
+    rig = _rig(H.KV4)
+    try:
+        n = 5
+        toks, stored, _ = _stored_then_dropped(rig, n, seed=4)
+        files = sorted(file_dir.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+        assert len(files) == n
+        key = H.get_hash_str(toks, None, page_size=H.PAGE)[2]
+        (bad,) = [p for p in files if p.name.startswith(key)]
+        data = bytearray(bad.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        bad.write_bytes(bytes(data))
+        h2, hits, got = H.prefetch(rig, toks)
+        assert hits == n * H.PAGE and got == 2 * H.PAGE  # the exists check passes, the read does not
+        assert H.page_snapshot(rig, h2[: 2 * H.PAGE]) == stored[:2]
+        assert rig.backend.kvtq_l3_rejected_pages == 1
+    finally:
+        rig.close()
+
+
+def test_terminated_prefetch_writes_nothing_into_the_pool(kvtq_hooks, file_dir):
+    """A read that returns after the scheduler terminated the prefetch leaves the slots untouched."""
+    rig = _rig(H.KV4)
+    try:
+        toks, _, _ = _stored_then_dropped(rig, 3, seed=5)
+        reader = rig.cc.page_get_func
+        assert isinstance(reader, InPoolReader)
+        h = rig.host.alloc(3 * H.PAGE)
+        rig.host.kv_buffer.fill_(0x5A)
+        before = H.page_snapshot(rig, h)
+
+        class Terminated:
+            request_id = "r"
+
+            def is_terminated(self) -> bool:
+                return True
+
+            def increment(self, tokens: int) -> bool:
+                raise AssertionError("nothing may be counted for a terminated prefetch")
+
+        keys = H.get_hash_str(toks, None, page_size=H.PAGE)
+        assert reader(Terminated(), keys, h) in (0, None)
+        assert H.page_snapshot(rig, h) == before
+    finally:
+        rig.close()
+
+
+def test_profiler_times_the_stages_of_both_pools(kvtq_hooks, file_dir, tmp_path, monkeypatch):
+    prefix = str(tmp_path / "prof")
+    monkeypatch.setenv(l3_profile.ENV_PROFILE, prefix)
+    for cfg in (H.KV4, None):
+        rig = _rig(cfg, model=f"m-{cfg is None}")
+        try:
+            before = l3_profile.read_totals(prefix)
+            toks, _, _ = _stored_then_dropped(rig, 4, seed=6)
+            assert H.prefetch(rig, toks)[2] == 4 * H.PAGE
+            deadline = time.monotonic() + 5
+            while True:  # the writer thread flushes every 0.2 s
+                d = l3_profile.subtract(l3_profile.read_totals(prefix), before)
+                if d.get("page_get", {}).get("pages", 0) >= 4 and d.get("backend_write", {}).get("pages", 0) >= 4:
+                    break
+                assert time.monotonic() < deadline, d
+                time.sleep(0.05)
+            assert d["backend_read"]["pages"] == 4 and d["copy_in"]["pages"] == 4
+            assert d["hit_query"]["calls"] >= 1 and d["transfer"]["calls"] == 1
+            assert ("verify" in d) == (cfg is not None)  # only our proxy checks pages
+            assert ("alloc_page" in d) == (cfg is None)  # SGLang's reader allocates a page per key
+            assert all(v["s"] >= 0 for v in d.values())
+        finally:
+            rig.close()
+    assert len(list(tmp_path.glob("prof.*.json"))) == 1 and os.getpid() > 0
