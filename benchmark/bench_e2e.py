@@ -16,11 +16,18 @@ Method (why each choice):
   bf16's GPU + host pool cannot hold the working set while KV4's can (l2), or cannot either (l3):
     chat       12 clients x 4 rounds, each round appends 768 tokens; round-robin over the clients;
     documents  16 documents of 2,048 tokens, Zipf(1.1) popularity, 48 requests of document + 64 tokens;
-    sessions   14 sessions of 2,048 tokens revisited in turn, 4 turns of +256 tokens.
+    sessions   14 sessions of 2,048 tokens revisited in turn, 4 turns of +256 tokens;
+    l3hit      (l3 only) 8 documents of 3,072 tokens sent once each (they reach L3 by write-through), the
+               cache flushed (L1 and L2 only: SGLang's /flush_cache keeps L3), the same documents sent
+               again with other 16-token suffixes: every arm measures L3-hit TTFT on identical
+               prompts, one request at a time.
   At most 4 requests in flight (FIFO), so a prefix comes back after the others were served.
 - Scenarios: l2 = GPU pool 16,384 tokens, 1 GB host (`--hicache-size 1`) for every HiCache arm, no L3,
   arms none (no HiCache: the recompute baseline), bf16 (SGLang's HiCache), kv4 (ours); l3 = GPU pool
-  4,096 tokens, `--hicache-ratio 1.2`, `file` backend on local disk, prefetch wait_complete, arms bf16, kv4.
+  4,096 tokens, `--hicache-ratio 1.2`, `file` backend on local disk, prefetch wait_complete, arms bf16, kv4;
+  arm kv4_sglread is kv4 with SGLang's own L3 reader (KVTQ_L3_IN_POOL_READS=0).
+- In l3, every server times its L3 stages (KVTQ_L3_PROFILE, kvtuner_hicache.sglang_ext.l3_profile):
+  each record carries `l3_profile`, the stages' calls, seconds and pages during its phase.
 
 Per record (scenario x pattern x arm x repeat): TTFT mean (all requests, and of requests with an L3 hit),
 TPOT mean, prompt / host-hit / storage-hit tokens (SGLang's cached_tokens_details), L3 bytes written
@@ -57,15 +64,18 @@ from multiturn_arms import arm_args, gpu_name, parse_server_log  # noqa: E402
 OUTPUT_TOKENS = 48
 PARALLEL = 4
 VOCAB = (1000, 150000)
-PATTERNS = ("chat", "documents", "sessions")
+PATTERNS = ("chat", "documents", "sessions", "l3hit")
 SCENARIOS: dict[str, dict[str, Any]] = {
     "l2": {"args": ["--max-total-tokens", "16384"], "hicache": ["--hicache-size", "1"],
-           "arms": ("none", "bf16", "kv4")},
+           "arms": ("none", "bf16", "kv4"), "patterns": ("chat", "documents", "sessions")},
     "l3": {"args": ["--max-total-tokens", "4096"],
            "hicache": ["--hicache-ratio", "1.2", "--hicache-storage-backend", "file",
                        "--hicache-storage-prefetch-policy", "wait_complete"],
-           "arms": ("bf16", "kv4")},
+           "arms": ("bf16", "kv4"), "patterns": PATTERNS},
 }
+# arms that are another arm's flags with a different environment
+ARM_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {"kv4_sglread": ("kv4", {"KVTQ_L3_IN_POOL_READS": "0"})}
+L3HIT_DOCS, L3HIT_DOC_TOKENS, L3HIT_SUFFIX = 8, 3072, 16
 
 
 def cuda_graph_bs_flag() -> str:
@@ -80,7 +90,7 @@ def cuda_graph_bs_flag() -> str:
 
 def server_args(model_dir: str, scenario: str, arm: str, stage: str, graph_flag: str = "--cuda-graph-max-bs") -> list[str]:
     sc = SCENARIOS[scenario]
-    extra = arm_args(arm, stage)
+    extra = arm_args(ARM_VARIANTS.get(arm, (arm, {}))[0], stage)
     if extra is None:
         raise SystemExit(f"bench_e2e: unknown arm {arm!r}")
     return (["--model-path", model_dir, "--load-format", "dummy", "--skip-tokenizer-init", "--attention-backend",
@@ -116,11 +126,13 @@ def trace(pattern: str, seed: int) -> list[list[int]]:
                 s += toks(256)
                 out.append(list(s))
         return out
+    if pattern == "l3hit":  # the documents; measure_l3hit adds the suffixes
+        return [toks(L3HIT_DOC_TOKENS) for _ in range(L3HIT_DOCS)]
     raise ValueError(pattern)
 
 
-def run_trace(url: str, prompts: list[list[int]]) -> tuple[list[bm.ReqRecord], float]:
-    """Issue the prompts in order with PARALLEL requests in flight."""
+def run_trace(url: str, prompts: list[list[int]], parallel: int = PARALLEL) -> tuple[list[bm.ReqRecord], float]:
+    """Issue the prompts in order with `parallel` requests in flight."""
     todo = deque(enumerate(prompts))
     lock = threading.Lock()
     recs: list[bm.ReqRecord] = []
@@ -137,7 +149,7 @@ def run_trace(url: str, prompts: list[list[int]]) -> tuple[list[bm.ReqRecord], f
                 recs.append(rec)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(PARALLEL)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(parallel)]
     for t in threads:
         t.start()
     for t in threads:
@@ -174,12 +186,16 @@ class Server:
         self.log_path = os.path.join(a.work_dir, f"server_{scenario}_{arm}.log")
         env = dict(os.environ)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.l3_dir = None
+        self.l3_dir = self.profile = None
         if "--hicache-storage-backend" in self.args:
             self.l3_dir = os.path.join(a.work_dir, "l3", f"{scenario}_{arm}")
             shutil.rmtree(self.l3_dir, ignore_errors=True)
             os.makedirs(self.l3_dir)
             env["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = self.l3_dir
+            self.profile = os.path.join(a.work_dir, "profile", f"{scenario}_{arm}")
+            os.makedirs(os.path.dirname(self.profile), exist_ok=True)
+            env["KVTQ_L3_PROFILE"] = self.profile
+        env.update(ARM_VARIANTS.get(arm, ("", {}))[1])
         self.log = open(self.log_path, "w")
         self.t0 = time.time()
         self.proc = subprocess.Popen([*shlex.split(a.launcher), "--port", str(port), "--", *self.args],
@@ -204,18 +220,73 @@ class Server:
         self.log.close()
 
 
+def profile_totals(srv: Server) -> dict[str, dict[str, float]]:
+    if not getattr(srv, "profile", None):
+        return {}
+    from kvtuner_hicache.sglang_ext.l3_profile import read_totals
+
+    time.sleep(0.5)  # the servers' profile writers flush every 0.2 s
+    return read_totals(srv.profile)
+
+
+def group_read_bytes(pgid: int | None) -> int:
+    """Bytes the server's processes read through syscalls (/proc/<pid>/io rchar, summed over its process
+    group): over a phase, the L3 file reads plus a few KB of HTTP and IPC."""
+    if not pgid:
+        return 0
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            io = (stat.parent / "io").read_text()
+        except (OSError, ValueError, IndexError):
+            continue
+        total += next((int(line.split()[1]) for line in io.splitlines() if line.startswith("rchar:")), 0)
+    return total
+
+
+def l3_settled(d: str | None, timeout: float = 30.0) -> int:
+    """Wait until the L3 directory stops growing (the write-through backups landed); its bytes."""
+    last, same, end = -1, 0, time.monotonic() + timeout
+    while time.monotonic() < end:
+        now = dir_bytes(d)
+        same = same + 1 if now == last else 0
+        if same >= 3:
+            return now
+        last = now
+        time.sleep(0.3)
+    return last
+
+
 def measure(srv: Server, pattern: str, rep: int, meta: dict[str, Any]) -> dict[str, Any]:
+    from kvtuner_hicache.sglang_ext.l3_profile import subtract
+
     flush(srv.url)
     prompts = trace(pattern, rep * 1000 + PATTERNS.index(pattern))
+    rng = random.Random(rep * 1000 + 99)
     l3_before = dir_bytes(srv.l3_dir)
+    cold: dict[str, Any] = {}
+    if pattern == "l3hit":  # phase 1: each document once, into L3; then L1 and L2 are emptied
+        warm, _ = run_trace(srv.url, [d + [rng.randrange(*VOCAB) for _ in range(L3HIT_SUFFIX)] for d in prompts], 1)
+        ok = [r.ttft_s for r in warm if not r.error]
+        cold = {"ttft_mean_cold_s": statistics.fmean(ok) if ok else None,
+                "l3_bytes_after_warm": l3_settled(srv.l3_dir) - l3_before}
+        flush(srv.url)
+        prompts = [d + [rng.randrange(*VOCAB) for _ in range(L3HIT_SUFFIX)] for d in prompts]
+    p0 = profile_totals(srv)
+    pgid = srv.proc.pid if getattr(srv, "proc", None) and srv.l3_dir else None
+    io0 = group_read_bytes(pgid)
     m0 = bm.scrape(srv.url)
-    recs, wall = run_trace(srv.url, prompts)
+    recs, wall = run_trace(srv.url, prompts, 1 if pattern == "l3hit" else PARALLEL)
     time.sleep(1.0)  # the last write-through backups land before the counters are read
     m1 = bm.scrape(srv.url)
+    io1 = group_read_bytes(pgid)
+    prof = subtract(profile_totals(srv), p0) if getattr(srv, "profile", None) else {}
     s = bm.summarize(recs, wall, m0, m1)
     bpt = meta.get("host_bytes_per_token") or 0
     md = s["metrics_delta"]
-    return {"scenario": srv.scenario, "pattern": pattern, "arm": srv.arm, "rep": rep, **meta,
+    return {**cold, "l3_profile": prof, "scenario": srv.scenario, "pattern": pattern, "arm": srv.arm, "rep": rep, **meta,
             "requests": s["requests"], "errors": s["errors"], "first_error": s["first_error"],
             "ttft_mean_s": s["ttft_mean_s"], "ttft_p50_s": s["ttft_p50_s"], "ttft_p90_s": s["ttft_p90_s"],
             "ttft_mean_storage_hit_s": s["ttft_mean_storage_hit_s"], "storage_hit_requests": s["storage_hit_requests"],
@@ -223,15 +294,16 @@ def measure(srv: Server, pattern: str, rep: int, meta: dict[str, Any]) -> dict[s
             "prompt_tokens": s["prompt_tokens"], "host_hit_tokens": s["host_hit_tokens"],
             "storage_hit_tokens": s["storage_hit_tokens"], "device_hit_tokens": s["device_hit_tokens"],
             "l3_bytes_written": dir_bytes(srv.l3_dir) - l3_before if srv.l3_dir else 0,
-            "l3_bytes_read": md.get("sglang:prefetched_tokens_total", 0.0) * bpt if srv.l3_dir else 0,
+            "l3_bytes_read": io1 - io0,  # measured: what the server's processes read
+            "l3_bytes_read_from_tokens": md.get("sglang:prefetched_tokens_total", 0.0) * bpt if srv.l3_dir else 0,
             "l3_prefetched_tokens": md.get("sglang:prefetched_tokens_total", 0.0),
             "l3_backup_tokens": md.get("sglang:backuped_tokens_total", 0.0), "wall_s": wall}
 
 
 def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and min..max over repeats per scenario x pattern x arm, and the ratio of means to bf16."""
-    keys = ("ttft_mean_s", "tpot_mean_s", "ttft_mean_storage_hit_s", "host_hit_tokens", "storage_hit_tokens",
-            "l3_bytes_written", "l3_bytes_read")
+    keys = ("ttft_mean_s", "tpot_mean_s", "ttft_mean_storage_hit_s", "ttft_mean_cold_s", "host_hit_tokens",
+            "storage_hit_tokens", "l3_bytes_written", "l3_bytes_read")
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["scenario"], r["pattern"], r["arm"]), []).append(r)
@@ -243,13 +315,24 @@ def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if vals:
                 row[k] = statistics.fmean(vals)
                 row[k + "_min"], row[k + "_max"] = min(vals), max(vals)
+        stages: dict[str, dict[str, float]] = {}
+        for r in rs:
+            for st, v in (r.get("l3_profile") or {}).items():
+                agg = stages.setdefault(st, {"calls": 0.0, "s": 0.0, "pages": 0.0})
+                for f in agg:
+                    agg[f] += v.get(f, 0) / len(rs)
+        if stages:
+            row["l3_profile"] = stages  # mean per repeat
         out.append(row)
     base = {(r["scenario"], r["pattern"]): r for r in out if r["arm"] == "bf16"}
     for r in out:
         b = base.get((r["scenario"], r["pattern"]))
-        for k in ("ttft_mean_s", "tpot_mean_s"):
+        for k, name in (("ttft_mean_s", "ttft"), ("tpot_mean_s", "tpot"), ("ttft_mean_storage_hit_s", "ttft_storage_hit")):
             if b and r.get(k) and b.get(k):
-                r[k.replace("_mean_s", "_vs_bf16")] = r[k] / b[k]
+                r[name + "_vs_bf16"] = r[k] / b[k]
+        for k in ("l3_bytes_written", "l3_bytes_read"):  # x fewer bytes than bf16 (same prompts)
+            if b and r.get(k) and b.get(k):
+                r[k + "_fewer_x"] = b[k] / r[k]
     return out
 
 
@@ -267,13 +350,25 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
               f"{r.get('tpot_vs_bf16', float('nan')):7.3f} {r.get('host_hit_tokens', 0):9.0f} "
               f"{r.get('storage_hit_tokens', 0):8.0f} "
               f"{r.get('l3_bytes_written', 0) / 1e9:5.2f}/{r.get('l3_bytes_read', 0) / 1e9:5.2f}")
+    prof = [r for r in rows if r.get("l3_profile")]
+    if not prof:
+        return
+    stages = sorted({st for r in prof for st in r["l3_profile"]})
+    print("\nL3 stages, ms per phase (mean over repeats; pages in brackets)")
+    print(f"{'pattern':10} {'arm':11} " + " ".join(f"{st:>18}" for st in stages))
+    for r in prof:
+        cells = []
+        for st in stages:
+            v = r["l3_profile"].get(st)
+            cells.append(f"{v['s'] * 1e3:10.1f} [{v['pages']:5.0f}]" if v else f"{'-':>18}")
+        print(f"{r['pattern']:10} {r['arm']:11} " + " ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), required=True)
     ap.add_argument("--arms", default="", help="comma-separated (default: the scenario's arms)")
-    ap.add_argument("--patterns", default=",".join(PATTERNS))
+    ap.add_argument("--patterns", default="", help="comma-separated (default: the scenario's patterns)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "/tmp/kvtq_out"))
     ap.add_argument("--work-dir", default="/tmp/kvtq_e2e_work")
@@ -289,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(a.out_dir, exist_ok=True)
     os.makedirs(a.work_dir, exist_ok=True)
     arms = [x for x in a.arms.split(",") if x] or list(SCENARIOS[a.scenario]["arms"])
-    patterns = [p for p in a.patterns.split(",") if p]
+    patterns = [p for p in a.patterns.split(",") if p] or list(SCENARIOS[a.scenario]["patterns"])
+    if "l3hit" in patterns and a.scenario != "l3":
+        raise SystemExit("bench_e2e: pattern l3hit needs scenario l3 (an L3 backend)")
     gpu = gpu_name()
     from importlib.metadata import version
 

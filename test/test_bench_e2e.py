@@ -88,3 +88,24 @@ def test_server_flags_parse_on_the_installed_release():
             assert not ns.disable_cuda_graph
             assert ns.enable_hierarchical_cache == (arm != "none")
             assert ns.enable_kvtuner_hicache == (arm == "kv4")
+
+
+def test_l3hit_sends_each_document_twice_around_a_flush(fake_url, tmp_path):
+    """Phase 1 stores the documents, the flush empties L1/L2, phase 2 (the measured one) sends the same
+    documents with other suffixes, one at a time; only phase 2's requests are in the record."""
+    srv = be.Server.__new__(be.Server)
+    srv.url, srv.scenario, srv.arm, srv.l3_dir, srv.profile = fake_url, "l3", "kv4", str(tmp_path), None
+    rec = be.measure(srv, "l3hit", 0, {"gpu": "fake", "sglang_version": "0", "host_bytes_per_token": 16192})
+    n, length = be.L3HIT_DOCS, be.L3HIT_DOC_TOKENS + be.L3HIT_SUFFIX
+    assert FakeSGLang.flushed == 2 and rec["requests"] == n and rec["errors"] == 0
+    assert FakeSGLang.prompts == [length] * (2 * n)
+    assert rec["prompt_tokens"] == n * length and rec["ttft_mean_cold_s"] > 0
+    docs = be.trace("l3hit", be.PATTERNS.index("l3hit"))
+    assert len(docs) == n and all(len(d) == be.L3HIT_DOC_TOKENS for d in docs)
+
+
+def test_arm_variants_keep_their_base_flags():
+    assert be.server_args("/m", "l3", "kv4_sglread", ".stage") == be.server_args("/m", "l3", "kv4", ".stage")
+    assert be.ARM_VARIANTS["kv4_sglread"][1] == {"KVTQ_L3_IN_POOL_READS": "0"}
+    with pytest.raises(SystemExit):
+        be.main(["--scenario", "l2", "--patterns", "l3hit", "--reps", "0"])

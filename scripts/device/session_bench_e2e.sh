@@ -24,7 +24,7 @@ export SGLANG_RELEASE SITE
 tail -3 "$OUT/setup.log"
 left=$(( ${BUDGET:-430} - ($(date +%s) - t0) ))
 PYTHONPATH=$SITE PYTHONUNBUFFERED=1 python3 benchmark/bench_e2e.py --scenario "$SCENARIO" --reps "${REPS:-3}" \
-  --budget "$left" --out-dir "$OUT" --work-dir "$WORK" 2>&1 | tee "$OUT/run.log" | tail -60
+  --budget "$left" --out-dir "$OUT" --work-dir "$WORK" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/run.log" | tail -60
 rc=${PIPESTATUS[0]}
 for f in "$WORK"/server_*.log; do
   grep -E "kvtuner_hicache|Allocating|Capture cuda graph|error|Error|Traceback" "$f" | head -40 > "$f.head"
