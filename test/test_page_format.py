@@ -186,3 +186,23 @@ def test_format_1_pages_are_rejected_never_misread():
 def test_crc32c_is_the_castagnoli_polynomial():
     assert crc32c(b"123456789") == 0xE3069283  # the standard check value
     assert crc32c(b"6789", crc32c(b"12345")) == 0xE3069283
+
+
+def test_batch_check_finds_the_first_bad_page_whatever_kind():
+    """CRCs of a batch run in parallel; the verdict is still the first bad page in order."""
+    from kvtuner_hicache.page_format import page_crc, page_crcs
+
+    shape = KVShape.mha(2, 2, 64)
+    lay = PageLayout(QuantConfig(), shape, 64)
+    pages = [_sealed_page(lay, shape, MODEL, KEY) for _ in range(9)]
+    assert page_crcs([memoryview(p) for p in pages]) == [page_crc(p) for p in pages]
+    assert lay.first_bad_page(pages, [KEY] * 9, MODEL) is None
+    crc_bad = [bytearray(p) for p in pages]
+    crc_bad[6][HEADER_BYTES + 5] ^= 0x01  # a payload flip: checksum
+    assert lay.first_bad_page(crc_bad, [KEY] * 9, MODEL) == (6, "checksum mismatch")
+    keys = [KEY] * 9
+    keys[7] = key_digest("b" * 64)  # a later header problem does not hide the earlier checksum one
+    assert lay.first_bad_page(crc_bad, keys, MODEL) == (6, "checksum mismatch")
+    keys[3] = key_digest("c" * 64)  # an earlier header problem wins over the later checksum
+    assert lay.first_bad_page(crc_bad, keys, MODEL) == (3, "stored under another key")
+    assert lay.first_bad_page(pages[:4] + [pages[4][:100]], [KEY] * 5, MODEL) == (4, f"size 100 != {lay.page_bytes}")

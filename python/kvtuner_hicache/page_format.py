@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -81,6 +84,23 @@ def page_crc(page: Any) -> int:
     """CRC32C of a whole page except the 4-byte CRC field (`page`: any contiguous bytes-like object)."""
     mv = memoryview(page).cast("B")
     return crc32c(mv[HEADER_BYTES:], crc32c(mv[:HEADER_CRC_OFFSET]))
+
+
+_CRC_WORKERS = max(1, min(4, os.cpu_count() or 1))  # the crc32c package releases the GIL on large buffers
+_crc_pool: ThreadPoolExecutor | None = None
+_crc_pool_lock = threading.Lock()
+
+
+def page_crcs(pages: Sequence[memoryview]) -> list[int]:
+    """`page_crc` of each page; a batch is spread over up to 4 threads (one core runs CRC32C at
+    about 7-13 GB/s, a storage batch of 128 KV4 pages is 130 MB)."""
+    if len(pages) < 2 or _CRC_WORKERS == 1:
+        return [page_crc(p) for p in pages]
+    global _crc_pool
+    with _crc_pool_lock:
+        if _crc_pool is None:
+            _crc_pool = ThreadPoolExecutor(_CRC_WORKERS, thread_name_prefix="kvtq-crc")
+    return list(_crc_pool.map(page_crc, pages, chunksize=max(1, len(pages) // (4 * _CRC_WORKERS))))
 
 
 def _align(n: int) -> int:
@@ -251,23 +271,29 @@ class PageLayout:
     def first_bad_page(self, pages: Sequence[Any], keys: Sequence[bytes], model: bytes) -> tuple[int, str] | None:
         """Check a batch of pages read for `keys` (key digests): (index, reason) of the first bad one.
 
-        The expected header is built once per batch; each page then costs one 124-byte compare and
-        one CRC32C pass over its bytes (zero-copy memoryviews), in order, stopping at the first bad.
+        The expected header is built once per batch; each page then costs one 124-byte compare (in
+        order, up to the first bad header) and one CRC32C pass over its bytes (zero-copy
+        memoryviews, the pages of a batch in parallel: `page_crcs`); the first bad page wins.
         """
         template = bytearray(self.header(model=model)[:HEADER_CRC_OFFSET])
         size = self.page_bytes
         k0, k1 = KEY_DIGEST_OFFSET, KEY_DIGEST_OFFSET + DIGEST_BYTES
+        views: list[memoryview] = []
+        header_bad: tuple[int, str] | None = None
         for i, (page, key) in enumerate(zip(pages, keys, strict=True)):
             mv = memoryview(page).cast("B")
             if len(mv) != size:
-                return i, f"size {len(mv)} != {size}"
+                header_bad = (i, f"size {len(mv)} != {size}")
+                break
             template[k0:k1] = key
             if mv[:HEADER_CRC_OFFSET] != template:
-                return i, self._check_header(mv, model, key) or "header corrupt"
-            reason = self._check_crc(mv)
-            if reason:
-                return i, reason
-        return None
+                header_bad = (i, self._check_header(mv, model, key) or "header corrupt")
+                break
+            views.append(mv)
+        for i, (mv, crc) in enumerate(zip(views, page_crcs(views), strict=True)):
+            if crc != struct.unpack_from("<I", mv, HEADER_CRC_OFFSET)[0]:
+                return i, "checksum mismatch"
+        return header_bad
 
     def _check_header(self, mv: memoryview, model: bytes | None, key: bytes | None) -> str | None:
         magic, ver = _VERSION.unpack_from(mv, 0)
@@ -304,4 +330,4 @@ def layout_for(cfg: QuantConfig, shape: KVShape, page_size: int) -> PageLayout:
 
 
 __all__ = ["AXIS_PER_CHANNEL", "ALIGN", "ChunkSpec", "FORMAT_VERSION", "HEADER_BYTES", "HEADER_CRC_OFFSET", "NO_DIGEST",
-           "PageLayout", "StreamSpec", "crc32c", "key_digest", "layout_for", "model_digest", "page_crc"]
+           "PageLayout", "StreamSpec", "crc32c", "key_digest", "layout_for", "model_digest", "page_crc", "page_crcs"]

@@ -155,3 +155,22 @@ def test_profiler_times_the_stages_of_both_pools(kvtq_hooks, file_dir, tmp_path,
         finally:
             rig.close()
     assert len(list(tmp_path.glob("prof.*.json"))) == 1 and os.getpid() > 0
+
+
+def test_write_pages_puts_each_row_at_its_page_whatever_the_order(kvtq_hooks, file_dir):
+    """Runs of consecutive ids become one slice copy each; scattered and reversed ids still land right."""
+    rig = _rig(H.KV4)
+    try:
+        pool = rig.host
+        n_pages = pool.pages.shape[0]
+        ids = [3, 4, 5, 9, 2, 11, 10, 0]
+        assert max(ids) < n_pages
+        rows = torch.randint(0, 256, (len(ids), pool.page_layout.page_bytes), dtype=torch.uint8)
+        pool.pages.zero_()
+        pool.kvtq_write_pages(torch.tensor(ids, dtype=torch.int64), rows)
+        for i, p in enumerate(ids):
+            assert torch.equal(pool.pages[p], rows[i]), p
+        untouched = sorted(set(range(n_pages)) - set(ids))
+        assert not pool.pages[untouched].any()
+    finally:
+        rig.close()

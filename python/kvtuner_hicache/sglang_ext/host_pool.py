@@ -235,9 +235,17 @@ class _QuantizedHostPool(HostKVCache):
         return self.kv_buffer.data_ptr() % page_size_bytes == 0 and self.row_stride % page_size_bytes == 0
 
     def kvtq_write_pages(self, page_ids: torch.Tensor, rows: torch.Tensor) -> None:
-        """Verified L3 pages (`rows`: uint8[n, page_bytes]) into host pages `page_ids` (int64, CPU), one copy."""
-        self.pages.index_copy_(0, page_ids, rows)
-        self.codec.pages_written(page_ids.tolist())  # as set_from_flat_data_page does, per batch
+        """Verified L3 pages (`rows`: uint8[n, page_bytes]) into host pages `page_ids` (int64, CPU).
+
+        One slice copy per run of consecutive page ids (the allocator hands out runs): memcpy speed,
+        where index_copy_ measured 10x slower on uint8 rows."""
+        ids = page_ids.tolist()
+        start = 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or ids[i] != ids[i - 1] + 1:
+                self.pages[ids[start]: ids[start] + i - start].copy_(rows[start:i])
+                start = i
+        self.codec.pages_written(ids)  # as set_from_flat_data_page does, per batch
 
     def kvtq_page_ids(self, host_indices) -> list[int]:
         """Page ids of host token slots given page by page (the storage proxy uses this)."""
