@@ -206,3 +206,18 @@ def test_batch_check_finds_the_first_bad_page_whatever_kind():
     keys[3] = key_digest("c" * 64)  # an earlier header problem wins over the later checksum
     assert lay.first_bad_page(crc_bad, keys, MODEL) == (3, "stored under another key")
     assert lay.first_bad_page(pages[:4] + [pages[4][:100]], [KEY] * 5, MODEL) == (4, f"size 100 != {lay.page_bytes}")
+
+
+def test_batch_seal_equals_page_by_page_seal():
+    from kvtuner_hicache.page_format import key_digest as kd
+
+    shape = KVShape.mha(2, 2, 64)
+    lay = PageLayout(QuantConfig(), shape, 64)
+    one = [_sealed_page(lay, shape, MODEL, KEY) for _ in range(5)]
+    many = [bytearray(p) for p in one]
+    keys = [kd(f"k{i}") for i in range(5)]
+    for p, k in zip(one, keys, strict=True):
+        lay.seal(p, MODEL, k)
+    lay.seal_pages(many, MODEL, keys)
+    assert many == one
+    assert lay.first_bad_page(many, keys, MODEL) is None

@@ -269,6 +269,15 @@ class PageLayout:
         mv[HEADER_CRC_OFFSET:HEADER_BYTES] = struct.pack("<I", crc)
         return crc
 
+    def seal_pages(self, pages: Sequence[Any], model: bytes, keys: Sequence[bytes]) -> None:
+        """`seal` for a batch: the digests page by page, the CRCs in parallel (`page_crcs`)."""
+        views = [memoryview(p).cast("B") for p in pages]
+        for mv, key in zip(views, keys, strict=True):
+            mv[MODEL_DIGEST_OFFSET:MODEL_DIGEST_OFFSET + DIGEST_BYTES] = model
+            mv[KEY_DIGEST_OFFSET:KEY_DIGEST_OFFSET + DIGEST_BYTES] = key
+        for mv, crc in zip(views, page_crcs(views), strict=True):
+            struct.pack_into("<I", mv, HEADER_CRC_OFFSET, crc)
+
     def check_page(self, page: Any, verify_crc: bool = True, model: bytes | None = None,
                    key: bytes | None = None) -> str | None:
         """None when `page` is a valid page of this layout, else the reason it is not.

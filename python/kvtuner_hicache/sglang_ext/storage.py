@@ -309,6 +309,13 @@ class KVTQStorageProxy(HiCacheStorage):
     def _seal(self, key: str, page: torch.Tensor) -> None:
         self.layout.seal(_page_view(page), self.model_digest, key_digest(key))
 
+    def _seal_all(self, keys: list[str], pages: list[torch.Tensor]) -> None:
+        """Seal the pages of our keys in one batch (their CRCs in parallel)."""
+        ours = [(k, p) for k, p in zip(keys, pages, strict=False) if self._checked(k)]
+        if ours:
+            self.layout.seal_pages([_page_view(p) for _, p in ours], self.model_digest,
+                                   [key_digest(k) for k, _ in ours])
+
     def _first_bad(self, keys: list[str], pages: list[memoryview]) -> tuple[int, str] | None:
         n = len(pages)
         checked = n if self.layout is not None else 0
@@ -416,9 +423,7 @@ class KVTQStorageProxy(HiCacheStorage):
         nkeys = self._namespaced_all(keys)
         try:
             if values is not None:
-                for key, value in zip(keys, values, strict=False):
-                    if self._checked(key):
-                        self._seal(key, value)
+                self._seal_all(keys, list(values))
         except Exception:
             logger.exception("kvtuner_hicache: sealing L3 pages failed; not writing them")
             return False
@@ -457,9 +462,7 @@ class KVTQStorageProxy(HiCacheStorage):
             return [False] * len(keys)
         try:
             if self.layout is not None:
-                for key, pid in zip(keys, self.pool.kvtq_page_ids(host_indices), strict=False):
-                    if self._checked(key):
-                        self._seal(key, self.pool.pages[pid])
+                self._seal_all(keys, [self.pool.pages[pid] for pid in self.pool.kvtq_page_ids(host_indices)])
             nkeys = self._namespaced_all(keys)
             results = list(self.inner.batch_set_v1(nkeys, host_indices, self._namespaced_info(extra_info)))
         except Exception as e:
