@@ -22,6 +22,9 @@ Contract (installed by the plugin's `attach_storage_backend` hook, releases 0.5.
   deadline the staging buffer is dropped (the late read may still be writing into it).
 - Progress follows the era: a returned page count (0.5.19+), or `operation.increment(tokens)`
   (0.5.17, 0.5.18), as SGLang's own reader of that release reports it.
+- Memory: the staging buffer grows to the largest batch read, at most SGLang's STORAGE_BATCH_SIZE
+  (128) pages per controller (132 MB for KV4 pages of Qwen2.5-7B), unpinned; SGLang's reader
+  allocates a pinned page per key of every batch instead.
 - Called from the controller's prefetch I/O thread; a lock guards the staging buffer regardless.
 """
 
@@ -37,7 +40,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV_IN_POOL_READS = "KVTQ_L3_IN_POOL_READS"  # "0": keep SGLang's generic reader for our pools
-_STAGING_PAGES = 128  # SGLang's STORAGE_BATCH_SIZE in every supported release; grows if a batch is larger
 
 
 class InPoolReader:
@@ -53,8 +55,8 @@ class InPoolReader:
         self._lock = threading.Lock()
 
     def _rows(self, n: int) -> torch.Tensor:
-        if self._staging is None or self._staging.shape[0] < n:
-            self._staging = torch.empty((max(n, _STAGING_PAGES), self.page_bytes), dtype=torch.uint8)
+        if self._staging is None or self._staging.shape[0] < n:  # grows to the largest batch seen
+            self._staging = torch.empty((n, self.page_bytes), dtype=torch.uint8)
         return self._staging[:n]
 
     def __call__(self, operation: Any, hash_values: list[str], host_indices: torch.Tensor,
