@@ -126,7 +126,7 @@ def trace(pattern: str, seed: int) -> list[list[int]]:
                 s += toks(256)
                 out.append(list(s))
         return out
-    if pattern == "l3hit":  # the documents; measure_l3hit adds the suffixes
+    if pattern == "l3hit":  # the documents; measure() adds a fresh suffix per phase
         return [toks(L3HIT_DOC_TOKENS) for _ in range(L3HIT_DOCS)]
     raise ValueError(pattern)
 
@@ -265,15 +265,19 @@ def measure(srv: Server, pattern: str, rep: int, meta: dict[str, Any]) -> dict[s
     flush(srv.url)
     prompts = trace(pattern, rep * 1000 + PATTERNS.index(pattern))
     rng = random.Random(rep * 1000 + 99)
+
+    def with_suffix(docs: list[list[int]]) -> list[list[int]]:
+        return [d + [rng.randrange(*VOCAB) for _ in range(L3HIT_SUFFIX)] for d in docs]
+
     l3_before = dir_bytes(srv.l3_dir)
     cold: dict[str, Any] = {}
     if pattern == "l3hit":  # phase 1: each document once, into L3; then L1 and L2 are emptied
-        warm, _ = run_trace(srv.url, [d + [rng.randrange(*VOCAB) for _ in range(L3HIT_SUFFIX)] for d in prompts], 1)
+        warm, _ = run_trace(srv.url, with_suffix(prompts), 1)
         ok = [r.ttft_s for r in warm if not r.error]
         cold = {"ttft_mean_cold_s": statistics.fmean(ok) if ok else None,
                 "l3_bytes_after_warm": l3_settled(srv.l3_dir) - l3_before}
         flush(srv.url)
-        prompts = [d + [rng.randrange(*VOCAB) for _ in range(L3HIT_SUFFIX)] for d in prompts]
+        prompts = with_suffix(prompts)
     p0 = profile_totals(srv)
     pgid = srv.proc.pid if getattr(srv, "proc", None) and srv.l3_dir else None
     io0 = group_read_bytes(pgid)

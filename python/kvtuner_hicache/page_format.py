@@ -98,7 +98,7 @@ def page_crcs(pages: Sequence[memoryview]) -> list[int]:
     costs a wait when the server's busy scheduler thread holds it."""
     n = len(pages)
     if n < 2 or _CRC_WORKERS == 1:
-        return [page_crc(p) for p in pages]
+        return _share_crcs(pages)
     global _crc_pool
     with _crc_pool_lock:
         if _crc_pool is None:
@@ -262,12 +262,8 @@ class PageLayout:
         `page` is a writable, contiguous bytes-like object of `page_bytes` bytes (a numpy view of
         the host page). The layout part of the header is left as the encoder wrote it.
         """
-        mv = memoryview(page).cast("B")
-        mv[MODEL_DIGEST_OFFSET:MODEL_DIGEST_OFFSET + DIGEST_BYTES] = model
-        mv[KEY_DIGEST_OFFSET:KEY_DIGEST_OFFSET + DIGEST_BYTES] = key
-        crc = page_crc(mv)
-        mv[HEADER_CRC_OFFSET:HEADER_BYTES] = struct.pack("<I", crc)
-        return crc
+        self.seal_pages([page], model, [key])
+        return struct.unpack_from("<I", memoryview(page).cast("B"), HEADER_CRC_OFFSET)[0]
 
     def seal_pages(self, pages: Sequence[Any], model: bytes, keys: Sequence[bytes]) -> None:
         """`seal` for a batch: the digests page by page, the CRCs in parallel (`page_crcs`)."""
