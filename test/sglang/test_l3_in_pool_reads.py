@@ -167,7 +167,7 @@ def test_write_pages_puts_each_row_at_its_page_whatever_the_order(kvtq_hooks, fi
         assert max(ids) < n_pages
         rows = torch.randint(0, 256, (len(ids), pool.page_layout.page_bytes), dtype=torch.uint8)
         pool.pages.zero_()
-        pool.kvtq_write_pages(torch.tensor(ids, dtype=torch.int64), rows)
+        pool.kvtq_write_pages(ids, rows)
         for i, p in enumerate(ids):
             assert torch.equal(pool.pages[p], rows[i]), p
         untouched = sorted(set(range(n_pages)) - set(ids))

@@ -202,10 +202,10 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         with self.lock:
             self.planes.touch([int(index) // self.page_size])
 
-    def kvtq_write_pages(self, page_ids: torch.Tensor, rows: torch.Tensor) -> None:
-        super().kvtq_write_pages(page_ids, rows)
+    def kvtq_write_pages(self, ids: list[int], rows: torch.Tensor) -> None:
+        super().kvtq_write_pages(ids, rows)
         with self.lock:
-            self.planes.touch(page_ids.tolist())
+            self.planes.touch(ids)
 
     # ---- visibility --------------------------------------------------------------------------------
 

@@ -87,8 +87,7 @@ class InPoolReader:
         if n == 0 or operation.is_terminated():
             return 0
         ps = self.page_size
-        page_ids = torch.as_tensor(self.pool.kvtq_page_ids(host_indices[: n * ps]), dtype=torch.int64)
-        self.pool.kvtq_write_pages(page_ids, rows[:n])
+        self.pool.kvtq_write_pages(self.pool.kvtq_page_ids(host_indices[: n * ps]), rows[:n])
         return n
 
 

@@ -306,9 +306,6 @@ class KVTQStorageProxy(HiCacheStorage):
                 if good and self._bad.get(nkey):
                     del self._bad[nkey]
 
-    def _seal(self, key: str, page: torch.Tensor) -> None:
-        self.layout.seal(_page_view(page), self.model_digest, key_digest(key))
-
     def _seal_all(self, keys: list[str], pages: list[torch.Tensor]) -> None:
         """Seal the pages of our keys in one batch (their CRCs in parallel)."""
         ours = [(k, p) for k, p in zip(keys, pages, strict=False) if self._checked(k)]
@@ -405,8 +402,8 @@ class KVTQStorageProxy(HiCacheStorage):
     def set(self, key, value=None, target_location=None, target_sizes=None) -> bool:
         nkey = self._namespaced(key)
         try:
-            if value is not None and self._checked(key):
-                self._seal(key, value)
+            if value is not None:
+                self._seal_all([key], [value])
         except Exception:
             logger.exception("kvtuner_hicache: sealing L3 page %s failed; not writing it", key)
             return False
