@@ -81,6 +81,48 @@ def test_reference_codec_roundtrip_matches_reference(mla):
     c2.shutdown()
 
 
+def test_reference_codec_planes_are_the_elastic_reference():
+    """ReferenceCodec's `planes` argument (what the native kernels are compared against on the GPU): a page
+    with both planes loads exactly as elastic_pages.roundtrip_top reconstructs it, a page without loads
+    its floor (the fixed decode), and nothing outside the given plane spans is written."""
+    from kvtuner_hicache.quant.elastic_pages import RefinementLayout, roundtrip_top
+
+    layout = PageLayout(QuantConfig(q_group_size=16), KVShape.mha(3, 2, 64), PS)
+    rl = RefinementLayout(layout)
+    n = 3
+    bufs = _pool(layout, n * PS, seed=4)
+    half = -(-max(rl.plane_bytes.values()) // 128) * 128
+    stride = -(-max(layout.page_bytes, 2 * half) // 4096) * 4096
+    buf = torch.full((2 * n + 1, stride), 0x5A, dtype=torch.uint8)
+    pages = buf[:, : layout.page_bytes]
+    planes = torch.full((2, n), -1, dtype=torch.int64)
+    planes[:, 0] = torch.tensor([n * stride, n * stride + half])  # page 0: both planes, one row
+    planes[1, 2] = (n + 1) * stride  # page 2: the value plane only; page 1: none
+    c = ReferenceCodec(layout, DeviceKV.from_lists(bufs), pages)
+    ids = torch.tensor([2, 0, 1])  # host rows out of order
+    rows = torch.arange(n * PS)
+    c.backup(ids, rows, planes[:, [0, 1, 2]])
+    assert (buf[2 * n] == 0x5A).all() and (buf[n + 1, half:] == 0x5A).all(), "wrote outside the plane spans"
+    out = [[torch.zeros_like(t) for t in per] for per in bufs]
+    floor = [[torch.zeros_like(t) for t in per] for per in bufs]
+    load = ReferenceCodec(layout, DeviceKV.from_lists(out), pages)
+    fixed = ReferenceCodec(layout, DeviceKV.from_lists(floor), pages)
+    for layer in range(layout.num_layers):
+        load.load_layer(layer, ids, rows, planes)
+        fixed.load_layer(layer, ids, rows)
+    top = roundtrip_top(layout, bufs)
+    for b in range(2):
+        for layer in range(layout.num_layers):
+            p0 = slice(0, PS)
+            assert torch.equal(out[b][layer][p0], top[b][layer][p0]), (b, layer)  # both planes
+            assert torch.equal(out[b][layer][PS:2 * PS], floor[b][layer][PS:2 * PS])  # no plane: the floor
+            want = top if b == 1 else floor  # page 2 has only its value plane
+            assert torch.equal(out[b][layer][2 * PS:], want[b][layer][2 * PS:]), (b, layer)
+    assert not torch.equal(out[1][0][:PS], floor[1][0][:PS]), "the plane changed nothing"
+    with pytest.raises(IndexError, match="refinement plane offset"):
+        c.backup(ids, rows, torch.full((2, n), buf.numel() - 8, dtype=torch.int64))
+
+
 def test_device_kv_reads_the_owner_live():
     lay = _layout()
     pool = FakeMHAPool(_pool(lay, 4 * PS))

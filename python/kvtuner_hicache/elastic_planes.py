@@ -20,6 +20,7 @@ under its lock):
   until enough rows are free or no plane is left. Pages at the floor are never touched here:
   evicting them is SGLang's decision once every page is at the floor.
 - `drop(pages)` forgets freed pages (their planes go, no demotion counted).
+- `version` changes whenever any (page, stream) -> slot mapping does, so a reader may cache slot lookups.
 
 Recency is a counter, not a clock; a stale heap entry (page touched again, plane gone) is skipped
 when popped, so every operation is O(log n) amortised.
@@ -74,6 +75,7 @@ class PlaneTable:
 
     def clear(self) -> None:
         """Forget everything (the pool's rows were all freed by SGLang's clear)."""
+        self.version = getattr(self, "version", 0) + 1  # changes whenever any page's plane slot does
         self._slot: dict[tuple[int, int], Slot] = {}  # (page, stream) -> slot; only _set/_unset write it
         self._held: dict[int, tuple[int, ...]] = {}  # page -> the streams it holds planes of (pages with >= 1)
         self.census: Counter[tuple[int, ...]] = Counter()  # streams held -> pages (kept as planes come and go)
@@ -106,11 +108,13 @@ class PlaneTable:
 
     def _set(self, owner: tuple[int, int], slot: Slot) -> None:
         self._slot[owner] = slot
+        self.version += 1
         self._recount(owner[0])
 
     def _unset(self, owner: tuple[int, int]) -> Slot | None:
         slot = self._slot.pop(owner, None)
         if slot is not None:
+            self.version += 1
             self._recount(owner[0])
         return slot
 

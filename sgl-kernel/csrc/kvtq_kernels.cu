@@ -123,6 +123,29 @@ __device__ __forceinline__ float dequant(uint32_t u, float s, float m, bool asym
   return __fmul_rn(__fsub_rn((float)u, (float)(1 << (BITS - 1))), s);
 }
 
+// Dequantize a code given as fp32 (an integer code, or an elastic code c + (2r + 1 - 2^b) / 2^(b+1),
+// exact in fp32): the same two roundings as dequant.
+template <int BITS>
+__device__ __forceinline__ float dequant_f(float u, float s, float m, bool asym) {
+  if (asym) return __fadd_rn(__fmul_rn(u, s), m);
+  return __fmul_rn(__fsub_rn(u, (float)(1 << (BITS - 1))), s);
+}
+
+// The refinement code of an elastic page (elastic.quantize_embedded): t = RN((x - m) / s) (0 when s == 0),
+// r = clamp(floor(RN(RN(t - c) + 1/2) * 2^bits), 0, 2^bits - 1) for the clamped direct code c. Asym only.
+__device__ __forceinline__ uint32_t refine_code(float x, const QP& q, uint32_t c, int bits) {
+  const float t = q.s > 0.f ? __fdiv_rn(__fsub_rn(x, q.m), q.s) : 0.f;
+  const float cells = (float)(1 << bits);
+  const float f = floorf(__fmul_rn(__fadd_rn(__fsub_rn(t, (float)c), 0.5f), cells));
+  return (uint32_t)fminf(fmaxf(f, 0.f), cells - 1.f);
+}
+
+// r codes -> the fp32 offset added to the floor code: (2r + 1 - 2^bits) / 2^(bits+1), exact.
+template <int BITS>
+__device__ __forceinline__ float refine_offset(uint32_t r) {
+  return ((float)(int)(2 * r + 1) - (float)(1 << BITS)) * (1.f / (float)(2 << BITS));
+}
+
 // 8 codes -> `bits` bytes, element e at bit e * bits (little-endian inside the word).
 __device__ __forceinline__ void store_codes8(uint8_t* dst, const uint32_t u[8], int bits) {
   if (bits == 8) {
@@ -184,6 +207,19 @@ __device__ __noinline__ void report_error(const ErrorSink& e, int code, int64_t 
 
 __device__ __forceinline__ bool bad_index(int64_t v, int64_t bound) { return (uint64_t)v >= (uint64_t)bound; }
 
+// Where page p's refinement codes of chunk c go, or nullptr (no planes in this launch, a chunk without
+// one, a page admitted at its floor, or an offset out of range: reported, nothing written).
+__device__ __forceinline__ uint8_t* plane_out(const EncodeArgs& A, const ChunkDesc& c, int p) {
+  if (A.plane_base == nullptr || c.plane_stream < 0) return nullptr;
+  const int64_t off = A.plane_dst[(int64_t)c.plane_stream * A.plane_n + p];
+  if (off < 0) return nullptr;
+  if (off > A.plane_bound - c.plane_off - c.codes_bytes) {
+    if (threadIdx.x == 0) report_error(A.err, kErrEncodePlane, off, A.plane_bound);
+    return nullptr;
+  }
+  return A.plane_base + off + c.plane_off;
+}
+
 // ---- encode -------------------------------------------------------------------------------------
 
 struct EncShared {
@@ -198,8 +234,8 @@ struct EncShared {
 
 // Groups smaller than one 8-element item (G = 2 or 4), fully unrolled.
 template <int GS>
-__device__ __forceinline__ void small_groups(const float v[8], uint32_t code[8], uint8_t* chunk, const ChunkDesc& c, int i,
-                                             bool asym) {
+__device__ __forceinline__ void small_groups(const float v[8], uint32_t code[8], uint32_t* rcode, uint8_t* chunk,
+                                             const ChunkDesc& c, int i, bool asym) {
 #pragma unroll
   for (int g0 = 0; g0 < 8; g0 += GS) {
     float mn = v[g0], mx = v[g0];
@@ -209,12 +245,16 @@ __device__ __forceinline__ void small_groups(const float v[8], uint32_t code[8],
     put_meta(chunk, c, ((int64_t)i * 8 + g0) / GS, q);
 #pragma unroll
     for (int e = 0; e < GS; ++e) code[g0 + e] = quant(v[g0 + e], q, c.bits, asym);
+    if (rcode != nullptr) {
+#pragma unroll
+      for (int e = 0; e < GS; ++e) rcode[g0 + e] = refine_code(v[g0 + e], q, code[g0 + e], c.bits);
+    }
   }
 }
 
 // Per-token groups (axis 0): group = G consecutive elements of one (token, head).
 // Unit = kEncItemsPerUnit consecutive 8-element items of the chunk's [page_size, width] plane.
-template <typename T>
+template <typename T, bool PLANES>
 __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDesc& c, int p, int u, uint8_t* chunk, EncShared& sh) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int W8 = c.width >> 3;
@@ -226,6 +266,7 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
   const int64_t* tok = A.token_index + (int64_t)p * A.page_size;
   const int G = c.group, bits = c.bits;
   const bool asym = c.asym != 0;
+  uint8_t* rplane = PLANES ? plane_out(A, c, p) : nullptr;
 
   uint4 raw[kEncItemsPerThread];
 #pragma unroll
@@ -274,11 +315,20 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
         for (int e = 0; e < 8; ++e) code[e] = quant(v[e], q, bits, asym);
         store_codes8(chunk + (int64_t)i * bits, code, bits);
         if ((i & (lanes - 1)) == 0) put_meta(chunk, c, ((int64_t)i * 8) / G, q);
+        if (rplane != nullptr) {
+          uint32_t r[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) r[e] = refine_code(v[e], q, code[e], bits);
+          store_codes8(rplane + (int64_t)i * bits, r, bits);
+        }
       }
     } else if (valid) {  // G in {2, 4}: 8 / G whole groups per item
-      if (G == 4) small_groups<4>(v, code, chunk, c, i, asym);
-      else small_groups<2>(v, code, chunk, c, i, asym);
+      uint32_t r[8];
+      uint32_t* rp = rplane != nullptr ? r : nullptr;
+      if (G == 4) small_groups<4>(v, code, rp, chunk, c, i, asym);
+      else small_groups<2>(v, code, rp, chunk, c, i, asym);
       store_codes8(chunk + (int64_t)i * bits, code, bits);
+      if (rp != nullptr) store_codes8(rplane + (int64_t)i * bits, r, bits);
     }
   }
 }
@@ -286,7 +336,7 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
 // Per-channel groups (axis 1): group = G consecutive tokens of one (head, channel).
 // Unit = (token tile of G tokens, block of kc 8-column items). Thread (kc_i, tr) holds rows
 // tr, tr + TR, ... of its 8 columns; column min/max are reduced through shared memory.
-template <typename T>
+template <typename T, bool PLANES>
 __device__ __forceinline__ void encode_axis1(const EncodeArgs& A, const ChunkDesc& c, int p, int u, uint8_t* chunk, EncShared& sh) {
   const int tid = threadIdx.x;
   const int KC = c.kc;
@@ -309,6 +359,7 @@ __device__ __forceinline__ void encode_axis1(const EncodeArgs& A, const ChunkDes
   const int64_t hs = c.buffer ? A.head_stride[1] : A.head_stride[0];
   const int64_t nrows = c.buffer ? A.rows[1] : A.rows[0];
   const int64_t* tok = A.token_index + (int64_t)p * A.page_size + t0;
+  uint8_t* rplane = PLANES ? plane_out(A, c, p) : nullptr;
 
   uint4 raw[kEncMaxTokensPerThread];
 #pragma unroll
@@ -372,7 +423,14 @@ __device__ __forceinline__ void encode_axis1(const EncodeArgs& A, const ChunkDes
         uint32_t code[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) code[e] = quant(v[e], q[e], bits, asym);
-        store_codes8(chunk + ((int64_t)(t0 + t) * W8 + k) * bits, code, bits);
+        const int64_t at = ((int64_t)(t0 + t) * W8 + k) * bits;
+        store_codes8(chunk + at, code, bits);
+        if (rplane != nullptr) {
+          uint32_t r[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) r[e] = refine_code(v[e], q[e], code[e], bits);
+          store_codes8(rplane + at, r, bits);
+        }
       }
     }
   }
@@ -382,7 +440,9 @@ __device__ __forceinline__ void zero_range(uint8_t* base, int a, int b) {
   for (int x = a + (int)threadIdx.x; x < b; x += kThreads) base[x] = 0;
 }
 
-template <typename T>
+// PLANES: the launch writes refinement planes (a separate instantiation, so that the fixed-page encode keeps
+// its register budget and occupancy).
+template <typename T, bool PLANES>
 __global__ void __launch_bounds__(kThreads) encode_kernel(const EncodeArgs A) {
   __shared__ __align__(16) EncShared sh;
   const int ua = blockIdx.x;
@@ -400,8 +460,8 @@ __global__ void __launch_bounds__(kThreads) encode_kernel(const EncodeArgs A) {
     zero_range(chunk, c.scale_off + ng2, c.asym ? c.min_off : c.nbytes);
     if (c.asym) zero_range(chunk, c.min_off + ng2, c.nbytes);
   }
-  if (c.axis == 0) encode_axis0<T>(A, c, p, u, chunk, sh);
-  else encode_axis1<T>(A, c, p, u, chunk, sh);
+  if (c.axis == 0) encode_axis0<T, PLANES>(A, c, p, u, chunk, sh);
+  else encode_axis1<T, PLANES>(A, c, p, u, chunk, sh);
 }
 
 // ---- decode -------------------------------------------------------------------------------------
@@ -416,10 +476,12 @@ struct UnitCtx {
   bool meta_vec;    // metadata range is 16-byte aligned
   bool valid;       // the page id is in range (else the unit reads and writes nothing)
   const uint8_t* codes;
+  const uint8_t* rcodes;  // elastic: this unit's refinement codes (nullptr: decode at the floor)
   const uint8_t* scale;
   const uint8_t* minp;
 };
 
+template <bool PLANES>
 __device__ __forceinline__ UnitCtx unit_ctx(const DecodeArgs& A, int unit) {
   UnitCtx x;
   x.p = unit / A.units_per_page;
@@ -448,11 +510,24 @@ __device__ __forceinline__ UnitCtx unit_ctx(const DecodeArgs& A, int unit) {
   x.scale = chunk + S.scale_off + 2 * (int64_t)x.m0;
   x.minp = chunk + S.min_off + 2 * (int64_t)x.m0;
   x.meta_vec = ((x.m0 | x.mcount) & 7) == 0;
+  x.rcodes = nullptr;
+  if (PLANES && S.refine && x.valid) {
+    const int64_t off = A.plane_src[(int64_t)x.s * A.n_pages + x.p];
+    const int64_t bound = A.num_pages * A.page_stride;
+    if (off >= 0) {
+      if (off > bound - S.plane_off - (int64_t)A.page_size * W * S.bits / 8) {
+        if (threadIdx.x == 0) report_error(A.err, kErrDecodePlane, off, bound);
+      } else {
+        x.rcodes = A.pages + off + S.plane_off + (int64_t)x.t0 * W * S.bits / 8;
+      }
+    }
+  }
   return x;
 }
 
 struct UnitRegs {
   uint4 c[kDecCodeWordsPerThread];
+  uint4 r[kDecCodeWordsPerThread];
   uint4 s[kDecMetaWordsPerThread];
   uint4 m[kDecMetaWordsPerThread];
 };
@@ -466,6 +541,13 @@ __device__ __forceinline__ void unit_load(const DecodeArgs& A, const UnitCtx& x,
   for (int j = 0; j < kDecCodeWordsPerThread; ++j) {
     const int w = tid + j * kThreads;
     if (w < x.nwords) R.c[j] = reinterpret_cast<const uint4*>(x.codes)[w];
+  }
+  if (x.rcodes != nullptr) {
+#pragma unroll
+    for (int j = 0; j < kDecCodeWordsPerThread; ++j) {
+      const int w = tid + j * kThreads;
+      if (w < x.nwords) R.r[j] = reinterpret_cast<const uint4*>(x.rcodes)[w];
+    }
   }
   if (x.meta_vec) {
     const int nmw = x.mcount >> 3;
@@ -481,7 +563,7 @@ __device__ __forceinline__ void unit_load(const DecodeArgs& A, const UnitCtx& x,
 }
 
 __device__ __forceinline__ void unit_stash(const DecodeArgs& A, const UnitCtx& x, const UnitRegs& R, uint8_t* s_codes,
-                                           uint16_t* s_scale, uint16_t* s_min) {
+                                           uint8_t* s_r, uint16_t* s_scale, uint16_t* s_min) {
   if (!x.valid) return;
   const int tid = threadIdx.x;
   const bool asym = (x.s ? A.st[1].asym : A.st[0].asym) != 0;
@@ -489,6 +571,13 @@ __device__ __forceinline__ void unit_stash(const DecodeArgs& A, const UnitCtx& x
   for (int j = 0; j < kDecCodeWordsPerThread; ++j) {
     const int w = tid + j * kThreads;
     if (w < x.nwords) reinterpret_cast<uint4*>(s_codes)[w] = R.c[j];
+  }
+  if (x.rcodes != nullptr) {
+#pragma unroll
+    for (int j = 0; j < kDecCodeWordsPerThread; ++j) {
+      const int w = tid + j * kThreads;
+      if (w < x.nwords) reinterpret_cast<uint4*>(s_r)[w] = R.r[j];
+    }
   }
   if (x.meta_vec) {
     const int nmw = x.mcount >> 3;
@@ -508,9 +597,9 @@ __device__ __forceinline__ void unit_stash(const DecodeArgs& A, const UnitCtx& x
   }
 }
 
-template <typename T, int BITS>
-__device__ __forceinline__ void unit_emit(const DecodeArgs& A, const UnitCtx& x, const uint8_t* s_codes, const uint16_t* s_scale,
-                          const uint16_t* s_min) {
+template <typename T, int BITS, bool REFINE>
+__device__ __forceinline__ void unit_emit(const DecodeArgs& A, const UnitCtx& x, const uint8_t* s_codes, const uint8_t* s_r,
+                                          const uint16_t* s_scale, const uint16_t* s_min) {
   if (!x.valid) return;
   const DecodeStream S = x.s ? A.st[1] : A.st[0];
   const int W = (int)S.width, W8 = W >> 3, G = (int)S.group, dim = (int)S.dim, TU = (int)S.unit_tokens;
@@ -534,6 +623,15 @@ __device__ __forceinline__ void unit_emit(const DecodeArgs& A, const UnitCtx& x,
     }
     uint32_t u[8];
     load_codes8<BITS>(s_codes + q * BITS, u);
+    float fc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) fc[e] = (float)u[e];
+    if constexpr (REFINE) {
+      uint32_t r[8];
+      load_codes8<BITS>(s_r + q * BITS, r);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) fc[e] += refine_offset<BITS>(r[e]);
+    }
     float val[8];
     if (S.axis == 0) {
       if (G >= 8) {
@@ -541,14 +639,14 @@ __device__ __forceinline__ void unit_emit(const DecodeArgs& A, const UnitCtx& x,
         const float s = __half2float(__ushort_as_half(s_scale[gi]));
         const float m = asym ? __half2float(__ushort_as_half(s_min[gi])) : 0.f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) val[e] = dequant<BITS>(u[e], s, m, asym);
+        for (int e = 0; e < 8; ++e) val[e] = dequant_f<BITS>(fc[e], s, m, asym);
       } else {
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           const int gi = (q * 8 + e) / G;
           const float s = __half2float(__ushort_as_half(s_scale[gi]));
           const float m = asym ? __half2float(__ushort_as_half(s_min[gi])) : 0.f;
-          val[e] = dequant<BITS>(u[e], s, m, asym);
+          val[e] = dequant_f<BITS>(fc[e], s, m, asym);
         }
       }
     } else {
@@ -562,7 +660,7 @@ __device__ __forceinline__ void unit_emit(const DecodeArgs& A, const UnitCtx& x,
       for (int e = 0; e < 8; ++e) {
         const float s = __half2float(__ushort_as_half((unsigned short)((sw[e >> 1] >> (16 * (e & 1))) & 0xffffu)));
         const float m = __half2float(__ushort_as_half((unsigned short)((mw[e >> 1] >> (16 * (e & 1))) & 0xffffu)));
-        val[e] = dequant<BITS>(u[e], s, m, asym);
+        val[e] = dequant_f<BITS>(fc[e], s, m, asym);
       }
     }
     uint4 o;
@@ -577,30 +675,34 @@ __device__ __forceinline__ void unit_emit(const DecodeArgs& A, const UnitCtx& x,
 
 // Persistent, bounded grid: block `first` handles units first, first + stride, ...; the global (PCIe)
 // loads of the next unit are in flight while the current one is dequantized and stored.
-template <typename T>
+template <typename T, bool PLANES>
 __device__ __forceinline__ void decode_units(const DecodeArgs& A, int first, int stride, uint8_t* smem) {
   uint8_t* s_codes = smem;
   uint16_t* s_scale = reinterpret_cast<uint16_t*>(smem + A.smem_codes);
   uint16_t* s_min = s_scale + A.smem_meta;
+  uint8_t* s_r = reinterpret_cast<uint8_t*>(s_min + A.smem_meta);  // only with planes (the launch sized it)
   const int64_t total = (int64_t)A.n_pages * A.units_per_page;  // < 2^31: the launchers check
   int unit = first;
   if (unit >= total) return;
-  UnitCtx cur = unit_ctx(A, unit);
+  UnitCtx cur = unit_ctx<PLANES>(A, unit);
   UnitRegs R;
   unit_load(A, cur, R);
   while (true) {
-    unit_stash(A, cur, R, s_codes, s_scale, s_min);
+    unit_stash(A, cur, R, s_codes, s_r, s_scale, s_min);
     __syncthreads();
     const int next = unit + stride;
     UnitCtx nxt;
     if (next < total) {
-      nxt = unit_ctx(A, next);
+      nxt = unit_ctx<PLANES>(A, next);
       unit_load(A, nxt, R);
     }
     const int bits = (int)(cur.s ? A.st[1].bits : A.st[0].bits);
-    if (bits == 8) unit_emit<T, 8>(A, cur, s_codes, s_scale, s_min);
-    else if (bits == 4) unit_emit<T, 4>(A, cur, s_codes, s_scale, s_min);
-    else unit_emit<T, 2>(A, cur, s_codes, s_scale, s_min);
+    const bool ref = PLANES && cur.rcodes != nullptr;
+    if (bits == 8) unit_emit<T, 8, false>(A, cur, s_codes, s_r, s_scale, s_min);
+    else if (bits == 4 && ref) unit_emit<T, 4, PLANES>(A, cur, s_codes, s_r, s_scale, s_min);
+    else if (bits == 4) unit_emit<T, 4, false>(A, cur, s_codes, s_r, s_scale, s_min);
+    else if (ref) unit_emit<T, 2, PLANES>(A, cur, s_codes, s_r, s_scale, s_min);
+    else unit_emit<T, 2, false>(A, cur, s_codes, s_r, s_scale, s_min);
     if (next >= total) break;
     __syncthreads();
     unit = next;
@@ -608,17 +710,19 @@ __device__ __forceinline__ void decode_units(const DecodeArgs& A, int first, int
   }
 }
 
-template <typename T>
+// PLANES: the launch reads refinement planes (a separate instantiation: the fixed-page load keeps its
+// register budget).
+template <typename T, bool PLANES>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant__ DecodeArgs A) {
   extern __shared__ __align__(16) uint8_t smem[];
-  decode_units<T>(A, blockIdx.x, gridDim.x, smem);
+  decode_units<T, PLANES>(A, blockIdx.x, gridDim.x, smem);
 }
 
 // blockIdx.y = layer: the block copies its layer's arguments into shared memory, adds the load's indices.
-template <typename T>
+template <typename T, bool PLANES>
 __global__ void __launch_bounds__(kThreads) decode_layers_kernel(const DecodeArgs* __restrict__ table,
                                                                 const int64_t* page_ids, const int64_t* token_index,
-                                                                int n_pages) {
+                                                                const int64_t* plane_src, int n_pages) {
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ __align__(16) DecodeArgs sA;
   static_assert(sizeof(DecodeArgs) % 8 == 0 && sizeof(DecodeArgs) / 8 <= kThreads, "DecodeArgs copy");
@@ -628,16 +732,26 @@ __global__ void __launch_bounds__(kThreads) decode_layers_kernel(const DecodeArg
   if (threadIdx.x == 0) {
     sA.page_ids = page_ids;
     sA.token_index = token_index;
+    sA.plane_src = plane_src;
     sA.n_pages = n_pages;
   }
   __syncthreads();
-  decode_units<T>(sA, blockIdx.x, gridDim.x, smem);
+  decode_units<T, PLANES>(sA, blockIdx.x, gridDim.x, smem);
 }
 
 template <typename K>
 cudaError_t allow_smem(K kernel, size_t smem) {
   if (smem <= 48 * 1024) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+}
+
+// One decode launch of instantiation K with `smem` bytes of dynamic shared memory.
+template <typename K, typename... Args>
+cudaError_t launch(K kernel, dim3 grid, size_t smem, cudaStream_t stream, Args... args) {
+  const cudaError_t e = allow_smem(kernel, smem);
+  if (e != cudaSuccess) return e;
+  kernel<<<grid, kThreads, smem, stream>>>(args...);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -650,8 +764,11 @@ cudaError_t launch_encode(const EncodeArgs& a, int dtype, cudaStream_t stream) {
     b.page_base = base;
     const int n = (a.n_pages - base) < kMaxY ? (a.n_pages - base) : kMaxY;
     const dim3 grid((unsigned)a.units_per_page, (unsigned)n);
-    if (dtype == kBF16) encode_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(b);
-    else encode_kernel<__half><<<grid, kThreads, 0, stream>>>(b);
+    const bool planes = b.plane_base != nullptr;
+    if (dtype == kBF16 && planes) encode_kernel<__nv_bfloat16, true><<<grid, kThreads, 0, stream>>>(b);
+    else if (dtype == kBF16) encode_kernel<__nv_bfloat16, false><<<grid, kThreads, 0, stream>>>(b);
+    else if (planes) encode_kernel<__half, true><<<grid, kThreads, 0, stream>>>(b);
+    else encode_kernel<__half, false><<<grid, kThreads, 0, stream>>>(b);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
@@ -663,38 +780,33 @@ cudaError_t launch_decode(const DecodeArgs& a, int dtype, int blocks, cudaStream
   if (total <= 0) return cudaSuccess;
   if (total > 0x7fffffffLL) return cudaErrorInvalidValue;  // unit numbers are int inside the kernel
   if (blocks <= 0 || blocks > total) blocks = (int)total;
-  const size_t smem = (size_t)a.smem_codes + (size_t)a.smem_meta * 4;
-  if (dtype == kBF16) {
-    const cudaError_t e = allow_smem(decode_kernel<__nv_bfloat16>, smem);
-    if (e != cudaSuccess) return e;
-    decode_kernel<__nv_bfloat16><<<blocks, kThreads, smem, stream>>>(a);
-  } else {
-    const cudaError_t e = allow_smem(decode_kernel<__half>, smem);
-    if (e != cudaSuccess) return e;
-    decode_kernel<__half><<<blocks, kThreads, smem, stream>>>(a);
-  }
-  return cudaGetLastError();
+  const bool planes = a.plane_src != nullptr;
+  const size_t smem = (size_t)a.smem_codes * (planes ? 2 : 1) + (size_t)a.smem_meta * 4;
+  const dim3 grid((unsigned)blocks);
+  if (dtype == kBF16)
+    return planes ? launch(decode_kernel<__nv_bfloat16, true>, grid, smem, stream, a)
+                  : launch(decode_kernel<__nv_bfloat16, false>, grid, smem, stream, a);
+  return planes ? launch(decode_kernel<__half, true>, grid, smem, stream, a)
+                : launch(decode_kernel<__half, false>, grid, smem, stream, a);
 }
 
 cudaError_t launch_decode_layers(const DecodeArgs* table, int num_layers, int max_units_per_page,
-                                 const int64_t* page_ids, const int64_t* token_index, int64_t n_pages,
-                                 int smem_codes, int smem_meta, int dtype, int blocks_per_layer, cudaStream_t stream) {
+                                 const int64_t* page_ids, const int64_t* token_index, const int64_t* plane_src,
+                                 int64_t n_pages, int smem_codes, int smem_meta, int dtype, int blocks_per_layer,
+                                 cudaStream_t stream) {
   const int64_t total = n_pages * max_units_per_page;  // units of the largest layer
   if (total <= 0 || num_layers <= 0) return cudaSuccess;
   if (total > 0x7fffffffLL || num_layers > 65535) return cudaErrorInvalidValue;
   const int64_t per_layer = (blocks_per_layer <= 0 || blocks_per_layer > total) ? total : blocks_per_layer;
   const dim3 grid((unsigned)per_layer, (unsigned)num_layers);
-  const size_t smem = (size_t)smem_codes + (size_t)smem_meta * 4;
-  if (dtype == kBF16) {
-    const cudaError_t e = allow_smem(decode_layers_kernel<__nv_bfloat16>, smem);
-    if (e != cudaSuccess) return e;
-    decode_layers_kernel<__nv_bfloat16><<<grid, kThreads, smem, stream>>>(table, page_ids, token_index, (int)n_pages);
-  } else {
-    const cudaError_t e = allow_smem(decode_layers_kernel<__half>, smem);
-    if (e != cudaSuccess) return e;
-    decode_layers_kernel<__half><<<grid, kThreads, smem, stream>>>(table, page_ids, token_index, (int)n_pages);
-  }
-  return cudaGetLastError();
+  const bool planes = plane_src != nullptr;
+  const size_t smem = (size_t)smem_codes * (planes ? 2 : 1) + (size_t)smem_meta * 4;
+  const int n = (int)n_pages;
+  if (dtype == kBF16)
+    return planes ? launch(decode_layers_kernel<__nv_bfloat16, true>, grid, smem, stream, table, page_ids, token_index, plane_src, n)
+                  : launch(decode_layers_kernel<__nv_bfloat16, false>, grid, smem, stream, table, page_ids, token_index, plane_src, n);
+  return planes ? launch(decode_layers_kernel<__half, true>, grid, smem, stream, table, page_ids, token_index, plane_src, n)
+                : launch(decode_layers_kernel<__half, false>, grid, smem, stream, table, page_ids, token_index, plane_src, n);
 }
 
 }  // namespace kvtq

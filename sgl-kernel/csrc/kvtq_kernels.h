@@ -22,7 +22,9 @@ constexpr int kDecMaxMeta = kThreads * kDecMetaWordsPerThread * 8;         // fp
 // error; an atomicCAS elects one reporter), `report` is device-accessible memory (mapped pinned host
 // memory, so that the host reads it without a copy): [code, value, bound, 0], `code` written last.
 // A kernel that meets a bad index skips that access (nothing is read or written out of bounds).
-enum ErrorCode : int { kErrNone = 0, kErrEncodeRow = 1, kErrDecodePage = 2, kErrDecodeRow = 3 };
+enum ErrorCode : int {
+  kErrNone = 0, kErrEncodeRow = 1, kErrDecodePage = 2, kErrDecodeRow = 3, kErrEncodePlane = 4, kErrDecodePlane = 5
+};
 struct ErrorSink {
   int32_t* word;
   int64_t* report;
@@ -42,8 +44,13 @@ struct ChunkDesc {
   int32_t unit_start;   // prefix sum of `units` over the chunks before this one
   int32_t kc;           // per-channel groups: 8-column items per block row (power of two)
   int32_t ncb;          // per-channel groups: column blocks = ceil(width / 8 / kc)
+  // Elastic pages (python/kvtuner_hicache/quant/elastic_pages.py): this chunk's refinement codes r
+  // (`bits` bits per element, packed like its codes) live in the refinement plane of `plane_stream`
+  // (-1: the chunk has none) at byte `plane_off` of that plane.
+  int32_t plane_stream;
+  int32_t plane_off;
 };
-constexpr int kChunkFields = 20;
+constexpr int kChunkFields = 22;
 static_assert(sizeof(ChunkDesc) == kChunkFields * 4, "ChunkDesc must be packed int32");
 
 struct EncodeArgs {
@@ -58,6 +65,12 @@ struct EncodeArgs {
   int64_t head_stride[2];
   int64_t rows[2];              // rows per device buffer (token_index is range-checked against them)
   ErrorSink err;
+  // Refinement planes (elastic pools; plane_base == nullptr: none). plane_dst[s * plane_n + p] = byte
+  // offset from plane_base of page p's plane of stream s (-1: the page gets none); every write is
+  // range-checked against plane_bound. plane_base is device-accessible (mapped pinned host memory).
+  uint8_t* plane_base;
+  const int64_t* plane_dst;
+  int64_t plane_n, plane_bound;
   int32_t num_layers, page_size, units_per_page, n_pages, page_base;
 };
 
@@ -69,7 +82,8 @@ struct DecodeStream {
   int64_t heads, dim, width, col_off;
   int64_t unit_tokens;  // tokens per decode unit (divides page_size)
   int64_t units;        // decode units per page for this stream
-  int64_t pad0, pad1;
+  int64_t refine;       // 1: this chunk has refinement codes (elastic pages; asym, bits 2 or 4)
+  int64_t plane_off;    // their byte offset inside the stream's refinement plane
 };
 constexpr int kDecodeFields = 16;
 static_assert(sizeof(DecodeStream) == kDecodeFields * 8, "DecodeStream must be packed int64");
@@ -85,6 +99,11 @@ struct DecodeArgs {
   int64_t row_stride[2], head_stride[2];
   int64_t rows[2];              // rows per device buffer (token_index is range-checked against them)
   ErrorSink err;
+  // Refinement planes of elastic pages (nullptr: fixed pages only): device [2, n_pages], the byte offset
+  // from `pages` of page p's plane of stream s at [s * n_pages + p], -1 = decode that page at its floor.
+  // Offsets are range-checked against num_pages * page_stride. Shared memory then holds a second code
+  // area of smem_codes bytes after the metadata.
+  const int64_t* plane_src;
   int32_t nstreams, page_size, n_pages, units_per_page;
   int32_t smem_codes;           // bytes reserved for codes (multiple of 16)
   int32_t smem_meta;            // fp16 entries reserved per metadata array (multiple of 8)
@@ -95,10 +114,11 @@ enum DType : int { kBF16 = 0, kFP16 = 1 };
 cudaError_t launch_encode(const EncodeArgs& a, int dtype, cudaStream_t stream);
 cudaError_t launch_decode(const DecodeArgs& a, int dtype, int blocks, cudaStream_t stream);
 // Every layer of a load in one launch. `table` is device memory [num_layers] of DecodeArgs whose index
-// fields (page_ids, token_index, n_pages) are ignored: the launch supplies them. `blocks_per_layer`
+// fields (page_ids, token_index, plane_src, n_pages) are ignored: the launch supplies them. `blocks_per_layer`
 // bounds each layer's blocks (<= 0: one block per unit of the largest layer).
 cudaError_t launch_decode_layers(const DecodeArgs* table, int num_layers, int max_units_per_page,
-                                 const int64_t* page_ids, const int64_t* token_index, int64_t n_pages,
+                                 const int64_t* page_ids, const int64_t* token_index, const int64_t* plane_src,
+                                 int64_t n_pages,
                                  int smem_codes, int smem_meta, int dtype, int blocks_per_layer, cudaStream_t stream);
 
 }  // namespace kvtq

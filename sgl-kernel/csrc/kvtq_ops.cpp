@@ -11,6 +11,8 @@
 //   decode            dequantize one layer of pages (zero-copy reads of pinned pages) into device rows
 //   decode_table      the per-layer launch arguments of every layer, as a device table (built once per pool)
 //   decode_layers     dequantize every layer of a load in one launch, from that table (small loads)
+// encode/backup/decode/decode_layers take optional refinement planes (elastic pools): per page and
+// stream a byte offset of its plane in the host buffer (-1: none), range-checked in the kernels.
 // Bad indices never fault: host page ids given on the CPU are checked before anything is enqueued
 // (IndexError); device rows and page ids given on the GPU are checked in the kernels, which skip the
 // access and report the first bad index through an ErrorSink that the Python codec reads (no sync).
@@ -129,11 +131,23 @@ kvtq::ErrorSink error_sink(const at::Tensor& word, int64_t report) {
   return kvtq::ErrorSink{word.data_ptr<int32_t>(), reinterpret_cast<int64_t*>(report)};
 }
 
+// Optional refinement-plane offsets: a contiguous CUDA int64 [2, n_pages] tensor on `device`, or none.
+const int64_t* plane_offsets(const c10::optional<at::Tensor>& t, int64_t n_pages, const at::Device& device,
+                             const char* what) {
+  if (!t.has_value()) return nullptr;
+  const at::Tensor& p = *t;
+  TORCH_CHECK(p.is_cuda() && p.device() == device && p.scalar_type() == at::kLong && p.is_contiguous() && p.dim() == 2 &&
+                  p.size(0) == 2 && p.size(1) == n_pages,
+              "kvtq: ", what, " must be a contiguous CUDA int64 [2, ", n_pages, "] tensor on ", device);
+  return p.data_ptr<int64_t>();
+}
+
 // ---- encode ---------------------------------------------------------------------------------------
 
 kvtq::EncodeArgs encode_args(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Tensor& ptrs0,
                              const at::Tensor& ptrs1, const at::Tensor& token_index, const at::Tensor& header,
-                             const at::Tensor& out, const at::Tensor& geom, const at::Tensor& err_word) {
+                             const at::Tensor& out, const at::Tensor& geom, const at::Tensor& err_word,
+                             const c10::optional<at::Tensor>& plane_dst, int64_t plane_base, int64_t plane_bound) {
   const int64_t* g = cpu_fields(geom, kGeomFields, "geom");
   const int64_t num_layers = g[kGeomLayers], page_size = g[kGeomPageSize], units_per_page = g[kGeomUnitsPerPage];
   check_index(token_index, "token_index");
@@ -173,13 +187,23 @@ kvtq::EncodeArgs encode_args(const at::Tensor& chunks, const at::Tensor& unit_ch
   a.units_per_page = (int32_t)units_per_page;
   a.n_pages = (int32_t)(token_index.numel() / page_size);
   a.page_base = 0;
+  a.plane_dst = plane_offsets(plane_dst, a.n_pages, out.device(), "plane_dst");
+  if (a.plane_dst != nullptr) {
+    TORCH_CHECK(plane_base != 0 && plane_bound > 0 && (plane_base & 15) == 0,
+                "kvtq: planes need a 16-byte aligned device-accessible plane_base and a plane_bound");
+    a.plane_base = reinterpret_cast<uint8_t*>(plane_base);
+    a.plane_n = a.n_pages;
+    a.plane_bound = plane_bound;
+  }
   return a;
 }
 
 void encode(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Tensor& ptrs0, const at::Tensor& ptrs1,
             const at::Tensor& token_index, const at::Tensor& header, const at::Tensor& out, const at::Tensor& geom,
-            const at::Tensor& err_word) {
-  kvtq::EncodeArgs a = encode_args(chunks, unit_chunk, ptrs0, ptrs1, token_index, header, out, geom, err_word);
+            const at::Tensor& err_word, const c10::optional<at::Tensor>& plane_dst, int64_t plane_base,
+            int64_t plane_bound) {
+  kvtq::EncodeArgs a = encode_args(chunks, unit_chunk, ptrs0, ptrs1, token_index, header, out, geom, err_word,
+                                   plane_dst, plane_base, plane_bound);
   TORCH_CHECK(out.size(0) == a.n_pages, "kvtq: out has ", out.size(0), " pages, token_index ", a.n_pages);
   if (a.n_pages == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
@@ -255,8 +279,11 @@ void copy_runs(const at::Tensor& staging, int64_t count, const at::Tensor& host_
 void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Tensor& ptrs0, const at::Tensor& ptrs1,
             const at::Tensor& token_index, const at::Tensor& header, const at::Tensor& staging,
             const at::Tensor& host_pages, const at::Tensor& host_ids, const at::Tensor& geom, const at::Tensor& err_word,
-            const c10::intrusive_ptr<BackupStream>& side) {
-  kvtq::EncodeArgs a = encode_args(chunks, unit_chunk, ptrs0, ptrs1, token_index, header, staging, geom, err_word);
+            const c10::intrusive_ptr<BackupStream>& side, const c10::optional<at::Tensor>& plane_dst, int64_t plane_base,
+            int64_t plane_bound) {
+  // Planes are written by the encode kernel itself, straight into (mapped) host memory: no staging.
+  kvtq::EncodeArgs a = encode_args(chunks, unit_chunk, ptrs0, ptrs1, token_index, header, staging, geom, err_word,
+                                   plane_dst, plane_base, plane_bound);
   TORCH_CHECK(host_pages.device().is_cpu() && host_pages.scalar_type() == at::kByte && host_pages.dim() == 2 &&
                   host_pages.stride(1) == 1 && host_pages.size(1) == staging.size(1),
               "kvtq: host_pages must be a CPU uint8 [num_pages, page_bytes] tensor");
@@ -281,6 +308,7 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
       const int64_t m = std::min(cap, n - start);
       kvtq::EncodeArgs b = a;
       b.token_index = tok + start * a.page_size;
+      if (b.plane_dst != nullptr) b.plane_dst = a.plane_dst + start;
       b.n_pages = (int32_t)m;
       KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main));
       copy_runs(staging, m, host_pages, ids + start, main);
@@ -303,6 +331,7 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
     b.token_index = tok + start * a.page_size;
     b.n_pages = (int32_t)m;
     b.out = a.out + (int64_t)h * half * sstride;
+    if (b.plane_dst != nullptr) b.plane_dst = a.plane_dst + start;  // row stride stays plane_n
     KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main));
     KVTQ_CUDA_OK(cudaEventRecord(side->encoded[h], main));
     KVTQ_CUDA_OK(cudaStreamWaitEvent(side->stream, side->encoded[h], 0));
@@ -372,7 +401,8 @@ void check_decode_indices(const at::Tensor& page_ids, const at::Tensor& token_in
 // [kCfgFields] (pool constants, resolved once). dst0/dst1 = this layer's device buffers (the same
 // tensor twice for MLA). page_ids and token_index are range-checked in the kernel.
 void decode(const at::Tensor& desc, const at::Tensor& cfg, const at::Tensor& page_ids, const at::Tensor& token_index,
-            const at::Tensor& dst0, const at::Tensor& dst1, const at::Tensor& err_word) {
+            const at::Tensor& dst0, const at::Tensor& dst1, const at::Tensor& err_word,
+            const c10::optional<at::Tensor>& plane_src) {
   TORCH_CHECK(desc.device().is_cpu() && desc.scalar_type() == at::kLong && desc.is_contiguous() && desc.dim() == 2 &&
                   desc.size(1) == kvtq::kDecodeFields,
               "kvtq: bad decode descriptor");
@@ -384,6 +414,7 @@ void decode(const at::Tensor& desc, const at::Tensor& cfg, const at::Tensor& pag
   a.page_ids = page_ids.data_ptr<int64_t>();
   a.token_index = token_index.data_ptr<int64_t>();
   a.n_pages = (int32_t)n_pages;
+  a.plane_src = plane_offsets(plane_src, n_pages, dst0.device(), "plane_src");
   const c10::cuda::CUDAGuard guard(dst0.device());
   KVTQ_CUDA_OK(kvtq::launch_decode(a, dtype_code(dst0), (int)c[kCfgBlocks], c10::cuda::getCurrentCUDAStream().stream()));
 }
@@ -430,7 +461,8 @@ std::tuple<at::Tensor, at::Tensor> decode_table(const at::Tensor& desc, const at
 // Every layer of a load in one launch: the table and info of decode_table, the load's indices.
 // blocks_per_layer bounds each layer's share of the grid (<= 0: one block per unit).
 void decode_layers(const at::Tensor& table, const at::Tensor& info, const at::Tensor& cfg, const at::Tensor& page_ids,
-                   const at::Tensor& token_index, const at::Tensor& err_word, int64_t blocks_per_layer) {
+                   const at::Tensor& token_index, const at::Tensor& err_word, int64_t blocks_per_layer,
+                   const c10::optional<at::Tensor>& plane_src) {
   const int64_t* f = cpu_fields(info, kInfoFields, "decode_layers info");
   const int64_t* c = cpu_fields(cfg, kCfgFields, "decode cfg");
   TORCH_CHECK(f[kInfoArgBytes] == (int64_t)sizeof(kvtq::DecodeArgs) && table.is_cuda() && table.is_contiguous() &&
@@ -441,10 +473,11 @@ void decode_layers(const at::Tensor& table, const at::Tensor& info, const at::Te
   TORCH_CHECK(err_word.is_cuda() && err_word.device() == table.device(), "kvtq: err_word must be on the table's GPU");
   const int64_t n_pages = page_ids.numel();
   if (n_pages == 0) return;
+  const int64_t* planes = plane_offsets(plane_src, n_pages, table.device(), "plane_src");
   const c10::cuda::CUDAGuard guard(table.device());
   KVTQ_CUDA_OK(kvtq::launch_decode_layers(reinterpret_cast<const kvtq::DecodeArgs*>(table.data_ptr()),
                                           (int)f[kInfoLayers], (int)f[kInfoMaxUnitsPerPage],
-                                          page_ids.data_ptr<int64_t>(), token_index.data_ptr<int64_t>(), n_pages,
+                                          page_ids.data_ptr<int64_t>(), token_index.data_ptr<int64_t>(), planes, n_pages,
                                           (int)c[kCfgSmemCodes], (int)c[kCfgSmemMeta], (int)f[kInfoDType],
                                           (int)blocks_per_layer, c10::cuda::getCurrentCUDAStream().stream()));
 }
@@ -460,17 +493,19 @@ TORCH_LIBRARY(kvtq, m) {
   m.def("limits() -> Dict(str, int)", &limits);
   m.def("mapped_pointer(Tensor t) -> int", &mapped_pointer);
   m.def("encode(Tensor chunks, Tensor unit_chunk, Tensor ptrs0, Tensor ptrs1, Tensor token_index, Tensor header, "
-        "Tensor(a!) out, Tensor geom, Tensor(b!) err_word) -> ()");
+        "Tensor(a!) out, Tensor geom, Tensor(b!) err_word, Tensor? plane_dst=None, int plane_base=0, "
+        "int plane_bound=0) -> ()");
   m.def("backup(Tensor chunks, Tensor unit_chunk, Tensor ptrs0, Tensor ptrs1, Tensor token_index, Tensor header, "
         "Tensor(a!) staging, Tensor(b!) host_pages, Tensor host_ids, Tensor geom, Tensor(c!) err_word, "
-        "__torch__.torch.classes.kvtq.BackupStream side) -> ()");
+        "__torch__.torch.classes.kvtq.BackupStream side, Tensor? plane_dst=None, int plane_base=0, "
+        "int plane_bound=0) -> ()");
   m.def("decode(Tensor desc, Tensor cfg, Tensor page_ids, Tensor token_index, Tensor(a!) dst0, Tensor(b!) dst1, "
-        "Tensor(c!) err_word) -> ()");
+        "Tensor(c!) err_word, Tensor? plane_src=None) -> ()");
   m.def("decode_table(Tensor desc, Tensor cfg, Tensor[] dst0, Tensor[] dst1, Tensor err_word) -> (Tensor, Tensor)");
   // Writes the device rows of every layer through the table's addresses (eager only: the writes are
   // not visible to the schema; the load path that calls it is not compiled).
   m.def("decode_layers(Tensor table, Tensor info, Tensor cfg, Tensor page_ids, Tensor token_index, "
-        "Tensor(a!) err_word, int blocks_per_layer) -> ()");
+        "Tensor(a!) err_word, int blocks_per_layer, Tensor? plane_src=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvtq, CUDA, m) {

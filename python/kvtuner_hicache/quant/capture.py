@@ -103,8 +103,8 @@ class CapturingCodec(WrappingCodec):
 
     # ---- the interface ------------------------------------------------------------------------
 
-    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
-        self.inner.backup(host_page_ids, device_rows)
+    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor, planes: torch.Tensor | None = None) -> None:
+        self.inner.backup(host_page_ids, device_rows, planes)
         page_ids = [int(p) for p in host_page_ids.tolist()]
         with self._lock:
             for pid in page_ids:  # these host pages now hold other data
@@ -136,16 +136,19 @@ class CapturingCodec(WrappingCodec):
                 if crc in self._backup_file:
                     self._page_source[pid] = (crc, "l3")
 
-    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
-        self.inner.load_layer(layer, page_ids, device_rows)
+    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor,
+                   planes: torch.Tensor | None = None) -> None:
+        self.inner.load_layer(layer, page_ids, device_rows, planes)
         if layer != self.layout.num_layers - 1 or min(self.n_loads.values()) >= self.limit:
             return
+        # a page loaded with a refinement plane is not its page's floor decode: not a capture of the page
+        refined = set() if planes is None else set(torch.nonzero((planes >= 0).any(0)).flatten().tolist())
         with self._lock:
             if not self._page_source:
                 return
             cand = [(i, p, self._page_source.get(p)) for i, p in enumerate(page_ids.tolist())]
             cand = [(i, p, fs) for i, p, fs in cand
-                    if fs is not None and fs not in self._loaded and self.n_loads[fs[1]] < self.limit]
+                    if fs is not None and fs not in self._loaded and self.n_loads[fs[1]] < self.limit and i not in refined]
         ps = self.layout.page_size
         for i, pid, (crc, source) in cand:
             if self.n_loads[source] >= self.limit:

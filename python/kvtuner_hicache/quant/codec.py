@@ -3,8 +3,8 @@
 Lifecycle (the pool's side of the contract):
 
     codec = make_codec(layout, device_kv, host_pages, device)   # once, in the pool's constructor
-    codec.backup(host_page_ids, device_rows)                      # HiCache write-back (write stream)
-    codec.load_layer(layer, page_ids, device_rows)                # one call per local layer (load stream)
+    codec.backup(host_page_ids, device_rows[, planes])            # HiCache write-back (write stream)
+    codec.load_layer(layer, page_ids, device_rows[, planes])      # one call per local layer (load stream)
     codec.pages_written(page_ids)                                 # host pages overwritten from L3 (optional)
     codec.shutdown()                                              # drains and releases streams/events
 
@@ -23,6 +23,14 @@ are checked on the host and copied). `device_rows` are int64 [n * page_size] dev
 GPU-resident indices are range-checked inside the kernels: a bad one is skipped (nothing is read or
 written out of bounds, the CUDA context stays usable) and raises IndexError at the codec's next call or
 at `check()`.
+
+Refinement planes (elastic pools, `quant/elastic_pages.py`): `planes` is a CPU int64 [2, n] tensor, for
+page i and stream s the byte offset from the start of the host buffer (`host_pages[0]`; the buffer spans
+`num_pages * host_pages.stride(0)` bytes) of that page's refinement plane, -1 for none. `backup` writes the
+planes of the pages that have one next to their floor pages; `load_layer` decodes those pages at the top
+precision (floor codes plus refinement codes) in the same launch as the others. The native kernels read and
+write planes asynchronously, like pages: the owner must keep a plane's bytes in place until the work
+enqueued on the caller's stream has run (the elastic pool fences its streams before it reuses a plane).
 
 Device buffers: the codec never caches a layer tensor by address. `load_layer` reads the layer's tensors
 from their owner on every call; `backup` uses the owner's own pointer tables (SGLang's
@@ -44,6 +52,7 @@ import torch
 
 from kvtuner_hicache.page_format import PageLayout
 from kvtuner_hicache.quant import native, reference
+from kvtuner_hicache.quant.elastic_pages import RefinementLayout, encode_planes, load_top
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +143,15 @@ class PageCodec(ABC):
         self.num_pages = host_pages.size(0)
 
     @abstractmethod
-    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
-        """Quantize the pages at `device_rows` (whole pages) into host pages `host_page_ids`."""
+    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor, planes: torch.Tensor | None = None) -> None:
+        """Quantize the pages at `device_rows` (whole pages) into host pages `host_page_ids`, and the
+        refinement planes that `planes` places (module docstring)."""
 
     @abstractmethod
-    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
-        """Dequantize local layer `layer` of host pages `page_ids` into the device rows."""
+    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor,
+                   planes: torch.Tensor | None = None) -> None:
+        """Dequantize local layer `layer` of host pages `page_ids` into the device rows; pages that
+        `planes` gives a refinement plane at the top precision."""
 
     def pages_written(self, host_page_ids: Sequence[int]) -> None:  # noqa: B027 - optional hook
         """Host pages were overwritten from outside the codec (an L3 page set into L2)."""
@@ -154,6 +166,37 @@ class PageCodec(ABC):
     def describe(self) -> str:
         """For the pool's start-up log line: the codec's name and what it runs on."""
         return self.name
+
+    def _planes(self, planes: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """Check a planes argument: CPU int64 [2, n], offsets -1 or whole planes inside the host buffer."""
+        if planes is None:
+            return None
+        if planes.device.type != "cpu" or planes.dtype != torch.int64 or tuple(planes.shape) != (2, n):
+            raise ValueError(f"planes must be a CPU int64 [2, {n}] tensor, got {planes.dtype} {tuple(planes.shape)} "
+                             f"on {planes.device}")
+        rl = self.refinement
+        bound = self.num_pages * self.host_pages.stride(0)
+        for s in range(2):
+            live = planes[s][planes[s] >= 0]
+            if not live.numel():
+                continue
+            size = rl.plane_bytes.get(s)
+            if size is None:
+                raise ValueError(f"planes give stream {s} a refinement plane, this layout has none for it")
+            if int(live.max()) > bound - size:
+                raise IndexError(f"kvtuner_hicache: refinement plane offset {int(live.max())} + {size} B outside the "
+                                 f"host buffer ({bound} B)")
+        if bool((planes < -1).any()):
+            raise IndexError("kvtuner_hicache: refinement plane offsets must be >= 0 or -1")
+        return planes.contiguous()
+
+    @property
+    def refinement(self) -> RefinementLayout:
+        """Where each chunk's refinement codes sit in its stream's plane (built on first use)."""
+        rl = getattr(self, "_refinement", None)
+        if rl is None:
+            rl = self._refinement = RefinementLayout(self.layout)
+        return rl
 
     def _host_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.device.type != "cpu" or ids.dtype != torch.int64 or not ids.is_contiguous():
@@ -174,11 +217,12 @@ class WrappingCodec(PageCodec):
         self.inner = inner
         self.name = inner.name
 
-    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
-        self.inner.backup(host_page_ids, device_rows)
+    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor, planes: torch.Tensor | None = None) -> None:
+        self.inner.backup(host_page_ids, device_rows, planes)
 
-    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
-        self.inner.load_layer(layer, page_ids, device_rows)
+    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor,
+                   planes: torch.Tensor | None = None) -> None:
+        self.inner.load_layer(layer, page_ids, device_rows, planes)
 
     def pages_written(self, host_page_ids: Sequence[int]) -> None:
         self.inner.pages_written(host_page_ids)
@@ -214,13 +258,14 @@ class ReferenceCodec(PageCodec):
             raise IndexError(f"kvtuner_hicache: device row {bad} out of range [0, {bound})")
         return rows
 
-    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor, planes: torch.Tensor | None = None) -> None:
         assert not self._closed, "codec was shut down"
         ids = self._host_ids(host_page_ids)
         ps = self.layout.page_size
         n = ids.numel()
         if device_rows.numel() != n * ps:
             raise ValueError(f"{device_rows.numel()} device rows for {n} pages of {ps}")
+        planes = self._planes(planes, n)
         if n == 0:
             return
         bufs = self.device_kv.buffers()
@@ -231,13 +276,47 @@ class ReferenceCodec(PageCodec):
             staged = torch.empty(m, self.layout.page_bytes, dtype=torch.uint8, device=dev)
             reference.encode_pages(self.layout, bufs, device_rows[start * ps:(start + m) * ps], staged)
             self.host_pages[ids[start:start + m]] = staged.to(self.host_pages.device)
+        if planes is None:
+            return
+        rows = device_rows.reshape(n, ps)
+        for s in self.refinement.streams:
+            sel = torch.nonzero(planes[s] >= 0).flatten()
+            if sel.numel():
+                plane = encode_planes(self.refinement, s, bufs, rows[sel.to(rows.device)].reshape(-1))
+                self._flat()[self._spans(planes[s, sel], plane.shape[1])] = plane.reshape(-1)
 
-    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor,
+                   planes: torch.Tensor | None = None) -> None:
         assert not self._closed, "codec was shut down"
         ids = self._host_ids(page_ids)
+        planes = self._planes(planes, ids.numel())
         bufs = self.device_kv.layer(layer)
         self._rows(device_rows, bufs[0].size(0))
         reference.decode_layer(self.layout, layer, self.host_pages, ids, bufs, device_rows)
+        if planes is None:
+            return
+        rows = device_rows.reshape(ids.numel(), self.layout.page_size)
+        for s in self.refinement.streams:
+            c = self.refinement.chunk(s, layer)
+            sel = torch.nonzero(planes[s] >= 0).flatten() if c is not None else None
+            if sel is None or not sel.numel():
+                continue
+            spec = c.spec
+            raw = self.host_pages[ids[sel], spec.offset: spec.offset + spec.nbytes]
+            width = c.offset + c.nbytes  # the plane bytes up to this chunk's end
+            plane = self._flat()[self._spans(planes[s, sel], width)].reshape(sel.numel(), width)
+            load_top(self.layout, c, raw, plane, bufs[self.layout.streams[s].buffer],
+                     rows[sel.to(rows.device)].reshape(-1))
+
+    def _flat(self) -> torch.Tensor:
+        """The host buffer as one byte vector (planes live between and after the pages)."""
+        hp = self.host_pages
+        return torch.as_strided(hp, (self.num_pages * hp.stride(0),), (1,))
+
+    @staticmethod
+    def _spans(offsets: torch.Tensor, width: int) -> torch.Tensor:
+        """Flat byte indices of `width` bytes at each offset, page-major."""
+        return (offsets.unsqueeze(1) + torch.arange(width, dtype=torch.int64)).reshape(-1)
 
     def shutdown(self) -> None:
         self._closed = True
@@ -272,6 +351,10 @@ class NativeCodec(PageCodec):
         self.blocks = native.load_blocks() if load_blocks is None else int(load_blocks)
         self.err = native.ErrorSink(device)
         pages_ptr = int(ops.mapped_pointer(host_pages))  # resolved once: never per call
+        self._pages_ptr = pages_ptr
+        self._buffer_bytes = self.num_pages * host_pages.stride(0)  # what plane offsets may address
+        self._planes_key: torch.Tensor | None = None  # a load's CPU plane offsets and their GPU copy
+        self._planes_dev: torch.Tensor | None = None
         self._cfg = native.decode_cfg(host_pages, pages_ptr, layout, self.plan, self.blocks, self.err)
         self._chunks, self._units, self._header = self.plan.device_tables(device)
         if staging is None:
@@ -351,21 +434,37 @@ class NativeCodec(PageCodec):
     def check(self) -> None:
         self.err.check()
 
-    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor, planes: torch.Tensor | None = None) -> None:
         if self._closed:
             raise RuntimeError("kvtuner_hicache: backup on a codec that was shut down")
         self.err.check()
         ids = self._host_ids(host_page_ids)  # range-checked on the host before anything is enqueued
+        planes = self._planes(planes, ids.numel())
         if ids.numel() == 0:
             return
         rows = device_rows
         if rows.device != self.device or rows.dtype != torch.int64 or not rows.is_contiguous():
             rows = rows.to(device=self.device, dtype=torch.int64).contiguous()
         p0, p1 = self._pointers()
+        if planes is None:
+            self._backup(self._chunks, self._units, p0, p1, rows, self._header, self.staging, self.host_pages, ids,
+                         self._geom, self.err.word, self._side)
+            return
         self._backup(self._chunks, self._units, p0, p1, rows, self._header, self.staging, self.host_pages, ids,
-                     self._geom, self.err.word, self._side)
+                     self._geom, self.err.word, self._side, planes.to(self.device, non_blocking=True),
+                     self._pages_ptr, self._buffer_bytes)
 
-    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
+    def _plane_src(self, planes: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """The GPU copy of a load's plane offsets: made on the first layer that passes them, then reused."""
+        if planes is None:
+            return None
+        if planes is not self._planes_key:
+            self._planes_dev = self._planes(planes, n).to(self.device, non_blocking=True)
+            self._planes_key = planes
+        return self._planes_dev
+
+    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor,
+                   planes: torch.Tensor | None = None) -> None:
         if self._fused_ids is not None:
             if layer > 0 and page_ids is self._fused_ids and device_rows is self._fused_rows:
                 return  # decoded by this load's layer-0 call
@@ -381,12 +480,13 @@ class NativeCodec(PageCodec):
             self._pointers()  # a replaced layer tensor rebuilds the table first
             assert self._fused_table is not None
             table, info = self._fused_table
-            self._decode_layers(table, info, self._cfg, ids, rows, self.err.word, self.fused_blocks_per_layer)
+            self._decode_layers(table, info, self._cfg, ids, rows, self.err.word, self.fused_blocks_per_layer,
+                                self._plane_src(planes, ids.numel()))
             self._fused_ids, self._fused_rows = page_ids, device_rows
             return
         d = self.device_kv.layer(layer)  # live tensors: a replaced layer tensor is used at once
         desc = self._desc_big[layer] if ids.numel() >= self._big_from[layer] else self._desc_small[layer]
-        self._decode(desc, self._cfg, ids, rows, d[0], d[-1], self.err.word)
+        self._decode(desc, self._cfg, ids, rows, d[0], d[-1], self.err.word, self._plane_src(planes, ids.numel()))
 
     def shutdown(self) -> None:
         if self._closed:

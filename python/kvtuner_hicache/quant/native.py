@@ -38,12 +38,13 @@ import torch
 
 from kvtuner_hicache.config import AXIS_PER_TOKEN
 from kvtuner_hicache.page_format import PageLayout
+from kvtuner_hicache.quant.elastic_pages import RefinementLayout
 
 log = logging.getLogger(__name__)
 
 name = "native"  # label for logs
 
-KERNEL_VERSION = "0.1.0"  # the kvtuner-hicache-kernel version this package is written against
+KERNEL_VERSION = "0.2.0"  # the kvtuner-hicache-kernel version this package is written against
 ENV_JIT = "KVTQ_JIT_BUILD"
 SOURCES = ("kvtq_kernels.cu", "kvtq_ops.cpp")
 HEADERS = ("kvtq_kernels.h",)
@@ -184,7 +185,8 @@ def load_blocks() -> int:
 
 # ---- bad-index reports ---------------------------------------------------------------------------
 
-_ERRORS = {1: ("device row", "encode"), 2: ("host page id", "load"), 3: ("device row", "load")}
+_ERRORS = {1: ("device row", "encode"), 2: ("host page id", "load"), 3: ("device row", "load"),
+           4: ("refinement plane offset", "backup"), 5: ("refinement plane offset", "load")}
 
 
 class ErrorSink:
@@ -282,6 +284,8 @@ class Plan:
     def _build_tables(self) -> None:
         lay, lim = self.layout, self.lim
         ps = lay.page_size
+        # where each chunk's refinement codes sit in its stream's plane (used only when a call passes planes)
+        refinement = RefinementLayout(lay)
         rows, unit_chunk = [], []
         smem_codes, smem_meta = 16, 8
         dec_rows: dict[str, dict[int, list[list[int]]]] = {
@@ -299,9 +303,11 @@ class Plan:
                     kc = _pow2_floor(min(32, w8, max(1, max_rows // c.group)))
                     ncb = -(-w8 // kc)
                     units = (ps // c.group) * ncb
+                rc = refinement.chunk(s, layer)
+                plane_stream, plane_off = (s, rc.offset) if rc is not None else (-1, 0)
                 rows.append([st.buffer, layer, c.bits, c.axis, c.group, int(c.asym), st.heads, st.dim, width,
                              st.col_offset, c.offset, c.scale_offset, c.min_offset, c.codes_bytes, c.num_groups,
-                             c.nbytes, units, len(unit_chunk), kc, ncb])
+                             c.nbytes, units, len(unit_chunk), kc, ncb, plane_stream, plane_off])
                 unit_chunk += [len(rows) - 1] * units
                 min_off = c.min_offset if c.asym else c.scale_offset
                 for kind, limit in (("big", None), ("small", SMALL_UNIT_ELEMENTS)):
@@ -311,7 +317,8 @@ class Plan:
                     smem_codes = max(smem_codes, tu * width * c.bits // 8)
                     smem_meta = max(smem_meta, -(-meta // 8) * 8)
                     dec_rows[kind][layer].append([c.offset, c.scale_offset, min_off, st.buffer, c.bits, c.axis, c.group,
-                                                  int(c.asym), st.heads, st.dim, width, st.col_offset, tu, ps // tu, 0, 0])
+                                                  int(c.asym), st.heads, st.dim, width, st.col_offset, tu, ps // tu,
+                                                  int(rc is not None), plane_off])
         assert all(len(r) == lim["chunk_fields"] for r in rows)
         self.chunk_rows = rows
         self.unit_chunk = unit_chunk

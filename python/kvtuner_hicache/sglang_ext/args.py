@@ -76,7 +76,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="Precision-elastic host pool: pages enter L2 with refinement planes that double the bits "
                         "of their 2- and 4-bit layers and drop them (coldest first, values before keys) before SGLang evicts "
                         "any page; the bit flags or the per-layer table give the floor. L3 stores floor "
-                        "pages. CPU device pools only in this release.")
+                        "pages.")
     g.add_argument("--kvtuner-hicache-config", type=str, default=None, metavar="PATH",
                    help="KVTuner per-layer YAML {layer: {nbits_key, nbits_value}} that sets the bits "
                         "of every layer; giving --kvtuner-hicache-nbits-key/-value beside it is an error.")
@@ -230,9 +230,9 @@ def validate_server_args(sa: Any, cfg: QuantConfig, era: Any = None) -> None:
     """Raise one ConfigError listing every reason `sa` (resolved) cannot run `cfg`."""
     errs = server_args_errors(sa, era)
     device = getattr(sa, "device", None)
-    if cfg.elastic and device not in (None, "cpu"):
-        errs.append(f"--kvtuner-hicache-elastic runs on --device cpu only in this release (the native "
-                    f"mixed-precision decode is not built yet), this server has --device {device}: drop the flag")
+    if cfg.elastic and device not in (None, "cpu", "cuda"):
+        errs.append(f"--kvtuner-hicache-elastic runs on --device cuda (native kernels) or cpu (reference codec), "
+                    f"this server has --device {device}: drop the flag")
     if not errs:
         errs = model_errors(sa, cfg)
     if errs:

@@ -12,20 +12,29 @@ Lifecycle contract, on top of the fixed pool's:
   sizing); `available_size()` counts rows that only hold planes as free, because `alloc()` takes
   them back (coldest planes demoted, values before keys, half-used rows paired) before it returns
   None. SGLang's eviction therefore runs only when every page is at its floor;
-- `backup_from_device_all_layer` writes the floor page and then the planes of the streams the
-  plane table granted (new pages are the hottest; they may take the plane of a colder page);
-- `load_to_device_per_layer` decodes the floor, then overwrites the rows of pages that hold a plane
-  for this layer with the top-precision decode (looked up under the pool lock per layer, so a page
-  demoted by another thread mid-load is loaded at its floor for the remaining layers: correct values,
-  lower precision); layer 0 counts as a touch and adds the page's tokens to `served_tokens_by_bits`;
+- `backup_from_device_all_layer` asks the plane table which streams each new page gets a plane of
+  (new pages are the hottest; they may take the plane of a colder page), then makes one codec call
+  that writes the floor pages and those planes (`codec.backup(..., planes=offsets)`: on a GPU the
+  encode kernel writes the planes into pinned host memory itself);
+- `load_to_device_per_layer` makes one codec call per layer with the load's plane offsets (looked up
+  under the pool lock, cached until the plane table changes), so every page decodes at the precision
+  it holds in the same launch; layer 0 counts as a touch and adds the page's tokens to
+  `served_tokens_by_bits`;
+- stream fences: the native codec reads and writes planes asynchronously, on the caller's CUDA
+  stream. Before the pool gives up a plane slot (a demotion in `admit`/`alloc`, a plane move, a row
+  handed back to SGLang, a freed page), it waits for the load stream (and, where the slot's row may
+  leave the pool or be read on the CPU, the write stream) to finish what was enqueued there since the
+  last wait, so no kernel reads a reused slot and no pending plane write lands in a row SGLang owns.
+  The wait is skipped when nothing was enqueued since (the usual case: an allocation follows the
+  forward pass that consumed the load);
 - a page written from L3 (`set_from_flat_data_page`) enters at its floor: L3 holds floor pages only
   (the same objects a fixed pool of the floor config writes and reads), and it is touched;
 - `free` (SGLang's eviction) drops the page's planes and counts an eviction.
 
 Every method that reads or writes plane state holds `self.lock`, the base pool's RLock, which the
-base's own alloc/free take as well (one lock, no ordering to get wrong). The planes are pure host
-memory and written synchronously, so this pool runs with the reference codec on CPU device pools
-only; on CUDA it refuses to build (the native mixed-precision decode is not written yet).
+base's own alloc/free take as well (one lock, no ordering to get wrong). The codec is the fixed
+pool's: the native kernels on CUDA (the plane decode and encode are in the same launches as the floor),
+the reference codec on CPU device pools (synchronous, so the fences are no-ops there).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import torch
 from kvtuner_hicache.config import ConfigError
 from kvtuner_hicache.elastic_planes import PlaneTable, Slot
 from kvtuner_hicache.page_format import ALIGN
-from kvtuner_hicache.quant.elastic_pages import PLANE_LAYOUT_VERSION, RefinementLayout, encode_planes, load_top
+from kvtuner_hicache.quant.elastic_pages import PLANE_LAYOUT_VERSION, RefinementLayout
 from kvtuner_hicache.sglang_ext.elastic_metrics import ElasticMetrics, metrics_enabled
 from kvtuner_hicache.sglang_ext.host_pool import QuantizedMHATokenToKVPoolHost
 
@@ -63,12 +72,9 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
     kvtq_elastic = True
 
     def __init__(self, device_pool: Any, **kwargs: Any):
-        if str(device_pool.device) != "cpu":
-            raise ConfigError(
-                "--kvtuner-hicache-elastic runs on CPU device pools only in this release (the native "
-                f"mixed-precision decode is not built yet; device here: {device_pool.device}); drop the flag on GPUs"
-            )
         self.planes: PlaneTable | None = None  # the base init calls clear() before the table exists
+        self._reading: Any = None  # the CUDA stream of plane reads enqueued since the last fence, or None
+        self._writing: Any = None  # likewise for plane writes (backups)
         super().__init__(device_pool, **kwargs)
         self.refinement = RefinementLayout(self.page_layout)
         if not self.refinement.streams:
@@ -80,7 +86,9 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         self.plane_halves, self.half_stride = halves, half_stride
         self._halves = torch.as_strided(self.kv_buffer, (self.page_num, halves, half_stride),
                                         (self.row_stride, half_stride, 1))
-        self._buffers = self._device_buffers(device_pool)
+        self._cuda = torch.device(device_pool.device).type == "cuda"
+        self._load_planes: torch.Tensor | None = None  # the current load's plane offsets ...
+        self._load_planes_key: tuple[Any, int] | None = None  # ... valid for (load ids, plane table version)
         self.planes = PlaneTable(self.refinement.streams, halves, self._take_row, self._release_row, self._move_plane)
         self.evicted_pages = 0
         self.served_tokens_by_bits: Counter[str] = Counter()
@@ -113,6 +121,38 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
     def _move_plane(self, src: Slot, dst: Slot) -> None:
         self._halves[dst[0], dst[1]].copy_(self._halves[src[0], src[1]])
 
+    def _offset(self, slot: Slot) -> int:
+        """Byte offset of a plane slot from the start of the host buffer (what the codec addresses)."""
+        return slot[0] * self.row_stride + slot[1] * self.half_stride
+
+    def _offsets(self, page_ids: list[int]) -> torch.Tensor | None:
+        """The codec's planes argument for `page_ids` (CPU int64 [2, n]), or None when none has a plane."""
+        offs = [[-1] * len(page_ids), [-1] * len(page_ids)]
+        any_plane = False
+        for s in self.refinement.streams:
+            row = offs[s]
+            for i, p in enumerate(page_ids):
+                sl = self.planes.slot_of(p, s)
+                if sl is not None:
+                    row[i] = self._offset(sl)
+                    any_plane = True
+        return torch.tensor(offs, dtype=torch.int64) if any_plane else None
+
+    # ---- stream fences: no plane slot is reused while a kernel enqueued earlier may still use it ------
+
+    def _settle(self, *, writes: bool = True) -> None:
+        """Wait for the plane reads (and with `writes`, the plane writes) enqueued since the last wait."""
+        if self._reading is not None:
+            self._reading.synchronize()
+            self._reading = None
+        if writes and self._writing is not None:
+            self._writing.synchronize()
+            self._writing = None
+
+    def _enqueued(self, name: str) -> None:
+        if self._cuda:
+            setattr(self, name, torch.cuda.current_stream())
+
     # ---- allocation: planes give way before SGLang sees a full pool -----------------------------
 
     def available_size(self) -> int:
@@ -126,6 +166,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
             if short <= 0 or self.planes is None:
                 return super().alloc(need_size)
             before = sum(self.planes.stats.demotions)
+            self._settle()  # reclaim moves planes on the CPU and hands rows back to SGLang
             self.planes.reclaim(-(-short // self.page_size))
             got = super().alloc(need_size)
             self._report(before)  # after the allocation: the published census counts the new pages
@@ -135,6 +176,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         with self.lock:
             if self.planes is not None and indices.numel():
                 pages = torch.unique(indices.cpu() // self.page_size).tolist()
+                self._settle()  # a dropped plane's row may go back to SGLang
                 self.planes.drop(pages)
                 self.evicted_pages += len(pages)
             freed = super().free(indices)
@@ -143,6 +185,8 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
 
     def clear(self) -> None:
         with self.lock:
+            if self.planes is not None:
+                self._settle()
             super().clear()
             if self.planes is not None:
                 self.planes.clear()
@@ -150,52 +194,36 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
     # ---- GPU <-> host ------------------------------------------------------------------------------
 
     def backup_from_device_all_layer(self, device_pool, host_indices, device_indices, io_backend) -> None:
-        super().backup_from_device_all_layer(device_pool, host_indices, device_indices, io_backend)
-        ps = self.page_size
-        page_ids = (host_indices[::ps] // ps).tolist()
-        rows = device_indices.reshape(len(page_ids), ps)
+        ids = self._backup_page_ids(host_indices, io_backend)
+        page_ids = ids.tolist()
         with self.lock:
             before = sum(self.planes.stats.demotions)
-            granted = self.planes.admit(page_ids)
-            for s in self.refinement.streams:
-                sel = [i for i, g in enumerate(granted) if s in g]
-                if not sel:
-                    continue
-                plane = encode_planes(self.refinement, s, self._buffers, rows[sel].reshape(-1))
-                slots = [self.planes.slot_of(page_ids[i], s) for i in sel]
-                r = torch.tensor([sl[0] for sl in slots], dtype=torch.int64)
-                h = torch.tensor([sl[1] for sl in slots], dtype=torch.int64)
-                self._halves[r, h, : plane.shape[1]] = plane
+            self._settle(writes=False)  # admission may take the plane slot of a page a queued load still reads
+            self.planes.admit(page_ids)
+            planes = self._offsets(page_ids)
+            self.codec.backup(ids, device_indices, planes)
+            if planes is not None:
+                self._enqueued("_writing")
             self._report(before)
 
     def load_to_device_per_layer(self, device_pool, host_indices, device_indices, layer_id, io_backend,
                                  *, is_draft: bool = False) -> None:
-        super().load_to_device_per_layer(device_pool, host_indices, device_indices, layer_id, io_backend,
-                                         is_draft=is_draft)
-        page_ids = self._load_page_ids.tolist()
-        ps = self.page_size
+        ids = self._load_ids(host_indices, layer_id, io_backend, is_draft)
         with self.lock:
             if layer_id == 0:
+                page_ids = ids.tolist()
                 for p in page_ids:
-                    self.served_tokens_by_bits[self.bits_label(p)] += ps
+                    self.served_tokens_by_bits[self.bits_label(p)] += self.page_size
                 self.planes.touch(page_ids)
                 self.publish_metrics()
-            for s in self.refinement.streams:
-                chunk = self.refinement.chunk(s, layer_id)
-                if chunk is None:
-                    continue
-                sel = [(i, self.planes.slot_of(p, s)) for i, p in enumerate(page_ids)]
-                sel = [(i, sl) for i, sl in sel if sl is not None]
-                if not sel:
-                    continue
-                idx = torch.tensor([i for i, _ in sel], dtype=torch.int64)
-                r = torch.tensor([sl[0] for _, sl in sel], dtype=torch.int64)
-                h = torch.tensor([sl[1] for _, sl in sel], dtype=torch.int64)
-                dst = device_indices.reshape(len(page_ids), ps)[idx].reshape(-1)
-                spec = chunk.spec
-                raw = self.pages[self._load_page_ids[idx], spec.offset : spec.offset + spec.nbytes]
-                load_top(self.page_layout, chunk, raw, self._halves[r, h],
-                         self._buffers[self.page_layout.streams[s].buffer][layer_id], dst)
+            key = (ids, self.planes.version)
+            if self._load_planes_key is None or self._load_planes_key[0] is not ids or self._load_planes_key[1] != key[1]:
+                self._load_planes = self._offsets(ids.tolist())  # a new load, or planes moved since
+                self._load_planes_key = key
+            planes = self._load_planes
+            self.codec.load_layer(layer_id, ids, device_indices, planes)
+            if planes is not None:
+                self._enqueued("_reading")
 
     def set_from_flat_data_page(self, index: int, data_page: torch.Tensor) -> None:
         super().set_from_flat_data_page(index, data_page)

@@ -176,23 +176,29 @@ class _QuantizedHostPool(HostKVCache):
     # ---- GPU <-> host --------------------------------------------------------------------------
 
     def backup_from_device_all_layer(self, device_pool, host_indices, device_indices, io_backend) -> None:
-        if io_backend != "kernel":
-            raise ValueError(f"quantized HiCache supports io_backend 'kernel' only, got {io_backend!r}")
-        # host indices stay on the CPU (can_use_write_back_jit): page ids without a device sync
-        self.codec.backup(host_indices[:: self.page_size] // self.page_size, device_indices)
+        self.codec.backup(self._backup_page_ids(host_indices, io_backend), device_indices)
 
     def load_to_device_per_layer(self, device_pool, host_indices, device_indices, layer_id, io_backend,
                                  *, is_draft: bool = False) -> None:
+        self.codec.load_layer(layer_id, self._load_ids(host_indices, layer_id, io_backend, is_draft), device_indices)
+
+    def _backup_page_ids(self, host_indices, io_backend: str) -> torch.Tensor:
+        if io_backend != "kernel":
+            raise ValueError(f"quantized HiCache supports io_backend 'kernel' only, got {io_backend!r}")
+        # host indices stay on the CPU (can_use_write_back_jit): page ids without a device sync
+        return host_indices[:: self.page_size] // self.page_size
+
+    def _load_ids(self, host_indices, layer_id: int, io_backend: str, is_draft: bool) -> torch.Tensor:
+        """The page ids of a load. The controller calls once per local layer with the same index tensors:
+        derived on layer 0 and reused (O(1) host work per layer afterwards)."""
         if is_draft:  # 0.5.18+ passes it; our pools never hold packed draft layers
             raise RuntimeError("quantized HiCache host pools hold no MTP draft layers (is_draft=True)")
         if io_backend != "kernel":
             raise ValueError(f"quantized HiCache supports io_backend 'kernel' only, got {io_backend!r}")
-        # The controller calls this once per local layer with the same index tensors: derive the
-        # page ids on layer 0 and reuse them (O(1) host work per layer afterwards).
         if layer_id == 0 or self._load_key is not host_indices:
             self._load_page_ids = host_indices[:: self.page_size] // self.page_size
             self._load_key = host_indices
-        self.codec.load_layer(layer_id, self._load_page_ids, device_indices)
+        return self._load_page_ids
 
     # ---- page accessors for L3 -----------------------------------------------------------------
 

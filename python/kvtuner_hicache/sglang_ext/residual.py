@@ -125,12 +125,13 @@ class ResidualTailCodec(WrappingCodec):
         self._plan_ids: torch.Tensor | None = None
         self._plan: tuple | None = None
 
-    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
-        self.inner.backup(host_page_ids, device_rows)
+    def backup(self, host_page_ids: torch.Tensor, device_rows: torch.Tensor, planes: torch.Tensor | None = None) -> None:
+        self.inner.backup(host_page_ids, device_rows, planes)
         self.store.on_backup([int(p) for p in host_page_ids.tolist()], device_rows, self.device_kv.buffers())
 
-    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor) -> None:
-        self.inner.load_layer(layer, page_ids, device_rows)
+    def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor,
+                   planes: torch.Tensor | None = None) -> None:
+        self.inner.load_layer(layer, page_ids, device_rows, planes)
         if layer == 0 or self._plan_ids is not page_ids:  # one plan per load (the ids tensor is reused)
             self._plan_ids = page_ids
             self._plan = self.store.plan_load([int(p) for p in page_ids.tolist()], device_rows)
