@@ -301,7 +301,22 @@ def measure(srv: Server, pattern: str, rep: int, meta: dict[str, Any]) -> dict[s
             "l3_bytes_read": io1 - io0,  # measured: what the server's processes read
             "l3_bytes_read_from_tokens": md.get("sglang:prefetched_tokens_total", 0.0) * bpt if srv.l3_dir else 0,
             "l3_prefetched_tokens": md.get("sglang:prefetched_tokens_total", 0.0),
-            "l3_backup_tokens": md.get("sglang:backuped_tokens_total", 0.0), "wall_s": wall}
+            "l3_backup_tokens": md.get("sglang:backuped_tokens_total", 0.0), "wall_s": wall,
+            "hit_tokens_by_bits": hit_tokens_by_bits(srv.arm, md, s["host_hit_tokens"])}
+
+
+FIXED_BITS = {"bf16": "16", "kv8": "8", "kv4": "4", "kv4_sglread": "4", "k8v4": "6"}  # code bits per element
+
+
+def hit_tokens_by_bits(arm: str, metrics_delta: dict[str, float], host_hit_tokens: float) -> dict[str, float]:
+    """Host-hit tokens per precision served (code bits per element, metadata not counted): an elastic pool's
+    own counter (sglang:kvtq_elastic_hit_tokens_total{bits}), else every host hit at the arm's fixed bits."""
+    pre = "sglang:kvtq_elastic_hit_tokens_total{"
+    by = {k[len(pre):-1]: v for k, v in metrics_delta.items() if k.startswith(pre) and v}
+    if by or arm == "elastic":
+        return by
+    bits = FIXED_BITS.get(arm)
+    return {bits: host_hit_tokens} if bits and host_hit_tokens else {}
 
 
 def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -327,6 +342,12 @@ def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     agg[f] += v.get(f, 0) / len(rs)
         if stages:
             row["l3_profile"] = stages  # mean per repeat
+        by_bits: dict[str, float] = {}
+        for r in rs:
+            for bits, v in (r.get("hit_tokens_by_bits") or {}).items():
+                by_bits[bits] = by_bits.get(bits, 0.0) + v / len(rs)
+        if by_bits:
+            row["hit_tokens_by_bits"] = by_bits  # mean per repeat
         out.append(row)
     base = {(r["scenario"], r["pattern"]): r for r in out if r["arm"] == "bf16"}
     for r in out:

@@ -38,6 +38,7 @@ METRIC_NAMES = (
     "sglang:evicted_tokens_total",
     "sglang:backuped_tokens_total",
     "sglang:prefetched_tokens_total",
+    "sglang:kvtq_elastic_hit_tokens_total",  # elastic pools: host-hit tokens per precision (label bits)
     "sglang:hicache_host_total_tokens",
     "sglang:hicache_host_used_tokens",
     "sglang:prompt_tokens_total",
@@ -141,14 +142,15 @@ _METRIC_RE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {name or name{cache_source=..}: value} for METRIC_NAMES (summed over other labels)."""
+    """Prometheus text -> {name or name{cache_source=..} or name{bits=..}: value} for METRIC_NAMES (summed over
+    other labels)."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = _METRIC_RE.match(line.strip())
         if not m or m["name"] not in METRIC_NAMES:
             continue
         key = m["name"]
-        src = re.search(r'cache_source="([^"]*)"', m["labels"] or "")
+        src = re.search(r'(?:cache_source|bits)="([^"]*)"', m["labels"] or "")
         if src:
             key += "{" + src.group(1) + "}"
         out[key] = out.get(key, 0.0) + float(m["value"])

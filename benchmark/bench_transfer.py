@@ -12,6 +12,11 @@ config (quant/codec.py) over the installed kernel wheel:
   load-fused  KV4 only: the one-launch load at every batch size and grid share (`--fused-sweep`), the
               measurement that FUSE_PAGES and FUSED_BLOCKS_PER_LAYER come from.
   quantize    native.encode_pages from device rows into GPU memory only (no PCIe).
+  elastic     (issue 15) pages of an elastic pool with a K4V4 floor in a host buffer laid out like the pool's
+              (planes in other rows, two per row): load at the top (every page both planes; record
+              `load-elastic`, state `top`) against fixed KV8 pages, at the floor (planes argument of -1 only)
+              and with no planes argument against fixed KV4, half the pages at the top; backup with every plane
+              (`backup-elastic`) against fixed KV8 and KV4. Fixed pages are timed again beside them, same method.
   dequantize  load_layer x L from pages in GPU memory only (no PCIe, unbounded grid).
 
 bf16 baselines, timed in the same run:
@@ -351,6 +356,95 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
 
 
 
+def run_elastic(shape_name: str, shape: KVShape, pages_list: list[int], reps: int, records: list) -> None:
+    """Elastic K4V4 pages against fixed KV8 / KV4 pages, loads and backups, timed side by side (module doc)."""
+    from kvtuner_hicache.page_format import ALIGN
+    from kvtuner_hicache.quant.elastic_pages import RefinementLayout
+
+    dev = torch.device("cuda")
+    L, H, D = shape.num_layers, shape.heads, shape.head_dim
+    ps = PAGE_SIZE
+    maxp = max(pages_list)
+    rows = (maxp + 8) * ps
+    gen = torch.Generator(device=dev).manual_seed(5)
+    bufs = [[torch.randn(rows, H, D, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(L)] for _ in range(2)]
+    kv = DeviceKV.from_lists(bufs)
+    floor = PageLayout(QuantConfig(), shape, ps)
+    kv8 = PageLayout(QuantConfig(nbits_key=8, nbits_value=8), shape, ps)
+    rl = RefinementLayout(floor)
+    half = -(-max(rl.plane_bytes.values()) // ALIGN) * ALIGN
+    stride = -(-max(floor.page_bytes, 2 * half) // 4096) * 4096
+    buf = torch.empty(2 * maxp + 8, stride, dtype=torch.uint8).pin_memory()  # pages, then plane rows
+    buf8 = torch.empty(maxp + 8, kv8.page_bytes, dtype=torch.uint8).pin_memory()
+    gpu = torch.cuda.get_device_name()
+    pg = torch.Generator().manual_seed(2)
+    ctx = dict(shape_name=shape_name, L=L, ps=ps, maxp=maxp, stride=stride, half=half, kv=kv, floor=floor, kv8=kv8,
+               buf=buf, buf8=buf8, gpu=gpu, pg=pg, reps=reps, records=records)
+    for n in pages_list:
+        _elastic_at(n, **ctx)
+    torch.cuda.empty_cache()
+
+
+def _elastic_at(n: int, *, shape_name, L, ps, maxp, stride, half, kv, floor, kv8, buf, buf8, gpu, pg, reps,
+                records) -> None:
+    dev = torch.device("cuda")
+    dslots = torch.randperm(maxp + 8, generator=pg)[:n]
+    tidx = (dslots[:, None] * ps + torch.arange(ps)).reshape(-1).to(dev)
+    ids = torch.arange(n, dtype=torch.int64)  # page rows 0..n-1: runs, like an allocator's pages
+    ids_dev = ids.to(dev)
+    top = torch.stack([maxp * stride + ids * stride, maxp * stride + ids * stride + half])  # page i: row maxp + i
+    none = torch.full_like(top, -1)
+    halfway = top.clone()
+    halfway[:, 1::2] = -1
+    el = NativeCodec(floor, kv, buf[:, : floor.page_bytes], dev, staging_pages=min(n, STAGING_PAGES))
+    f8 = NativeCodec(kv8, kv, buf8, dev, staging_pages=min(n, STAGING_PAGES))
+    f4 = NativeCodec(floor, kv, buf[:, : floor.page_bytes], dev, staging_pages=min(n, STAGING_PAGES))
+    el.backup(ids, tidx, top)
+    f8.backup(ids, tidx)
+    torch.cuda.synchronize()
+
+    def load(codec, planes):
+        def run():
+            for layer in range(L):
+                codec.load_layer(layer, ids_dev, tidx, planes)
+        return run
+
+    cases = [("top", load(el, top), "KV8", load(f8, None)), ("floor", load(el, none), "KV4", load(f4, None)),
+             ("half", load(el, halfway), "KV4", load(f4, None))]
+    base = {"shape": shape_name, "pages": n, "page_size": ps, "gpu": gpu, "config": "elastic-K4V4"}
+    line = []
+    for state, fn, ref, fn_ref in cases:
+        t, t10, t90 = bench_spread(fn, reps)
+        r, r10, r90 = bench_spread(fn_ref, reps)
+        records.append(dict(base, direction="load-elastic", state=state, time_ms=round(t, 4),
+                            time_ms_p10=round(t10, 4), time_ms_p90=round(t90, 4), fixed=ref, fixed_ms=round(r, 4),
+                            fixed_ms_p10=round(r10, 4), fixed_ms_p90=round(r90, 4), vs_fixed=round(t / r, 3)))
+        line.append(f"{state} {t:.3f} ms ({t / r:.2f}x {ref})")
+    t = bench(lambda: el.backup(ids, tidx, top), reps)
+    t8 = bench(lambda: f8.backup(ids, tidx), reps)
+    t4 = bench(lambda: f4.backup(ids, tidx), reps)
+    records.append(dict(base, direction="backup-elastic", state="top", time_ms=round(t, 4), fixed="KV8",
+                        fixed_ms=round(t8, 4), vs_fixed=round(t / t8, 3), kv4_ms=round(t4, 4)))
+    for c in (el, f8, f4):
+        c.check()
+        c.shutdown()
+    print(f"{shape_name:13s} elastic {n:4d}p  load {', '.join(line)}  backup {t:.3f} ms ({t / t8:.2f}x KV8, "
+          f"KV4 {t4:.3f})", flush=True)
+
+
+def table_elastic(records: list) -> str:
+    lines = ["| shape | pages | direction | elastic state | elastic ms [p10, p90] | fixed | fixed ms [p10, p90] "
+             "| elastic / fixed |", "| --- | ---: | --- | --- | ---: | --- | ---: | ---: |"]
+    for r in records:
+        if r["direction"] not in ("load-elastic", "backup-elastic"):
+            continue
+        sp = f" [{r['time_ms_p10']:.3f}, {r['time_ms_p90']:.3f}]" if "time_ms_p10" in r else ""
+        fsp = f" [{r['fixed_ms_p10']:.3f}, {r['fixed_ms_p90']:.3f}]" if "fixed_ms_p10" in r else ""
+        lines.append(f"| {r['shape']} | {r['pages']} | {r['direction']} | {r['state']} | {r['time_ms']:.3f}{sp} | "
+                     f"{r['fixed']} | {r['fixed_ms']:.3f}{fsp} | {r['vs_fixed']:.2f}x |")
+    return "\n".join(lines)
+
+
 def table(records: list) -> str:
     def f(r, key, fmt):
         return format(r[key], fmt) if r.get(key) is not None else "-"
@@ -443,6 +537,10 @@ def targets(records: list) -> list[str]:
                 out.append(f"{shape} load {cfg} 1-16 pages >= {need}x SGLang bf16 (same run): worst "
                            f"{lo['speedup_vs_sglang_bf16']:.2f}x at {lo['pages']} pages "
                            f"{'PASS' if lo['speedup_vs_sglang_bf16'] >= need else 'MISS'}")
+        for r in records:
+            if r["shape"] == shape and r["direction"] == "load-elastic" and r["state"] in ("top", "floor"):
+                out.append(f"{shape} elastic load at the {r['state']}, {r['pages']} pages, within 10 % of fixed "
+                           f"{r['fixed']}: {r['vs_fixed']:.2f}x {'PASS' if r['vs_fixed'] <= 1.10 else 'MISS'}")
         r = get(shape, "KV4", "backup", 256)
         if r:
             out.append(f"{shape} backup KV4 256 pages >= 2.5x: {r['speedup_vs_bf16']:.2f}x "
@@ -465,6 +563,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Qwen shape only")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--fused-sweep", action="store_true", help="KV4: the one-launch load at every size and grid share")
+    ap.add_argument("--no-elastic", action="store_true", help="leave out the elastic pages (issue 15)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_transfer: needs a CUDA GPU")
@@ -480,6 +579,8 @@ def main() -> None:
     for name, shape in shapes.items():
         run_shape(name, shape, pages_list, args.reps, ext, sgl, records, not args.no_sweep,
                   args.fused_sweep)
+        if not args.no_elastic:
+            run_elastic(name, shape, pages_list, args.reps, records)
     gpu = torch.cuda.get_device_name()
     cmd = "PYTHONPATH=python python3 benchmark/bench_transfer.py " + " ".join(sys.argv[1:])
     res = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "page_size": PAGE_SIZE,
@@ -493,6 +594,7 @@ def main() -> None:
     print(table_device(records))
     print(table_sweep(records))
     print(table_fused(records))
+    print(table_elastic(records))
     print("\n".join(res["targets"]))
     if args.md:
         md = [f"GPU: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}); page size {PAGE_SIZE}; "
@@ -500,7 +602,8 @@ def main() -> None:
               f"CUDA-event timings.", "", f"Command: `{cmd}`", "", "### Transfers", "", table(records), "",
               "### Quantize / dequantize on device memory alone", "", table_device(records), "",
               "### Load block-quota sweep (KV4)", "", table_sweep(records), "",
-              "### One-launch load: batch size and grid share (KV4)", "", table_fused(records), "", "### Targets", "",
+              "### One-launch load: batch size and grid share (KV4)", "", table_fused(records), "",
+              "### Elastic pages (K4V4 floor) against fixed pages", "", table_elastic(records), "", "### Targets", "",
               "\n".join(f"- {t}" for t in res["targets"]), ""]
         pathlib.Path(args.md).write_text("\n".join(md))
     print(f"done in {time.time() - t0:.0f} s")

@@ -61,6 +61,7 @@ def arm_args(arm: str, stage: str) -> list[str] | None:
         "kv8": ours + ["--kvtuner-hicache-nbits-key", "8", "--kvtuner-hicache-nbits-value", "8"],
         "k8v4": ours + ["--kvtuner-hicache-nbits-key", "8", "--kvtuner-hicache-nbits-value", "4"],
         "kv4": ours,
+        "elastic": ours + ["--kvtuner-hicache-elastic"],  # K4V4 floor, K8V8-class at the top
         "mixed": ours + ["--kvtuner-hicache-config", os.path.join(stage, "presets", PRESET)],
     }.get(arm)
 

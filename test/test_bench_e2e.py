@@ -109,3 +109,20 @@ def test_arm_variants_keep_their_base_flags():
     assert be.ARM_VARIANTS["kv4_sglread"][1] == {"KVTQ_L3_IN_POOL_READS": "0"}
     with pytest.raises(SystemExit):
         be.main(["--scenario", "l2", "--patterns", "l3hit", "--reps", "0"])
+
+
+def test_hit_tokens_by_bits_from_the_elastic_counter_or_the_fixed_bits():
+    import bench_multiturn as bm
+
+    text = ('sglang:kvtq_elastic_hit_tokens_total{tp_rank="0",bits="8"} 640.0\n'
+            'sglang:kvtq_elastic_hit_tokens_total{tp_rank="0",bits="4"} 128.0\n'
+            'sglang:cached_tokens_total{cache_source="host"} 768.0\n')
+    m = bm.parse_metrics(text)
+    assert m["sglang:kvtq_elastic_hit_tokens_total{8}"] == 640.0 and m["sglang:cached_tokens_total{host}"] == 768.0
+    assert be.hit_tokens_by_bits("elastic", m, 768.0) == {"8": 640.0, "4": 128.0}
+    assert be.hit_tokens_by_bits("elastic", {}, 768.0) == {}  # no counter: nothing is made up
+    assert be.hit_tokens_by_bits("kv4", {}, 768.0) == {"4": 768.0}
+    assert be.hit_tokens_by_bits("kv8", {}, 0.0) == {}
+    rows = be.summary([{"scenario": "l2", "pattern": "chat", "arm": "elastic", "rep": r, "ttft_mean_s": 0.1,
+                        "hit_tokens_by_bits": {"8": 100.0 * (r + 1)}} for r in range(2)])
+    assert rows[0]["hit_tokens_by_bits"] == {"8": 150.0}

@@ -6,7 +6,8 @@
 # and the quick transfer benchmark first (GPU_CHECKS=1: scripts/gpu_test.sh, ~2 min), then
 # benchmark/bench_e2e.py. Leaves in $OUT: bench_e2e_<scenario>.json (one record per pattern x arm x repeat),
 # bench_e2e_<scenario>_summary.json, setup.log, run.log, logs.tgz (server logs, start-up lines).
-# Env: SCENARIO (l2), SGLANG_RELEASE (0.5.23), BUDGET (s, 430), REPS (3), GPU_CHECKS (0), BENCH_ARGS.
+# Env: SCENARIO (l2), SGLANG_RELEASE (0.5.23), BUDGET (s, 430), REPS (3), GPU_CHECKS (0), BENCH_ARGS (bench_e2e),
+#      TRANSFER_ARGS (bench_transfer under GPU_CHECKS), GPU_TIMEOUT (300).
 set -u
 OUT=${OUT:-/tmp/kvtq_out}
 WORK=/tmp/kvtq_e2e_work
@@ -15,7 +16,9 @@ export SGLANG_RELEASE=${SGLANG_RELEASE:-0.5.23}
 rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
 t0=$(date +%s)
 if [ "${GPU_CHECKS:-0}" = 1 ]; then
-  OUT=$OUT/gpu timeout 300 bash scripts/gpu_test.sh 2>&1 | grep -E "^\[gpu_test\]|passed|failed|PASS|MISS" | tail -30
+  # gpu_test.sh reads BENCH_ARGS for the transfer benchmark: give it TRANSFER_ARGS (empty: its default)
+  OUT=$OUT/gpu BENCH_ARGS="${TRANSFER_ARGS:-}" timeout "${GPU_TIMEOUT:-300}" bash scripts/gpu_test.sh 2>&1 \
+    | grep -E "^\[gpu_test\]|passed|failed|FAILED|Error|PASS|MISS|elastic" | tail -60
 fi
 read -r SGLANG_RELEASE SITE <<< "$(bash scripts/device/run_server.sh release)"
 export SGLANG_RELEASE SITE
