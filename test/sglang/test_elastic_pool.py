@@ -422,3 +422,37 @@ def test_no_metrics_without_the_flag(kvtq_hooks, tiny_model):
     sa = resolved_server_args(tiny_model, *ELASTIC)  # published: replaces any server with --enable-metrics
     cache, _ = tree_cache(mha_device_pool(2, 2, 64, PS, tokens=4 * PS), sa)
     assert kv_host_pool(cache).metrics is None
+
+
+def test_plane_slots_are_reused_only_after_the_streams_that_used_them_drained(monkeypatch):
+    """On a GPU the codec reads and writes planes asynchronously: the pool waits for the load stream (and
+    the write stream) work enqueued since its last wait before a demotion, a move or a row handed back can
+    reuse a slot, and does not wait when nothing was enqueued since."""
+
+    class Stream:
+        def __init__(self):
+            self.waits = 0
+
+        def synchronize(self):
+            self.waits += 1
+
+    dev = mha_device_pool(2, 2, 64, PS, tokens=16 * PS, seed=3)
+    pool = quant_host_pool(dev, EL, ratio=0.6)
+    write, load = Stream(), Stream()
+    current = [write]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current[0])
+    pool._cuda = True  # the fences as on CUDA; the reference codec still does the work
+    h = pool.alloc(2 * PS)
+    pool.backup_from_device_all_layer(dev, h, torch.arange(2 * PS), "kernel")
+    assert pool.planes.planes > 0 and (write.waits, load.waits) == (0, 0)
+    current[0] = load
+    _load(pool, dev, h, torch.arange(4 * PS, 6 * PS))
+    current[0] = write
+    h2 = pool.alloc(PS)  # fits in a free row: no slot reused, no wait
+    assert h2 is not None and (write.waits, load.waits) == (0, 0)
+    pool.backup_from_device_all_layer(dev, h2, torch.arange(2 * PS, 3 * PS), "kernel")  # admission may demote
+    assert (write.waits, load.waits) == (0, 1)  # loads only: the backup's own writes are ordered on its stream
+    everything = pool.alloc(pool.available_size())  # reclaims every plane row: waits for both streams
+    assert everything is not None and (write.waits, load.waits) == (1, 1)
+    pool.free(everything)  # nothing enqueued since: no wait
+    assert (write.waits, load.waits) == (1, 1)
