@@ -424,35 +424,76 @@ def test_no_metrics_without_the_flag(kvtq_hooks, tiny_model):
     assert kv_host_pool(cache).metrics is None
 
 
-def test_plane_slots_are_reused_only_after_the_streams_that_used_them_drained(monkeypatch):
-    """On a GPU the codec reads and writes planes asynchronously: the pool waits for the load stream (and
-    the write stream) work enqueued since its last wait before a demotion, a move or a row handed back can
-    reuse a slot, and does not wait when nothing was enqueued since."""
+class _Event:
+    """A CUDA event stand-in: pending until synchronize() (or `done`)."""
 
-    class Stream:
-        def __init__(self):
-            self.waits = 0
+    made: list = []
 
-        def synchronize(self):
-            self.waits += 1
+    def __init__(self):
+        self.done = self.waited = False
+        _Event.made.append(self)
 
+    def record(self, *a):
+        pass
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.waited = self.done = True
+
+
+class _Stream:
+    def __init__(self):
+        self.waited_for: list = []
+
+    def wait_event(self, ev):
+        self.waited_for.append(ev)
+
+
+@pytest.fixture
+def fake_cuda_events(monkeypatch):
+    _Event.made = []
+    stream = _Stream()
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: stream)
+    return stream
+
+
+def test_the_cpu_touches_a_slot_only_after_the_kernels_that_used_it(fake_cuda_events):
+    """On a GPU the codec reads and writes planes asynchronously. A row handed back to SGLang (or a plane
+    moved) waits for the events of exactly the slots involved, and only while they are pending."""
     dev = mha_device_pool(2, 2, 64, PS, tokens=16 * PS, seed=3)
     pool = quant_host_pool(dev, EL, ratio=0.6)
-    write, load = Stream(), Stream()
-    current = [write]
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current[0])
     pool._cuda = True  # the fences as on CUDA; the reference codec still does the work
-    h = pool.alloc(2 * PS)
-    pool.backup_from_device_all_layer(dev, h, torch.arange(2 * PS), "kernel")
-    assert pool.planes.planes > 0 and (write.waits, load.waits) == (0, 0)
-    current[0] = load
-    _load(pool, dev, h, torch.arange(4 * PS, 6 * PS))
-    current[0] = write
-    h2 = pool.alloc(PS)  # fits in a free row: no slot reused, no wait
-    assert h2 is not None and (write.waits, load.waits) == (0, 0)
-    pool.backup_from_device_all_layer(dev, h2, torch.arange(2 * PS, 3 * PS), "kernel")  # admission may demote
-    assert (write.waits, load.waits) == (0, 1)  # loads only: the backup's own writes are ordered on its stream
-    everything = pool.alloc(pool.available_size())  # reclaims every plane row: waits for both streams
-    assert everything is not None and (write.waits, load.waits) == (1, 1)
-    pool.free(everything)  # nothing enqueued since: no wait
-    assert (write.waits, load.waits) == (1, 1)
+    h1 = pool.alloc(2 * PS)
+    pool.backup_from_device_all_layer(dev, h1, torch.arange(2 * PS), "kernel")
+    _load(pool, dev, h1, torch.arange(4 * PS, 6 * PS))
+    old = list(_Event.made)
+    assert len(old) == 3  # the backup's, the load's layer-0 and last-layer events
+    for ev in old:
+        ev.done = True  # long since run
+    h2 = pool.alloc(PS)
+    pool.backup_from_device_all_layer(dev, h2, torch.arange(2 * PS, 3 * PS), "kernel")
+    new = [ev for ev in _Event.made if ev not in old]
+    assert len(new) == 1 and not fake_cuda_events.waited_for  # fresh slots: no load to wait for
+    everything = pool.alloc(pool.available_size())  # hands every plane row back to SGLang
+    assert everything is not None and pool.planes.host_rows == 0
+    assert new[0].waited and not any(ev.waited for ev in old)  # waited for the pending backup only
+
+
+def test_a_backup_that_takes_a_slot_a_queued_load_reads_waits_for_it_on_the_gpu(fake_cuda_events):
+    dev = mha_device_pool(2, 2, 64, PS, tokens=16 * PS, seed=4)
+    pool = quant_host_pool(dev, EL, ratio=0.6)
+    pool._cuda = True
+    h1 = pool.alloc(PS)
+    pool.backup_from_device_all_layer(dev, h1, torch.arange(PS), "kernel")
+    _load(pool, dev, h1, torch.arange(4 * PS, 5 * PS))  # queued: its events stay pending
+    reads = [ev for ev in _Event.made[1:]]
+    rest = pool.alloc(pool.available_size() - pool.planes.host_rows * PS)  # every free row, no plane given up
+    assert rest is not None and pool.planes.planes == 2
+    h2 = rest[:PS]
+    pool.backup_from_device_all_layer(dev, h2, torch.arange(PS, 2 * PS), "kernel")  # takes h1's planes
+    assert pool.planes.streams_of(int(h1[0]) // PS) == () and pool.planes.streams_of(int(h2[0]) // PS)
+    assert fake_cuda_events.waited_for and set(map(id, fake_cuda_events.waited_for)) <= set(map(id, reads))
+    assert not any(ev.waited for ev in _Event.made)  # on the GPU: the host did not wait

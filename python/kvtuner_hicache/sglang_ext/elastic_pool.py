@@ -20,13 +20,13 @@ Lifecycle contract, on top of the fixed pool's:
   under the pool lock, cached until the plane table changes), so every page decodes at the precision
   it holds in the same launch; layer 0 counts as a touch and adds the page's tokens to
   `served_tokens_by_bits`;
-- stream fences: the native codec reads and writes planes asynchronously, on the caller's CUDA
-  stream. Before the pool gives up a plane slot (a demotion in `admit`/`alloc`, a plane move, a row
-  handed back to SGLang, a freed page), it waits for the load stream (and, where the slot's row may
-  leave the pool or be read on the CPU, the write stream) to finish what was enqueued there since the
-  last wait, so no kernel reads a reused slot and no pending plane write lands in a row SGLang owns.
-  The wait is skipped when nothing was enqueued since (the usual case: an allocation follows the
-  forward pass that consumed the load);
+- slot fences: the native codec reads and writes planes asynchronously, on the caller's CUDA stream.
+  Every plane slot remembers the CUDA event after the last load that read it and after the backup that
+  wrote it. A backup that writes a slot a queued load still reads makes its stream wait for that load
+  (on the GPU, no host wait); the CPU touches a slot (a plane move's source and destination, a row
+  handed back to SGLang) only once both events of that slot completed, waiting for them if they have
+  not. The slots that demotion and moves take are the coldest, long since loaded, so these waits are
+  rare; the pool never waits for a whole stream (SGLang's streams also wait for the forward pass);
 - a page written from L3 (`set_from_flat_data_page`) enters at its floor: L3 holds floor pages only
   (the same objects a fixed pool of the floor config writes and reads), and it is touched;
 - `free` (SGLang's eviction) drops the page's planes and counts an eviction.
@@ -73,13 +73,14 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
 
     def __init__(self, device_pool: Any, **kwargs: Any):
         self.planes: PlaneTable | None = None  # the base init calls clear() before the table exists
-        self._reading: Any = None  # the CUDA stream of plane reads enqueued since the last fence, or None
-        self._writing: Any = None  # likewise for plane writes (backups)
+        self._slot_reads: dict[Slot, Any] = {}  # slot -> CUDA event after the last load that read it
+        self._slot_writes: dict[Slot, Any] = {}  # slot -> CUDA event after the backup that wrote it
         super().__init__(device_pool, **kwargs)
         self.refinement = RefinementLayout(self.page_layout)
         if not self.refinement.streams:
             raise ConfigError("--kvtuner-hicache-elastic needs at least one 2- or 4-bit asymmetric layer (the floor "
                               "comes from the bit flags or the per-layer table; b-bit layers get b more bits)")
+        self._last_plane_layer = max(c.layer for cs in self.refinement.chunks.values() for c in cs)
         widest = max(self.refinement.plane_bytes.values())
         halves = self.row_stride // ((widest + ALIGN - 1) // ALIGN * ALIGN)
         half_stride = self.row_stride // halves // ALIGN * ALIGN
@@ -88,6 +89,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
                                         (self.row_stride, half_stride, 1))
         self._cuda = torch.device(device_pool.device).type == "cuda"
         self._load_planes: torch.Tensor | None = None  # the current load's plane offsets ...
+        self._load_slots: list[Slot] = []  # ... the slots they name ...
         self._load_planes_key: tuple[Any, int] | None = None  # ... valid for (load ids, plane table version)
         self.planes = PlaneTable(self.refinement.streams, halves, self._take_row, self._release_row, self._move_plane)
         self.evicted_pages = 0
@@ -116,42 +118,59 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
 
     def _release_row(self, row: int) -> None:
         ps = self.page_size
+        for half in range(self.plane_halves):  # SGLang may write the row from the CPU (an L3 page) at once
+            self._slot_idle((row, half))
         super().free(torch.arange(row * ps, (row + 1) * ps, dtype=torch.int64))
 
     def _move_plane(self, src: Slot, dst: Slot) -> None:
+        self._slot_idle(src)
+        self._slot_idle(dst)
         self._halves[dst[0], dst[1]].copy_(self._halves[src[0], src[1]])
 
     def _offset(self, slot: Slot) -> int:
         """Byte offset of a plane slot from the start of the host buffer (what the codec addresses)."""
         return slot[0] * self.row_stride + slot[1] * self.half_stride
 
-    def _offsets(self, page_ids: list[int]) -> torch.Tensor | None:
-        """The codec's planes argument for `page_ids` (CPU int64 [2, n]), or None when none has a plane."""
+    def _offsets(self, page_ids: list[int]) -> tuple[torch.Tensor | None, list[Slot]]:
+        """The codec's planes argument for `page_ids` (CPU int64 [2, n]; None when no page has a plane)
+        and the slots it names."""
         offs = [[-1] * len(page_ids), [-1] * len(page_ids)]
-        any_plane = False
+        slots: list[Slot] = []
         for s in self.refinement.streams:
             row = offs[s]
             for i, p in enumerate(page_ids):
                 sl = self.planes.slot_of(p, s)
                 if sl is not None:
                     row[i] = self._offset(sl)
-                    any_plane = True
-        return torch.tensor(offs, dtype=torch.int64) if any_plane else None
+                    slots.append(sl)
+        return (torch.tensor(offs, dtype=torch.int64) if slots else None), slots
 
-    # ---- stream fences: no plane slot is reused while a kernel enqueued earlier may still use it ------
+    # ---- slot fences: no slot is reused while a kernel enqueued earlier may still use it ----------
 
-    def _settle(self, *, writes: bool = True) -> None:
-        """Wait for the plane reads (and with `writes`, the plane writes) enqueued since the last wait."""
-        if self._reading is not None:
-            self._reading.synchronize()
-            self._reading = None
-        if writes and self._writing is not None:
-            self._writing.synchronize()
-            self._writing = None
+    def _event(self) -> Any:
+        """A CUDA event recorded now on the current stream (None on CPU: the reference codec is synchronous)."""
+        if not self._cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
 
-    def _enqueued(self, name: str) -> None:
-        if self._cuda:
-            setattr(self, name, torch.cuda.current_stream())
+    def _slot_idle(self, slot: Slot) -> None:
+        """Before the CPU reads or writes `slot`: the kernels that read or wrote it have run."""
+        for events in (self._slot_reads, self._slot_writes):
+            ev = events.pop(slot, None)
+            if ev is not None and not ev.query():
+                ev.synchronize()
+
+    def _wait_for_readers(self, slots: list[Slot]) -> None:
+        """Before a backup writes `slots` on the current stream: that stream waits (on the GPU) for the
+        queued loads that still read them."""
+        events = {id(ev): ev for sl in slots if (ev := self._slot_reads.get(sl)) is not None}  # one per load
+        pending = [ev for ev in events.values() if not ev.query()]
+        if pending:
+            stream = torch.cuda.current_stream()
+            for ev in pending:
+                stream.wait_event(ev)
 
     # ---- allocation: planes give way before SGLang sees a full pool -----------------------------
 
@@ -166,8 +185,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
             if short <= 0 or self.planes is None:
                 return super().alloc(need_size)
             before = sum(self.planes.stats.demotions)
-            self._settle()  # reclaim moves planes on the CPU and hands rows back to SGLang
-            self.planes.reclaim(-(-short // self.page_size))
+            self.planes.reclaim(-(-short // self.page_size))  # moves and row hand-backs wait per slot
             got = super().alloc(need_size)
             self._report(before)  # after the allocation: the published census counts the new pages
             return got
@@ -176,8 +194,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         with self.lock:
             if self.planes is not None and indices.numel():
                 pages = torch.unique(indices.cpu() // self.page_size).tolist()
-                self._settle()  # a dropped plane's row may go back to SGLang
-                self.planes.drop(pages)
+                self.planes.drop(pages)  # a row handed back waits for its slots
                 self.evicted_pages += len(pages)
             freed = super().free(indices)
             self.publish_metrics()
@@ -185,8 +202,8 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
 
     def clear(self) -> None:
         with self.lock:
-            if self.planes is not None:
-                self._settle()
+            for slot in list(self._slot_reads) + list(self._slot_writes):
+                self._slot_idle(slot)
             super().clear()
             if self.planes is not None:
                 self.planes.clear()
@@ -198,12 +215,15 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         page_ids = ids.tolist()
         with self.lock:
             before = sum(self.planes.stats.demotions)
-            self._settle(writes=False)  # admission may take the plane slot of a page a queued load still reads
             self.planes.admit(page_ids)
-            planes = self._offsets(page_ids)
+            planes, slots = self._offsets(page_ids)
+            if planes is not None and self._cuda:
+                self._wait_for_readers(slots)  # a slot admission took from a demoted page may still be read
             self.codec.backup(ids, device_indices, planes)
-            if planes is not None:
-                self._enqueued("_writing")
+            ev = self._event() if planes is not None else None
+            if ev is not None:
+                for sl in slots:
+                    self._slot_writes[sl] = ev
             self._report(before)
 
     def load_to_device_per_layer(self, device_pool, host_indices, device_indices, layer_id, io_backend,
@@ -217,13 +237,19 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
                 self.planes.touch(page_ids)
                 self.publish_metrics()
             key = (ids, self.planes.version)
-            if self._load_planes_key is None or self._load_planes_key[0] is not ids or self._load_planes_key[1] != key[1]:
-                self._load_planes = self._offsets(ids.tolist())  # a new load, or planes moved since
+            fresh = self._load_planes_key is None or self._load_planes_key[0] is not ids or self._load_planes_key[1] != key[1]
+            if fresh:  # a new load, or planes moved since
+                self._load_planes, self._load_slots = self._offsets(ids.tolist())
                 self._load_planes_key = key
             planes = self._load_planes
             self.codec.load_layer(layer_id, ids, device_indices, planes)
-            if planes is not None:
-                self._enqueued("_reading")
+            # the event after the layer-0 call covers a one-launch load, the one after the last layer with
+            # planes the per-layer launches
+            if planes is not None and (fresh or layer_id == self._last_plane_layer):
+                ev = self._event()
+                if ev is not None:
+                    for sl in self._load_slots:
+                        self._slot_reads[sl] = ev
 
     def set_from_flat_data_page(self, index: int, data_page: torch.Tensor) -> None:
         super().set_from_flat_data_page(index, data_page)
