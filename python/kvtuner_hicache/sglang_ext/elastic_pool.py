@@ -73,6 +73,9 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
 
     def __init__(self, device_pool: Any, **kwargs: Any):
         self.planes: PlaneTable | None = None  # the base init calls clear() before the table exists
+        self._spare_rows: list[int] = []  # rows taken from SGLang's allocator, not yet given a plane
+        self._released: list[int] = []  # rows handed back, not yet freed in SGLang's allocator
+        self._row_want = 1  # rows the next refill of _spare_rows takes
         self._slot_reads: dict[Slot, Any] = {}  # slot -> CUDA event after the last load that read it
         self._slot_writes: dict[Slot, Any] = {}  # slot -> CUDA event after the backup that wrote it
         super().__init__(device_pool, **kwargs)
@@ -109,18 +112,34 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
 
     # ---- rows for planes: taken from and given back to the base allocator ------------------------
 
+    # SGLang's allocator costs tens of microseconds per call, so rows move in batches: a backup takes the
+    # rows its planes may need in one call (`_row_want`) and gives the unused ones back in one call; rows
+    # handed back during a reclaim or a drop are freed together when it ends (`_flush_rows`).
+
     def _take_row(self) -> int | None:
-        ps = self.page_size
-        if super().available_size() < ps:
-            return None
-        idx = super().alloc(ps)
-        return None if idx is None or idx.numel() == 0 else int(idx[0]) // ps
+        if not self._spare_rows:
+            ps = self.page_size
+            k = min(self._row_want, super().available_size() // ps) if self._row_want else 0
+            idx = super().alloc(k * ps) if k > 0 else None
+            if idx is None or idx.numel() == 0:
+                self._row_want = 0  # none free: do not ask again until the next flush
+                return None
+            self._spare_rows = (idx[::ps] // ps).tolist()[::-1]
+        return self._spare_rows.pop()
 
     def _release_row(self, row: int) -> None:
-        ps = self.page_size
         for half in range(self.plane_halves):  # SGLang may write the row from the CPU (an L3 page) at once
             self._slot_idle((row, half))
-        super().free(torch.arange(row * ps, (row + 1) * ps, dtype=torch.int64))
+        self._released.append(row)
+
+    def _flush_rows(self) -> None:
+        """Give the rows taken but not used, and the rows handed back, to SGLang's allocator in one call."""
+        rows = self._released + self._spare_rows
+        self._released, self._spare_rows, self._row_want = [], [], 1
+        if rows:
+            ps = self.page_size
+            r = torch.tensor(rows, dtype=torch.int64)
+            super().free((r[:, None] * ps + torch.arange(ps, dtype=torch.int64)).reshape(-1))
 
     def _move_plane(self, src: Slot, dst: Slot) -> None:
         self._slot_idle(src)
@@ -186,6 +205,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
                 return super().alloc(need_size)
             before = sum(self.planes.stats.demotions)
             self.planes.reclaim(-(-short // self.page_size))  # moves and row hand-backs wait per slot
+            self._flush_rows()
             got = super().alloc(need_size)
             self._report(before)  # after the allocation: the published census counts the new pages
             return got
@@ -197,6 +217,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
                 self.planes.drop(pages)  # a row handed back waits for its slots
                 self.evicted_pages += len(pages)
             freed = super().free(indices)
+            self._flush_rows()
             self.publish_metrics()
             return freed
 
@@ -204,6 +225,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         with self.lock:
             for slot in list(self._slot_reads) + list(self._slot_writes):
                 self._slot_idle(slot)
+            self._released, self._spare_rows = [], []  # every row goes back below
             super().clear()
             if self.planes is not None:
                 self.planes.clear()
@@ -215,7 +237,9 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         page_ids = ids.tolist()
         with self.lock:
             before = sum(self.planes.stats.demotions)
+            self._row_want = -(-len(page_ids) * len(self.refinement.streams) // self.plane_halves)
             self.planes.admit(page_ids)
+            self._flush_rows()  # the rows admission did not use
             planes, slots = self._offsets(page_ids)
             if planes is not None and self._cuda:
                 self._wait_for_readers(slots)  # a slot admission took from a demoted page may still be read
