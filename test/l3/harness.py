@@ -55,13 +55,15 @@ def host_pool(dev: MHATokenToKVPool, cfg: QuantConfig | None) -> Any:
         return MHATokenToKVPoolHost(dev, 2.0, 0, PAGE, "page_first", pin_memory=False)
     import inspect
 
+    from kvtuner_hicache.sglang_ext.elastic_pool import ElasticMHATokenToKVPoolHost
     from kvtuner_hicache.sglang_ext.host_pool import QuantizedMHATokenToKVPoolHost
 
+    cls = ElasticMHATokenToKVPoolHost if cfg.elastic else QuantizedMHATokenToKVPoolHost
     params = inspect.signature(QuantizedMHATokenToKVPoolHost.__mro__[1].__init__).parameters
     if "host_to_device_ratio" in params and params["host_to_device_ratio"].kind is inspect.Parameter.KEYWORD_ONLY:
-        return QuantizedMHATokenToKVPoolHost(dev, quant_config=cfg, host_to_device_ratio=2.0, host_size=0,
-                                             page_size=PAGE, layout="page_first", pin_memory=False)
-    return QuantizedMHATokenToKVPoolHost(dev, 2.0, 0, PAGE, "page_first", pin_memory=False, quant_config=cfg)
+        return cls(dev, quant_config=cfg, host_to_device_ratio=2.0, host_size=0,
+                   page_size=PAGE, layout="page_first", pin_memory=False)
+    return cls(dev, 2.0, 0, PAGE, "page_first", pin_memory=False, quant_config=cfg)
 
 
 @dataclass

@@ -174,3 +174,97 @@ def test_write_pages_puts_each_row_at_its_page_whatever_the_order(kvtq_hooks, fi
         assert not pool.pages[untouched].any()
     finally:
         rig.close()
+
+
+EL = H.QuantConfig(elastic=True)
+
+
+def _plane_files(file_dir: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in file_dir.iterdir() if ".r0-" in p.name or ".r1-" in p.name)
+
+
+def test_elastic_pages_come_back_from_l3_at_the_precision_they_were_written(kvtq_hooks, file_dir):
+    """An elastic page is written to L3 as its floor page plus its plane objects; the prefetch reads both,
+    the page enters L2 with its planes and loads the same top-precision rows as before, bit for bit."""
+    rig = _rig(EL)
+    try:
+        n = 4
+        toks, stored, rows = _stored_then_dropped(rig, n, seed=6)
+        assert len(_plane_files(file_dir)) == 2 * n and rig.backend.kvtq_l3_planes_written == 2 * n
+        h2, hits, got = H.prefetch(rig, toks)
+        assert (hits, got) == (n * H.PAGE, n * H.PAGE)
+        assert H.page_snapshot(rig, h2) == stored  # the floor pages
+        assert {rig.host.bits_label(int(h2[i * H.PAGE]) // H.PAGE) for i in range(n)} == {"8"}
+        after = H.load_rows(rig, h2, list(range(8, 8 + n)))
+        assert all(torch.equal(a, b) for a, b in zip(rows, after, strict=True))
+        assert rig.backend.kvtq_l3_planes_read == 2 * n
+    finally:
+        rig.close()
+
+
+def test_a_damaged_plane_object_leaves_only_its_page_at_the_floor(kvtq_hooks, file_dir):
+    rig = _rig(EL)
+    try:
+        n = 3
+        toks, stored, rows = _stored_then_dropped(rig, n, seed=7)
+        key = H.get_hash_str(toks, None, page_size=H.PAGE)[1]
+        (bad,) = [p for p in _plane_files(file_dir) if p.name.startswith(f"{key}.r1-")]
+        data = bytearray(bad.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        bad.write_bytes(bytes(data))
+        h2, hits, got = H.prefetch(rig, toks)
+        assert got == n * H.PAGE and H.page_snapshot(rig, h2) == stored  # floor pages are all fine
+        labels = [rig.host.bits_label(int(h2[i * H.PAGE]) // H.PAGE) for i in range(n)]
+        assert labels == ["8", "6", "8"]  # page 1 lost its value plane, nothing else
+        assert rig.backend.kvtq_l3_rejected_planes == 1 and rig.backend.kvtq_l3_rejected_pages == 0
+        assert not bad.exists()  # removed: the next write of that prefix can store it again
+        after = H.load_rows(rig, h2, list(range(8, 8 + n)))
+        assert all(torch.equal(a[:H.PAGE], b[:H.PAGE]) for a, b in zip(rows, after, strict=True))  # page 0: top
+    finally:
+        rig.close()
+
+
+def test_planes_off_writes_and_reads_floor_pages_only(kvtq_hooks, file_dir, monkeypatch):
+    from kvtuner_hicache.sglang_ext.storage import ENV_L3_PLANES
+
+    monkeypatch.setenv(ENV_L3_PLANES, "0")
+    rig = _rig(EL)
+    try:
+        toks, stored, _ = _stored_then_dropped(rig, 2, seed=8)
+        assert not _plane_files(file_dir)
+        h2, _, got = H.prefetch(rig, toks)
+        assert got == 2 * H.PAGE and H.page_snapshot(rig, h2) == stored
+        assert {rig.host.bits_label(int(h2[i * H.PAGE]) // H.PAGE) for i in range(2)} == {"4"}
+    finally:
+        rig.close()
+
+
+def test_planes_of_a_page_freed_during_the_read_are_not_admitted(kvtq_hooks, file_dir):
+    rig = _rig(EL)
+    try:
+        n = 2
+        toks, _, _ = _stored_then_dropped(rig, n, seed=9)
+        reader = rig.cc.page_get_func
+        h = rig.host.alloc(n * H.PAGE)
+        keys = H.get_hash_str(toks, None, page_size=H.PAGE)
+        pool = rig.host
+        real_write = pool.kvtq_write_pages
+
+        def write_then_free(ids, rows):  # the scheduler frees the pages while the planes are still being read
+            real_write(ids, rows)
+            pool.free(h)
+
+        class Live:
+            request_id = "r"
+
+            def is_terminated(self) -> bool:
+                return False
+
+            def increment(self, tokens: int) -> bool:
+                return True
+
+        pool.kvtq_write_pages = write_then_free
+        reader(Live(), keys, h)
+        assert pool.planes.planes == 0 and rig.backend.kvtq_l3_planes_read == 2 * n
+    finally:
+        rig.close()

@@ -27,8 +27,11 @@ Lifecycle contract, on top of the fixed pool's:
   handed back to SGLang) only once both events of that slot completed, waiting for them if they have
   not. The slots that demotion and moves take are the coldest, long since loaded, so these waits are
   rare; the pool never waits for a whole stream (SGLang's streams also wait for the forward pass);
-- a page written from L3 (`set_from_flat_data_page`) enters at its floor: L3 holds floor pages only
-  (the same objects a fixed pool of the floor config writes and reads), and it is touched;
+- L3 (`elastic_l3.py`): a page goes to L3 as its floor page (the object a fixed pool of the floor config
+  writes and reads) plus one object per plane it holds at that moment (`kvtq_copy_planes`, copied out
+  under the lock); a page read from L3 enters at the floor and is touched, and the plane objects the
+  reader found valid are admitted like a backup's planes (`kvtq_admit_planes`), unless the page was
+  freed since the read began (a per-page generation, `kvtq_generations`);
 - `free` (SGLang's eviction) drops the page's planes and counts an eviction.
 
 Every method that reads or writes plane state holds `self.lock`, the base pool's RLock, which the
@@ -76,6 +79,8 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         self._spare_rows: list[int] = []  # rows taken from SGLang's allocator, not yet given a plane
         self._released: list[int] = []  # rows handed back, not yet freed in SGLang's allocator
         self._row_want = 1  # rows the next refill of _spare_rows takes
+        self._generation: dict[int, int] = {}  # page -> times freed (an L3 read admits planes only if unchanged)
+        self._epoch = 0  # clear() count
         self._slot_reads: dict[Slot, Any] = {}  # slot -> CUDA event after the last load that read it
         self._slot_writes: dict[Slot, Any] = {}  # slot -> CUDA event after the backup that wrote it
         super().__init__(device_pool, **kwargs)
@@ -105,7 +110,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         logger.info(
             "kvtuner_hicache elastic host pool: %d pages; at the floor (%g code bits/element) %d tokens, all at "
             "the top (%g bits) %d tokens; refinement planes (layout v%d) of %s B, %d per row; demotion: "
-            "coldest page first, values before keys; L3 holds floor pages",
+            "coldest page first, values before keys; L3 stores floor pages plus plane objects (copying backends)",
             self.page_num, floor_bits, self.size, top_bits, top_pages * self.page_size, PLANE_LAYOUT_VERSION,
             "/".join(str(self.refinement.plane_bytes[s]) for s in self.refinement.streams), halves,
         )
@@ -216,6 +221,8 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
                 pages = torch.unique(indices.cpu() // self.page_size).tolist()
                 self.planes.drop(pages)  # a row handed back waits for its slots
                 self.evicted_pages += len(pages)
+                for p in pages:
+                    self._generation[p] = self._generation.get(p, 0) + 1
             freed = super().free(indices)
             self._flush_rows()
             self.publish_metrics()
@@ -226,6 +233,7 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
             for slot in list(self._slot_reads) + list(self._slot_writes):
                 self._slot_idle(slot)
             self._released, self._spare_rows = [], []  # every row goes back below
+            self._epoch += 1
             super().clear()
             if self.planes is not None:
                 self.planes.clear()
@@ -284,6 +292,65 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         super().kvtq_write_pages(ids, rows)
         with self.lock:
             self.planes.touch(ids)
+
+    # ---- L3: planes as objects beside the floor pages (elastic_l3.py) -----------------------------
+
+    def kvtq_copy_planes(self, page_ids: list[int], header_bytes: int) -> list[tuple[int, int, torch.Tensor]]:
+        """(index into page_ids, stream, uint8 [header_bytes + plane bytes]) for every plane the pages hold
+        now, the plane copied after `header_bytes` (the caller writes the header)."""
+        out = []
+        with self.lock:
+            for i, p in enumerate(page_ids):
+                for s in self.planes.streams_of(p):
+                    sl = self.planes.slot_of(p, s)
+                    ev = self._slot_writes.get(sl)
+                    if ev is not None and not ev.query():
+                        ev.synchronize()  # the backup kernel writing it has not run yet
+                    n = self.refinement.plane_bytes[s]
+                    obj = torch.empty(header_bytes + n, dtype=torch.uint8)
+                    obj[header_bytes:].copy_(self._halves[sl[0], sl[1], :n])
+                    out.append((i, s, obj))
+        return out
+
+    def kvtq_generations(self, page_ids: list[int]) -> list[tuple[int, int]]:
+        """A token per page that changes when the page is freed (or the pool cleared)."""
+        with self.lock:
+            return [(self._epoch, self._generation.get(p, 0)) for p in page_ids]
+
+    def kvtq_admit_planes(self, page_ids: list[int], generations: list[tuple[int, int]],
+                          planes: dict[int, list[torch.Tensor | None]]) -> int:
+        """Give pages just read from L3 the verified planes read beside them (`planes[stream][i]`, None:
+        none), where room can be made as for a backup (one admission per set of streams, so a page's
+        planes never displace each other), skipping pages freed since `generations` was taken and planes
+        a page holds already; returns how many planes were admitted."""
+        with self.lock:
+            now = [(self._epoch, self._generation.get(p, 0)) for p in page_ids]
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, p in enumerate(page_ids):
+                if generations[i] != now[i]:
+                    continue  # freed (and maybe handed out again) since the read began
+                want = tuple(st for st in self.refinement.streams
+                             if planes.get(st) is not None and planes[st][i] is not None
+                             and self.planes.slot_of(p, st) is None)
+                if want:
+                    groups.setdefault(want, []).append(i)
+            before = sum(self.planes.stats.demotions)
+            admitted = 0
+            for want, idx in groups.items():
+                self._row_want = -(-len(idx) * len(want) // self.plane_halves)
+                granted = self.planes.admit([page_ids[i] for i in idx], streams=list(want))
+                self._flush_rows()
+                for i, got in zip(idx, granted, strict=True):
+                    for st in want:
+                        if st in got:
+                            sl = self.planes.slot_of(page_ids[i], st)
+                            self._slot_idle(sl)
+                            pl = planes[st][i]
+                            self._halves[sl[0], sl[1], : pl.numel()].copy_(pl)
+                            admitted += 1
+            if groups:
+                self._report(before)
+            return admitted
 
     # ---- visibility --------------------------------------------------------------------------------
 

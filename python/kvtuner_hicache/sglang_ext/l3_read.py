@@ -25,7 +25,11 @@ Contract (installed by the plugin's `attach_storage_backend` hook, releases 0.5.
 - Memory: the staging buffer grows to the largest batch read, at most SGLang's STORAGE_BATCH_SIZE
   (128) pages per controller (132 MB for KV4 pages of Qwen2.5-7B), unpinned; SGLang's reader
   allocates a pinned page per key of every batch instead.
-- Called from the controller's prefetch I/O thread; a lock guards the staging buffer regardless.
+- Elastic pools (`proxy.kvtq_planes`): after the floor pages are in place, the plane objects of those
+  pages are read (one batch per stream, into staging of their own), checked by the proxy, and handed to
+  the pool (`kvtq_admit_planes`) unless the operation was terminated; the pool drops the planes of a
+  page that was freed since this call began. A missing or bad plane object leaves that page at its floor.
+- Called from the controller's prefetch I/O thread; a lock guards the staging buffers regardless.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class InPoolReader:
         self.returns_count = returns_count
         self.page_bytes = pool.page_layout.page_bytes
         self._staging: torch.Tensor | None = None
+        self._plane_staging: dict[int, torch.Tensor] = {}  # stream -> rows of plane objects
         self._lock = threading.Lock()
 
     def _rows(self, n: int) -> torch.Tensor:
@@ -72,6 +77,11 @@ class InPoolReader:
     def _read(self, operation: Any, keys: list[str], host_indices: torch.Tensor) -> int:
         if not keys:
             return 0
+        ps = self.page_size
+        planes = bool(getattr(self.proxy, "kvtq_planes", False))
+        if planes:  # before the read: a page freed while it runs must not get these planes
+            ids_all = self.pool.kvtq_page_ids(host_indices[: len(keys) * ps])
+            generations = self.pool.kvtq_generations(ids_all)
         rows = self._rows(len(keys))
         targets = list(rows.unbind(0))
         errors = self.proxy.kvtq_l3_backend_errors
@@ -86,9 +96,27 @@ class InPoolReader:
                 targets[i].copy_(pages[i].reshape(-1).view(torch.uint8))
         if n == 0 or operation.is_terminated():
             return 0
-        ps = self.page_size
-        self.pool.kvtq_write_pages(self.pool.kvtq_page_ids(host_indices[: n * ps]), rows[:n])
+        ids = self.pool.kvtq_page_ids(host_indices[: n * ps])
+        self.pool.kvtq_write_pages(ids, rows[:n])
+        if planes:
+            self._read_planes(operation, keys[:n], ids, generations[:n])
         return n
+
+    def _read_planes(self, operation: Any, keys: list[str], ids: list[int], generations: list[Any]) -> None:
+        from kvtuner_hicache.elastic_l3 import HEADER_BYTES
+
+        found: dict[int, list[torch.Tensor | None]] = {}
+        for s, nbytes in self.pool.refinement.plane_bytes.items():
+            buf = self._plane_staging.get(s)
+            if buf is None or buf.shape[0] < len(keys):
+                buf = self._plane_staging[s] = torch.empty((len(keys), HEADER_BYTES + nbytes), dtype=torch.uint8)
+            errors = self.proxy.kvtq_l3_backend_errors
+            got = self.proxy.kvtq_get_planes(keys, s, list(buf[: len(keys)].unbind(0)))
+            if self.proxy.kvtq_l3_backend_errors != errors:
+                self._plane_staging.pop(s, None)  # a read cut off by the deadline may still be writing into it
+            found[s] = [g[HEADER_BYTES:] if g is not None else None for g in got]
+        if any(p is not None for ps in found.values() for p in ps) and not operation.is_terminated():
+            self.pool.kvtq_admit_planes(ids, generations, found)
 
 
 def install(controller: Any, returns_count: bool) -> bool:

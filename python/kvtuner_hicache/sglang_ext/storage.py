@@ -19,6 +19,12 @@ Contract (every SGLang release 0.5.17 .. 0.5.23):
   probed again, so a backend that comes back is used again. Zero-copy calls (`*_v1`, `*_v2`) are
   not cut off by a deadline: a late transfer would land in host pages already handed to another
   request; they rely on the backend's own timeouts, and a page written late still fails the key check.
+- Elastic planes. Over an elastic pool (`--kvtuner-hicache-elastic`) a copying `set`/`batch_set` also
+  writes the refinement planes each page holds at that moment as objects of their own
+  (`elastic_l3.py`: `<key>.r<stream>` in the same namespace, sealed with key, model and layout), after
+  its floor pages were written; `kvtq_get_planes` reads them back, and a plane object that is missing
+  or fails its check is a miss for that plane only (the page stays at its floor). A failed plane write
+  costs nothing but the planes. `KVTQ_L3_PLANES=0` writes and reads floor pages only.
 - Forwarding. Every public method of each release's `HiCacheStorage` is defined here and reaches
   the backend (test/sglang/test_storage.py enumerates them); `__getattr__` only serves
   backend-specific extras.
@@ -43,6 +49,7 @@ from sglang.srt.mem_cache.hicache_storage import (
     PoolTransferResult,
 )
 
+from kvtuner_hicache import elastic_l3
 from kvtuner_hicache.page_format import CRC32C_HARDWARE, PageLayout, key_digest, model_digest
 
 logger = logging.getLogger(__name__)
@@ -57,6 +64,7 @@ _DTYPE_TAGS = {
 _DRAFT_SUFFIX = f".{PoolName.DRAFT.value}"
 ENV_OP_TIMEOUT = "KVTQ_L3_OP_TIMEOUT_S"  # deadline of one copying call (plus transfer time), default 30
 ENV_RETRY_AFTER = "KVTQ_L3_RETRY_AFTER_S"  # how long a failed backend is skipped, default 5
+ENV_L3_PLANES = "KVTQ_L3_PLANES"  # "0": elastic pools write and read floor pages only
 _MIN_MB_S = 50.0  # pessimistic transfer rate added to the deadline of big batches
 
 
@@ -197,6 +205,10 @@ class KVTQStorageProxy(HiCacheStorage):
         self.kvtq_l3_rejected_pages = 0
         self.kvtq_l3_healed_pages = 0
         self.kvtq_l3_backend_errors = 0
+        self.kvtq_planes = (self.layout is not None and getattr(self.pool, "kvtq_elastic", False)
+                            and os.environ.get(ENV_L3_PLANES, "1") != "0")
+        self._plane_layout = elastic_l3.layout_digest(self.tag) if self.kvtq_planes else b""
+        self.kvtq_l3_planes_written = self.kvtq_l3_planes_read = self.kvtq_l3_rejected_planes = 0
         self._bad: dict[str, bool] = {}  # namespaced key -> removed from the backend
         self._lock = threading.Lock()
         self.op_timeout_s = float(os.environ.get(ENV_OP_TIMEOUT, "30"))
@@ -413,6 +425,8 @@ class KVTQStorageProxy(HiCacheStorage):
         except BackendDown:
             return False
         self._written([nkey], ok)
+        if ok and self.kvtq_planes and value is not None:
+            self._set_planes([key], [value])
         return ok
 
     def batch_set(self, keys, values=None, target_locations=None, target_sizes=None) -> bool:
@@ -430,7 +444,71 @@ class KVTQStorageProxy(HiCacheStorage):
         except BackendDown:
             return False
         self._written(nkeys, ok)
+        if ok and self.kvtq_planes and values is not None:
+            self._set_planes(keys, list(values))
         return ok
+
+    # ---- elastic planes as objects of their own (elastic_l3.py) -------------------------------------
+
+    def _page_ids_of(self, values: list[Any]) -> list[int | None]:
+        """The host page each value is a view of (SGLang's copying writer passes `get_data_page` views)."""
+        pages = self.pool.pages
+        base, stride, n = pages.data_ptr(), pages.stride(0), pages.shape[0]
+        out: list[int | None] = []
+        for v in values:
+            off = v.data_ptr() - base if isinstance(v, torch.Tensor) else -1
+            out.append(off // stride if 0 <= off < n * stride and off % stride == 0 else None)
+        return out
+
+    def _set_planes(self, keys: list[str], values: list[Any]) -> None:
+        pids = self._page_ids_of(values)
+        sel = [i for i, p in enumerate(pids) if p is not None and self._checked(keys[i])]
+        if not sel:
+            return
+        objs = self.pool.kvtq_copy_planes([pids[i] for i in sel], elastic_l3.HEADER_BYTES)
+        if not objs:
+            return
+        for j, s, obj in objs:
+            elastic_l3.seal(obj.numpy(), s, self._plane_layout, self.model_digest, key_digest(keys[sel[j]]))
+        nkeys = self._namespaced_all([elastic_l3.plane_key(keys[sel[j]], s) for j, s, _ in objs])
+        try:
+            ok = self._call("write", self.inner.batch_set, nkeys, [o for _, _, o in objs], None, None,
+                            nbytes=sum(o.numel() for _, _, o in objs))
+        except BackendDown:
+            return
+        if ok:
+            with self._lock:
+                self.kvtq_l3_planes_written += len(objs)
+
+    def kvtq_get_planes(self, keys: list[str], stream: int, targets: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The plane objects of `stream` for the pages of `keys`, read into `targets` (uint8, header +
+        plane bytes each) and checked; None where missing or bad (a bad one is removed if possible)."""
+        nkeys = self._namespaced_all([elastic_l3.plane_key(k, stream) for k in keys])
+        try:
+            got = self._call("read", self.inner.batch_get, nkeys, targets, None, nbytes=_nbytes(targets),
+                             raise_errors=True)
+        except Exception:  # an outage, or a plane object of the wrong size: these planes are misses
+            return [None] * len(keys)
+        got = list(got or []) + [None] * (len(keys) - len(got or []))
+        out: list[torch.Tensor | None] = []
+        for key, nkey, obj in zip(keys, nkeys, got, strict=False):
+            if obj is None:
+                out.append(None)
+                continue
+            flat = obj.reshape(-1).view(torch.uint8)
+            why = elastic_l3.problem(flat.numpy(), stream, self._plane_layout, self.model_digest, key_digest(key))
+            if why is not None:
+                invalidate(self.inner, [nkey])
+                with self._lock:
+                    self.kvtq_l3_rejected_planes += 1
+                logger.warning("kvtuner_hicache: L3 plane object %s rejected (%s); that page loads at its floor",
+                               nkey, why)
+                out.append(None)
+                continue
+            out.append(flat)
+        with self._lock:
+            self.kvtq_l3_planes_read += sum(o is not None for o in out)
+        return out
 
     def exists(self, key) -> bool:
         nkey = self._namespaced(key)
