@@ -11,8 +11,8 @@ bytes written; what is left is exactly the fixed page.
 
 Plane layout (`PLANE_LAYOUT_VERSION`): one plane per stream, the stream's refinable chunks in layer
 order, each `elements * b / 8` bytes of r packed like the chunk's codes (same element order, same
-b-bit packing), each starting 128-byte aligned. Planes live only in host memory (never in L3, never
-in a page header), so no stored object carries the version.
+b-bit packing), each starting 128-byte aligned. A page header never carries a plane; in L3 a plane is
+an object of its own whose header records this version (`kvtuner_hicache/elastic_l3.py`).
 
 8-bit chunks have no plane (their stream's pages keep one precision there). Symmetric configs have no
 planes (the embedded code is asymmetric); the config layer rejects `--kvtuner-hicache-elastic` for them.
