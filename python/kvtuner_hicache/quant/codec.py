@@ -30,7 +30,7 @@ page i and stream s the byte offset from the start of the host buffer (`host_pag
 planes of the pages that have one next to their floor pages; `load_layer` decodes those pages at the top
 precision (floor codes plus refinement codes) in the same launch as the others. The native kernels read and
 write planes asynchronously, like pages: the owner must keep a plane's bytes in place until the work
-enqueued on the caller's stream has run (the elastic pool fences its streams before it reuses a plane).
+enqueued on the caller's stream has run (the elastic pool keeps a CUDA event per plane slot for this).
 
 Device buffers: the codec never caches a layer tensor by address. `load_layer` reads the layer's tensors
 from their owner on every call; `backup` uses the owner's own pointer tables (SGLang's

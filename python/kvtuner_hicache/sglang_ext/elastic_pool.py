@@ -262,17 +262,17 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
                                  *, is_draft: bool = False) -> None:
         ids = self._load_ids(host_indices, layer_id, io_backend, is_draft)
         with self.lock:
-            if layer_id == 0:
-                page_ids = ids.tolist()
+            page_ids = ids.tolist() if layer_id == 0 else None
+            if page_ids is not None:
                 for p in page_ids:
                     self.served_tokens_by_bits[self.bits_label(p)] += self.page_size
                 self.planes.touch(page_ids)
                 self.publish_metrics()
-            key = (ids, self.planes.version)
-            fresh = self._load_planes_key is None or self._load_planes_key[0] is not ids or self._load_planes_key[1] != key[1]
+            cached = self._load_planes_key
+            fresh = cached is None or cached[0] is not ids or cached[1] != self.planes.version
             if fresh:  # a new load, or planes moved since
-                self._load_planes, self._load_slots = self._offsets(ids.tolist())
-                self._load_planes_key = key
+                self._load_planes, self._load_slots = self._offsets(page_ids if page_ids is not None else ids.tolist())
+                self._load_planes_key = (ids, self.planes.version)
             planes = self._load_planes
             self.codec.load_layer(layer_id, ids, device_indices, planes)
             # the event after the layer-0 call covers a one-launch load, the one after the last layer with
