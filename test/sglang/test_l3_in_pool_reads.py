@@ -183,6 +183,11 @@ def _plane_files(file_dir: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p for p in file_dir.iterdir() if ".r0-" in p.name or ".r1-" in p.name)
 
 
+def _bits(rig, h, n: int) -> list[str]:
+    """Code bits per element of the n host pages at `h` (the elastic pool's labels)."""
+    return [rig.host.bits_label(int(h[i * H.PAGE]) // H.PAGE) for i in range(n)]
+
+
 def test_elastic_pages_come_back_from_l3_at_the_precision_they_were_written(kvtq_hooks, file_dir):
     """An elastic page is written to L3 as its floor page plus its plane objects; the prefetch reads both,
     the page enters L2 with its planes and loads the same top-precision rows as before, bit for bit."""
@@ -194,7 +199,7 @@ def test_elastic_pages_come_back_from_l3_at_the_precision_they_were_written(kvtq
         h2, hits, got = H.prefetch(rig, toks)
         assert (hits, got) == (n * H.PAGE, n * H.PAGE)
         assert H.page_snapshot(rig, h2) == stored  # the floor pages
-        assert {rig.host.bits_label(int(h2[i * H.PAGE]) // H.PAGE) for i in range(n)} == {"8"}
+        assert set(_bits(rig, h2, n)) == {"8"}
         after = H.load_rows(rig, h2, list(range(8, 8 + n)))
         assert all(torch.equal(a, b) for a, b in zip(rows, after, strict=True))
         assert rig.backend.kvtq_l3_planes_read == 2 * n
@@ -214,8 +219,7 @@ def test_a_damaged_plane_object_leaves_only_its_page_at_the_floor(kvtq_hooks, fi
         bad.write_bytes(bytes(data))
         h2, hits, got = H.prefetch(rig, toks)
         assert got == n * H.PAGE and H.page_snapshot(rig, h2) == stored  # floor pages are all fine
-        labels = [rig.host.bits_label(int(h2[i * H.PAGE]) // H.PAGE) for i in range(n)]
-        assert labels == ["8", "6", "8"]  # page 1 lost its value plane, nothing else
+        assert _bits(rig, h2, n) == ["8", "6", "8"]  # page 1 lost its value plane, nothing else
         assert rig.backend.kvtq_l3_rejected_planes == 1 and rig.backend.kvtq_l3_rejected_pages == 0
         assert not bad.exists()  # removed: the next write of that prefix can store it again
         after = H.load_rows(rig, h2, list(range(8, 8 + n)))
@@ -234,7 +238,7 @@ def test_planes_off_writes_and_reads_floor_pages_only(kvtq_hooks, file_dir, monk
         assert not _plane_files(file_dir)
         h2, _, got = H.prefetch(rig, toks)
         assert got == 2 * H.PAGE and H.page_snapshot(rig, h2) == stored
-        assert {rig.host.bits_label(int(h2[i * H.PAGE]) // H.PAGE) for i in range(2)} == {"4"}
+        assert set(_bits(rig, h2, 2)) == {"4"}
     finally:
         rig.close()
 
