@@ -32,6 +32,13 @@ def file_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
+def _flip(path: pathlib.Path, mask: int) -> None:
+    """Damage a stored object: flip bits in the middle of its file."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= mask
+    path.write_bytes(bytes(data))
+
+
 def _rig(cfg, **kw):
     rig = H.make_rig("file", {}, cfg, **kw)
     return rig
@@ -93,9 +100,7 @@ def test_damaged_page_is_a_miss_with_the_pages_after_it(kvtq_hooks, file_dir):
         assert len(files) == n
         key = H.get_hash_str(toks, None, page_size=H.PAGE)[2]
         (bad,) = [p for p in files if p.name.startswith(key)]
-        data = bytearray(bad.read_bytes())
-        data[len(data) // 2] ^= 0x10
-        bad.write_bytes(bytes(data))
+        _flip(bad, 0x10)
         h2, hits, got = H.prefetch(rig, toks)
         assert hits == n * H.PAGE and got == 2 * H.PAGE  # the exists check passes, the read does not
         assert H.page_snapshot(rig, h2[: 2 * H.PAGE]) == stored[:2]
@@ -214,9 +219,7 @@ def test_a_damaged_plane_object_leaves_only_its_page_at_the_floor(kvtq_hooks, fi
         toks, stored, rows = _stored_then_dropped(rig, n, seed=7)
         key = H.get_hash_str(toks, None, page_size=H.PAGE)[1]
         (bad,) = [p for p in _plane_files(file_dir) if p.name.startswith(f"{key}.r1-")]
-        data = bytearray(bad.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        bad.write_bytes(bytes(data))
+        _flip(bad, 0x01)
         h2, hits, got = H.prefetch(rig, toks)
         assert got == n * H.PAGE and H.page_snapshot(rig, h2) == stored  # floor pages are all fine
         assert _bits(rig, h2, n) == ["8", "6", "8"]  # page 1 lost its value plane, nothing else

@@ -28,7 +28,8 @@ Refinement planes (elastic pools, `quant/elastic_pages.py`): `planes` is a CPU i
 page i and stream s the byte offset from the start of the host buffer (`host_pages[0]`; the buffer spans
 `num_pages * host_pages.stride(0)` bytes) of that page's refinement plane, -1 for none. `backup` writes the
 planes of the pages that have one next to their floor pages; `load_layer` decodes those pages at the top
-precision (floor codes plus refinement codes) in the same launch as the others. The native kernels read and
+precision (floor codes plus refinement codes) in the same launch as the others. A planes tensor is
+read-only once passed: offsets that change come in a new tensor (the codecs check and copy a tensor once). The native kernels read and
 write planes asynchronously, like pages: the owner must keep a plane's bytes in place until the work
 enqueued on the caller's stream has run (the elastic pool keeps a CUDA event per plane slot for this).
 
@@ -168,9 +169,13 @@ class PageCodec(ABC):
         return self.name
 
     def _planes(self, planes: torch.Tensor | None, n: int) -> torch.Tensor | None:
-        """Check a planes argument: CPU int64 [2, n], offsets -1 or whole planes inside the host buffer."""
+        """Check a planes argument: CPU int64 [2, n], offsets -1 or whole planes inside the host buffer.
+        The tensor a load passes for every layer is checked on its first call only (callers pass a new
+        tensor when offsets change, as the module docstring's contract says)."""
         if planes is None:
             return None
+        if planes is getattr(self, "_planes_checked", None) and planes.shape[1] == n:
+            return planes
         if planes.device.type != "cpu" or planes.dtype != torch.int64 or tuple(planes.shape) != (2, n):
             raise ValueError(f"planes must be a CPU int64 [2, {n}] tensor, got {planes.dtype} {tuple(planes.shape)} "
                              f"on {planes.device}")
@@ -188,7 +193,9 @@ class PageCodec(ABC):
                                  f"host buffer ({bound} B)")
         if bool((planes < -1).any()):
             raise IndexError("kvtuner_hicache: refinement plane offsets must be >= 0 or -1")
-        return planes.contiguous()
+        planes = planes.contiguous()
+        self._planes_checked = planes
+        return planes
 
     @property
     def refinement(self) -> RefinementLayout:
