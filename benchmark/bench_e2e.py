@@ -74,7 +74,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
            "arms": ("bf16", "kv4"), "patterns": PATTERNS},
 }
 # arms that are another arm's flags with a different environment
-ARM_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {"kv4_sglread": ("kv4", {"KVTQ_L3_IN_POOL_READS": "0"})}
+ARM_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "kv4_sglread": ("kv4", {"KVTQ_L3_IN_POOL_READS": "0"}),  # SGLang's own L3 reader for our pages
+    "elastic_l3floor": ("elastic", {"KVTQ_L3_PLANES": "0"}),  # L3 keeps floor pages only (no plane objects)
+}
 L3HIT_DOCS, L3HIT_DOC_TOKENS, L3HIT_SUFFIX = 8, 3072, 16
 
 
@@ -313,7 +316,7 @@ def hit_tokens_by_bits(arm: str, metrics_delta: dict[str, float], host_hit_token
     own counter (sglang:kvtq_elastic_hit_tokens_total{bits}), else every host hit at the arm's fixed bits."""
     pre = "sglang:kvtq_elastic_hit_tokens_total{"
     by = {k[len(pre):-1]: v for k, v in metrics_delta.items() if k.startswith(pre) and v}
-    if by or arm == "elastic":
+    if by or ARM_VARIANTS.get(arm, (arm, {}))[0] == "elastic":
         return by
     bits = FIXED_BITS.get(arm)
     return {bits: host_hit_tokens} if bits and host_hit_tokens else {}

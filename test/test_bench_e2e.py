@@ -107,6 +107,8 @@ def test_l3hit_sends_each_document_twice_around_a_flush(fake_url, tmp_path):
 def test_arm_variants_keep_their_base_flags():
     assert be.server_args("/m", "l3", "kv4_sglread", ".stage") == be.server_args("/m", "l3", "kv4", ".stage")
     assert be.ARM_VARIANTS["kv4_sglread"][1] == {"KVTQ_L3_IN_POOL_READS": "0"}
+    assert be.server_args("/m", "l3", "elastic_l3floor", ".stage") == be.server_args("/m", "l3", "elastic", ".stage")
+    assert be.ARM_VARIANTS["elastic_l3floor"][1] == {"KVTQ_L3_PLANES": "0"}
     with pytest.raises(SystemExit):
         be.main(["--scenario", "l2", "--patterns", "l3hit", "--reps", "0"])
 
@@ -121,6 +123,7 @@ def test_hit_tokens_by_bits_from_the_elastic_counter_or_the_fixed_bits():
     assert m["sglang:kvtq_elastic_hit_tokens_total{8}"] == 640.0 and m["sglang:cached_tokens_total{host}"] == 768.0
     assert be.hit_tokens_by_bits("elastic", m, 768.0) == {"8": 640.0, "4": 128.0}
     assert be.hit_tokens_by_bits("elastic", {}, 768.0) == {}  # no counter: nothing is made up
+    assert be.hit_tokens_by_bits("elastic_l3floor", {}, 768.0) == {}
     assert be.hit_tokens_by_bits("kv4", {}, 768.0) == {"4": 768.0}
     assert be.hit_tokens_by_bits("kv8", {}, 0.0) == {}
     rows = be.summary([{"scenario": "l2", "pattern": "chat", "arm": "elastic", "rep": r, "ttft_mean_s": 0.1,
