@@ -208,6 +208,32 @@ def test_batch_check_finds_the_first_bad_page_whatever_kind():
     assert lay.first_bad_page(pages[:4] + [pages[4][:100]], [KEY] * 5, MODEL) == (4, f"size 100 != {lay.page_bytes}")
 
 
+def test_an_installed_batch_crc_serves_seal_and_check_until_removed():
+    """set_batch_crc routes every batch through one function (the kernel wheel's, on GPU hosts);
+    None brings the crc32c package back. A wrong batch CRC shows as checksum misses, never as a pass."""
+    from kvtuner_hicache import page_format as pf
+
+    shape = KVShape.mha(2, 2, 64)
+    lay = PageLayout(QuantConfig(), shape, 64)
+    pages = [_sealed_page(lay, shape, MODEL, KEY) for _ in range(4)]
+    calls: list[int] = []
+
+    def batch(views):
+        calls.append(len(views))
+        return [pf.page_crc(v) for v in views]
+
+    try:
+        pf.set_batch_crc(batch, "test batch")
+        assert pf.batch_crc_name() == "test batch"
+        assert lay.first_bad_page(pages, [KEY] * 4, MODEL) is None and calls == [4]
+        pf.set_batch_crc(lambda views: [0] * len(views), "wrong")
+        assert lay.first_bad_page(pages, [KEY] * 4, MODEL) == (0, "checksum mismatch")
+    finally:
+        pf.set_batch_crc(None)
+    assert pf.batch_crc_name().startswith("crc32c package")
+    assert lay.first_bad_page(pages, [KEY] * 4, MODEL) is None
+
+
 def test_batch_seal_equals_page_by_page_seal():
     from kvtuner_hicache.page_format import key_digest as kd
 

@@ -28,7 +28,7 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -91,12 +91,37 @@ _crc_pool: ThreadPoolExecutor | None = None
 _crc_pool_lock = threading.Lock()
 
 
+BatchCRC = Callable[[Sequence[memoryview]], list[int]]
+_PACKAGE_CRC = "crc32c package, up to 4 threads"
+_batch_crc: BatchCRC | None = None
+_batch_crc_name = _PACKAGE_CRC
+
+
+def set_batch_crc(fn: BatchCRC | None, name: str = "") -> None:
+    """Compute `page_crcs` with `fn` (same results; the kernel wheel's one-call batch CRC, which runs
+    without the GIL: quant/native.py installs it when the kernels load), or with the crc32c package
+    again (None). Process-wide: every layout's seal and check goes through it."""
+    global _batch_crc, _batch_crc_name
+    _batch_crc = fn
+    _batch_crc_name = _PACKAGE_CRC if fn is None else (name or getattr(fn, "__qualname__", "custom"))
+
+
+def batch_crc_name() -> str:
+    """Which implementation `page_crcs` uses now (for start-up logs and benchmark records)."""
+    return _batch_crc_name
+
+
 def page_crcs(pages: Sequence[memoryview]) -> list[int]:
-    """`page_crc` of each page; a batch is split into up to 4 contiguous shares, the caller computes
-    the first and worker threads the rest (one core runs CRC32C at 7-13 GB/s; a storage batch of
-    128 KV4 pages is 130 MB). One task per worker, not one per page: every hand-back of the GIL
-    costs a wait when the server's busy scheduler thread holds it."""
+    """`page_crc` of each page (contiguous byte views of at least HEADER_BYTES bytes).
+
+    With a batch CRC installed (`set_batch_crc`) one call covers the batch. Otherwise the crc32c
+    package: the batch is split into up to 4 contiguous shares, the caller computes the first and
+    worker threads the rest (one core runs CRC32C at 7-13 GB/s; a storage batch of 128 KV4 pages is
+    130 MB); one task per worker, but still one GIL hand-back per page, and each costs a wait when the
+    server's busy scheduler thread holds the GIL (that is why the native batch exists)."""
     n = len(pages)
+    if _batch_crc is not None and n >= 2:
+        return _batch_crc(pages)
     if n < 2 or _CRC_WORKERS == 1:
         return _share_crcs(pages)
     global _crc_pool
@@ -348,4 +373,5 @@ def layout_for(cfg: QuantConfig, shape: KVShape, page_size: int) -> PageLayout:
 
 
 __all__ = ["AXIS_PER_CHANNEL", "ALIGN", "ChunkSpec", "FORMAT_VERSION", "HEADER_BYTES", "HEADER_CRC_OFFSET", "NO_DIGEST",
-           "PageLayout", "StreamSpec", "crc32c", "key_digest", "layout_for", "model_digest", "page_crc", "page_crcs"]
+           "PageLayout", "StreamSpec", "crc32c", "key_digest", "layout_for", "model_digest", "page_crc", "page_crcs",
+           "batch_crc_name", "set_batch_crc"]

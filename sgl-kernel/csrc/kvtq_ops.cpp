@@ -11,6 +11,7 @@
 //   decode            dequantize one layer of pages (zero-copy reads of pinned pages) into device rows
 //   decode_table      the per-layer launch arguments of every layer, as a device table (built once per pool)
 //   decode_layers     dequantize every layer of a load in one launch, from that table (small loads)
+//   page_crcs, crc32c_hardware   CRC32C of a batch of host pages without the GIL (kvtq_crc.cpp, CPU only)
 // encode/backup/decode/decode_layers take optional refinement planes (elastic pools): per page and
 // stream a byte offset of its plane in the host buffer (-1: none), range-checked in the kernels.
 // Bad indices never fault: host page ids given on the CPU are checked before anything is enqueued

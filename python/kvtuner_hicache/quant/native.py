@@ -36,17 +36,18 @@ from typing import Any
 
 import torch
 
+from kvtuner_hicache import page_format
 from kvtuner_hicache.config import AXIS_PER_TOKEN
-from kvtuner_hicache.page_format import PageLayout
+from kvtuner_hicache.page_format import HEADER_BYTES, HEADER_CRC_OFFSET, PageLayout
 from kvtuner_hicache.quant.elastic_pages import RefinementLayout
 
 log = logging.getLogger(__name__)
 
 name = "native"  # label for logs
 
-KERNEL_VERSION = "0.2.0"  # the kvtuner-hicache-kernel version this package is written against
+KERNEL_VERSION = "0.3.0"  # the kvtuner-hicache-kernel version this package is written against
 ENV_JIT = "KVTQ_JIT_BUILD"
-SOURCES = ("kvtq_kernels.cu", "kvtq_ops.cpp")
+SOURCES = ("kvtq_kernels.cu", "kvtq_ops.cpp", "kvtq_crc.cpp")
 HEADERS = ("kvtq_kernels.h",)
 DEFAULT_LOAD_BLOCKS = 64
 SMALL_UNIT_ELEMENTS = 8192  # planning choice (not a kernel limit): small-batch decode units
@@ -135,7 +136,9 @@ def _load() -> Any:
                 ops, build = _jit_build() if jit else _wheel()
                 _limits = {str(k): int(v) for k, v in ops.limits().items()}
                 _ops, _build = ops, build
-                log.info("kvtuner_hicache native kernels: %s", build)
+                if ops.crc32c_hardware():  # L3 page checks: one call per batch, without the GIL
+                    page_format.set_batch_crc(page_crcs, f"kvtq page_crcs ({CRC_THREADS} threads, GIL released)")
+                log.info("kvtuner_hicache native kernels: %s; L3 page CRCs: %s", build, page_format.batch_crc_name())
             except Exception as e:  # never raise at import or availability checks
                 _ops = None
                 _reason = f"{type(e).__name__}: {e}"
@@ -166,6 +169,19 @@ def ops() -> Any:
     if o is None:
         raise RuntimeError(f"kvtuner_hicache native kernels unavailable: {unavailable_reason()}")
     return o
+
+
+CRC_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def page_crcs(pages: Sequence[memoryview]) -> list[int]:
+    """`page_format.page_crc` of each page in one operator call (kvtq_crc.cpp): the GIL is released
+    once for the batch, where the crc32c package hands it back once per page. Same values."""
+    import numpy as np
+
+    addrs = torch.tensor([np.frombuffer(p, np.uint8).ctypes.data for p in pages], dtype=torch.int64)
+    lens = torch.tensor([p.nbytes for p in pages], dtype=torch.int64)
+    return ops().page_crcs(addrs, lens, HEADER_CRC_OFFSET, HEADER_BYTES, CRC_THREADS).tolist()
 
 
 def limits() -> dict[str, int]:
@@ -548,7 +564,7 @@ def roundtrip_pages(layout: PageLayout, layer_kv: Sequence[Sequence[torch.Tensor
     return out
 
 
-__all__ = ["DEFAULT_LOAD_BLOCKS", "ENV_JIT", "INSTALL_HINT", "KERNEL_VERSION", "ErrorSink", "Plan", "available",
+__all__ = ["CRC_THREADS", "DEFAULT_LOAD_BLOCKS", "ENV_JIT", "INSTALL_HINT", "KERNEL_VERSION", "ErrorSink", "Plan", "available",
            "backup_to_host", "build_name", "check_errors", "decode_cfg", "decode_layer", "encode_pages", "geometry",
-           "limits", "load_blocks", "ops", "plan_for", "pointer_tables", "roundtrip_pages", "supports",
+           "limits", "load_blocks", "ops", "page_crcs", "plan_for", "pointer_tables", "roundtrip_pages", "supports",
            "unavailable_reason", "validate_buffers"]
