@@ -3,9 +3,11 @@
 Inside a server the check runs on SGLang's prefetch thread while the scheduler's main thread spins on
 the GIL; every CRC32C call releases the GIL and has to win it back. This times
 `PageLayout.first_bad_page` over one batch of sealed pages (Qwen2.5-7B shape, page 64, default KV4:
-128 pages, 130 MB, SGLang's STORAGE_BATCH_SIZE) three ways: one thread page by page (the previous
-check), `page_crcs` as shipped, and both again beside a pure-Python busy thread that stands in for
-the scheduler. Prints a table (median [min, max] of --reps) and writes JSON.
+128 pages, 130 MB, SGLang's STORAGE_BATCH_SIZE): one thread page by page (the first check),
+`page_crcs` on the crc32c package (up to 4 threads), and, where the kernel wheel loads (GPU hosts),
+`page_crcs` on the kernel's batch operator (one call, GIL released); all of them again beside a
+pure-Python busy thread that stands in for the scheduler. Prints a table (median [min, max] of
+--reps) and writes JSON.
 
     .venv/bin/python benchmark/bench_page_check.py --out docs/results/bench_page_check.json
 """
@@ -21,6 +23,7 @@ import threading
 import time
 from typing import Any
 
+from kvtuner_hicache import page_format
 from kvtuner_hicache.config import KVShape, QuantConfig
 from kvtuner_hicache.page_format import (
     HEADER_CRC_OFFSET,
@@ -52,6 +55,17 @@ def one_thread(lay: PageLayout, pages: list[Any], keys: list[bytes], model: byte
     return None
 
 
+def batch_crcs() -> list[tuple[str, Any]]:
+    """(row label, batch CRC for page_format.set_batch_crc): the crc32c package, and the kernel wheel's
+    operator when the kernels load here."""
+    from kvtuner_hicache.quant import native
+
+    out: list[tuple[str, Any]] = [("first_bad_page, crc32c package", None)]
+    if native.available() and native.ops().crc32c_hardware():
+        out.append(("first_bad_page, kvtq page_crcs", native.page_crcs))
+    return out
+
+
 def timed(fn: Any, reps: int) -> list[float]:
     fn()
     out = []
@@ -80,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.is_set():
             x += 1
 
+    checks = [("one thread, page by page", None, lambda: one_thread(lay, views, keys, model))]
+    checks += [(name, crc, lambda: lay.first_bad_page(views, keys, model)) for name, crc in batch_crcs()]
     for busy in (False, True):
         spinner = threading.Thread(target=spin, daemon=True) if busy else None
         if spinner:
             spinner.start()
-        for name, fn in (("one thread, page by page", lambda: one_thread(lay, views, keys, model)),
-                         ("first_bad_page (page_crcs)", lambda: lay.first_bad_page(views, keys, model))):
+        for name, crc, fn in checks:
+            page_format.set_batch_crc(crc)
             ts = timed(fn, a.reps)
             med = statistics.median(ts)
             rows.append({"busy_thread": busy, "check": name, "pages": a.pages, "mb": mb, "median_s": med,
@@ -94,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             stop.set()
             spinner.join()
     print(f"{a.pages} pages of {lay.page_bytes} B ({mb:.0f} MB), {os.cpu_count()} CPUs")
-    print(f"{'busy thread':11} {'check':28} {'ms median [min, max]':>26} {'GB/s':>6}")
+    print(f"{'busy thread':11} {'check':32} {'ms median [min, max]':>26} {'GB/s':>6}")
     for r in rows:
-        print(f"{str(r['busy_thread']):11} {r['check']:28} {r['median_s'] * 1e3:9.1f} "
+        print(f"{str(r['busy_thread']):11} {r['check']:32} {r['median_s'] * 1e3:9.1f} "
               f"[{r['min_s'] * 1e3:.1f}, {r['max_s'] * 1e3:.1f}]{'':4} {r['gb_per_s']:6.1f}")
     if a.out:
         with open(a.out, "w") as f:

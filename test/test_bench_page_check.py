@@ -27,5 +27,5 @@ def test_main_writes_every_row(tmp_path):
     assert bpc.main(["--pages", "4", "--reps", "1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {(r["busy_thread"], r["check"]) for r in rows} == {
-        (b, c) for b in (False, True) for c in ("one thread, page by page", "first_bad_page (page_crcs)")}
+        (b, c) for b in (False, True) for c in ("one thread, page by page", "first_bad_page, crc32c package")}
     assert all(r["median_s"] > 0 and r["pages"] == 4 for r in rows)
