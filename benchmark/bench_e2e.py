@@ -28,7 +28,9 @@ Method (why each choice):
   arms none (no HiCache: the recompute baseline), bf16 (SGLang's HiCache), kv4 (ours); l3 = GPU pool
   4,096 tokens, `--hicache-ratio 1.2`, `file` backend on local disk, prefetch wait_complete, arms bf16, kv4;
   arm kv4_sglread is kv4 with SGLang's own L3 reader (KVTQ_L3_IN_POOL_READS=0); arm elastic_l3floor is
-  elastic with floor pages only in L3 (KVTQ_L3_PLANES=0: no plane objects written or read).
+  elastic with floor pages only in L3 (KVTQ_L3_PLANES=0: no plane objects written or read), arm
+  elastic_l3sync reads the plane objects inside the prefetch (KVTQ_L3_PLANES=sync) where elastic reads
+  them after the floor pages were handed over.
 - In l3, every server times its L3 stages (KVTQ_L3_PROFILE, kvtuner_hicache.sglang_ext.l3_profile):
   each record carries `l3_profile`, the stages' calls, seconds and pages during its phase.
 
@@ -80,6 +82,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 ARM_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "kv4_sglread": ("kv4", {"KVTQ_L3_IN_POOL_READS": "0"}),  # SGLang's own L3 reader for our pages
     "elastic_l3floor": ("elastic", {"KVTQ_L3_PLANES": "0"}),  # L3 keeps floor pages only (no plane objects)
+    "elastic_l3sync": ("elastic", {"KVTQ_L3_PLANES": "sync"}),  # planes read inside the prefetch (run 8's elastic)
 }
 L3HIT_DOCS, L3HIT_DOC_TOKENS, L3HIT_SUFFIX = 8, 3072, 16
 WARMUP_REP = 97  # the discarded warm-up pass: a trace seed no measured repeat uses

@@ -109,6 +109,7 @@ def test_arm_variants_keep_their_base_flags():
     assert be.ARM_VARIANTS["kv4_sglread"][1] == {"KVTQ_L3_IN_POOL_READS": "0"}
     assert be.server_args("/m", "l3", "elastic_l3floor", ".stage") == be.server_args("/m", "l3", "elastic", ".stage")
     assert be.ARM_VARIANTS["elastic_l3floor"][1] == {"KVTQ_L3_PLANES": "0"}
+    assert be.ARM_VARIANTS["elastic_l3sync"][1] == {"KVTQ_L3_PLANES": "sync"}
     with pytest.raises(SystemExit):
         be.main(["--scenario", "l2", "--patterns", "l3hit", "--reps", "0"])
 

@@ -86,6 +86,9 @@ class Rig:
         return page.numel() * page.element_size()
 
     def close(self) -> None:
+        reader = getattr(self.backend, "kvtq_reader", None)
+        if reader is not None:
+            reader.close()  # its queued plane reads finish before the backend goes
         self.cc.detach_storage_backend()
 
 

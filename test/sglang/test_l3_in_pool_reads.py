@@ -204,6 +204,7 @@ def test_elastic_pages_come_back_from_l3_at_the_precision_they_were_written(kvtq
         h2, hits, got = H.prefetch(rig, toks)
         assert (hits, got) == (n * H.PAGE, n * H.PAGE)
         assert H.page_snapshot(rig, h2) == stored  # the floor pages
+        assert rig.backend.kvtq_reader.drain(30)  # the planes are read after the prefetch handed over
         assert set(_bits(rig, h2, n)) == {"8"}
         after = H.load_rows(rig, h2, list(range(8, 8 + n)))
         assert all(torch.equal(a, b) for a, b in zip(rows, after, strict=True))
@@ -222,6 +223,7 @@ def test_a_damaged_plane_object_leaves_only_its_page_at_the_floor(kvtq_hooks, fi
         _flip(bad, 0x01)
         h2, hits, got = H.prefetch(rig, toks)
         assert got == n * H.PAGE and H.page_snapshot(rig, h2) == stored  # floor pages are all fine
+        assert rig.backend.kvtq_reader.drain(30)
         assert _bits(rig, h2, n) == ["8", "6", "8"]  # page 1 lost its value plane, nothing else
         assert rig.backend.kvtq_l3_rejected_planes == 1 and rig.backend.kvtq_l3_rejected_pages == 0
         assert not bad.exists()  # removed: the next write of that prefix can store it again
@@ -272,6 +274,70 @@ def test_planes_of_a_page_freed_during_the_read_are_not_admitted(kvtq_hooks, fil
 
         pool.kvtq_write_pages = write_then_free
         reader(Live(), keys, h)
+        assert reader.drain(30)
         assert pool.planes.planes == 0 and rig.backend.kvtq_l3_planes_read == 2 * n
+    finally:
+        rig.close()
+
+
+class _Live:
+    request_id = "r"
+
+    def is_terminated(self) -> bool:
+        return False
+
+    def increment(self, tokens: int) -> bool:
+        return True
+
+
+def test_the_prefetch_hands_over_floor_pages_before_the_planes_are_read(kvtq_hooks, file_dir):
+    """The plane objects are read on the reader's own thread after the call returned: a prefetch waits for
+    the floor pages only; the planes land once read; beyond MAX_PENDING_PLANE_BATCHES a batch stays at its floor."""
+    import threading
+
+    from kvtuner_hicache.sglang_ext import l3_read
+
+    rig = _rig(EL)
+    try:
+        n = 2
+        toks, stored, _ = _stored_then_dropped(rig, n, seed=10)
+        proxy, reader, pool = rig.backend, rig.cc.page_get_func, rig.host
+        assert isinstance(reader, InPoolReader) and reader is proxy.kvtq_reader and reader.planes_after_prefetch
+        gate = threading.Event()
+        real_get = proxy.kvtq_get_planes
+
+        def slow_get(*a, **kw):
+            assert gate.wait(30)
+            return real_get(*a, **kw)
+
+        proxy.kvtq_get_planes = slow_get
+        keys = H.get_hash_str(toks, None, page_size=H.PAGE)
+        h = pool.alloc(n * H.PAGE)
+        got = reader(_Live(), keys, h)
+        assert got in (None, n)  # returned while the plane read is blocked
+        assert _bits(rig, h, n) == ["4", "4"] and H.page_snapshot(rig, h) == stored
+        for _ in range(l3_read.MAX_PENDING_PLANE_BATCHES):  # one queued already: the last one is skipped
+            reader(_Live(), keys[:1], pool.alloc(H.PAGE))
+        assert reader.planes_skipped == 1
+        gate.set()
+        assert reader.drain(30)
+        assert _bits(rig, h, n) == ["8", "8"]
+    finally:
+        rig.close()
+
+
+def test_sync_mode_reads_the_planes_inside_the_prefetch(kvtq_hooks, file_dir, monkeypatch):
+    from kvtuner_hicache.sglang_ext.storage import ENV_L3_PLANES
+
+    monkeypatch.setenv(ENV_L3_PLANES, "sync")
+    rig = _rig(EL)
+    try:
+        n = 2
+        toks, stored, _ = _stored_then_dropped(rig, n, seed=11)
+        reader = rig.cc.page_get_func
+        assert not reader.planes_after_prefetch
+        h = rig.host.alloc(n * H.PAGE)
+        reader(_Live(), H.get_hash_str(toks, None, page_size=H.PAGE), h)
+        assert _bits(rig, h, n) == ["8", "8"] and reader._plane_worker is None  # no drain needed
     finally:
         rig.close()

@@ -25,11 +25,19 @@ Contract (installed by the plugin's `attach_storage_backend` hook, releases 0.5.
 - Memory: the staging buffer grows to the largest batch read, at most SGLang's STORAGE_BATCH_SIZE
   (128) pages per controller (132 MB for KV4 pages of Qwen2.5-7B), unpinned; SGLang's reader
   allocates a pinned page per key of every batch instead.
-- Elastic pools (`proxy.kvtq_planes`): after the floor pages are in place, the plane objects of those
+- Elastic pools (`proxy.kvtq_planes`): once the floor pages are in place, the plane objects of those
   pages are read (one batch per stream, into staging of their own), checked by the proxy, and handed to
   the pool (`kvtq_admit_planes`) unless the operation was terminated; the pool drops the planes of a
   page that was freed since this call began. A missing or bad plane object leaves that page at its floor.
-- Called from the controller's prefetch I/O thread; a lock guards the staging buffers regardless.
+  By default that read runs *after* this call returned, on the reader's own thread, so the prefetch
+  (and with `wait_complete` the request) waits for the floor pages only: reading the planes inside the
+  prefetch doubled L3-hit TTFT on the GPU server (docs/elastic.md, run 8). At most
+  `MAX_PENDING_PLANE_BATCHES` batches wait for their planes; a batch beyond that keeps its floor
+  (`planes_skipped`). `KVTQ_L3_PLANES=sync` reads them inside the prefetch as before. `drain()` waits
+  for the pending plane reads, `close()` also stops the thread.
+- Called from the controller's prefetch I/O thread; a lock guards the page staging buffer, and the
+  plane staging buffers belong to whichever thread reads planes (the caller in sync mode, else the
+  reader's one worker).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -44,6 +53,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV_IN_POOL_READS = "KVTQ_L3_IN_POOL_READS"  # "0": keep SGLang's generic reader for our pools
+MAX_PENDING_PLANE_BATCHES = 4  # plane reads queued behind the floor pages; beyond, a batch stays at its floor
 
 
 class InPoolReader:
@@ -58,6 +68,23 @@ class InPoolReader:
         self._staging: torch.Tensor | None = None
         self._plane_staging: dict[int, torch.Tensor] = {}  # stream -> rows of plane objects
         self._lock = threading.Lock()
+        self.planes_after_prefetch = not bool(getattr(proxy, "kvtq_planes_sync", False))
+        self._plane_worker: ThreadPoolExecutor | None = None
+        self._pending = 0  # plane batches queued or running on the worker
+        self._idle = threading.Condition()
+        self.planes_skipped = 0  # batches whose planes were not read (too many pending)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every queued plane read has been admitted or dropped; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self) -> None:
+        """Finish the queued plane reads and stop the worker thread; later batches read planes in the call."""
+        worker, self._plane_worker = self._plane_worker, None
+        self.planes_after_prefetch = False
+        if worker is not None:
+            worker.shutdown(wait=True)
 
     def _rows(self, n: int) -> torch.Tensor:
         if self._staging is None or self._staging.shape[0] < n:  # grows to the largest batch seen
@@ -99,8 +126,31 @@ class InPoolReader:
         ids = self.pool.kvtq_page_ids(host_indices[: n * ps])
         self.pool.kvtq_write_pages(ids, rows[:n])
         if planes:
-            self._read_planes(operation, keys[:n], ids, generations[:n])
+            self._planes_for(operation, keys[:n], ids, generations[:n])
         return n
+
+    def _planes_for(self, operation: Any, keys: list[str], ids: list[int], generations: list[Any]) -> None:
+        if not self.planes_after_prefetch:
+            self._read_planes(operation, keys, ids, generations)
+            return
+        with self._idle:
+            if self._pending >= MAX_PENDING_PLANE_BATCHES:
+                self.planes_skipped += 1
+                return
+            self._pending += 1
+        if self._plane_worker is None:
+            self._plane_worker = ThreadPoolExecutor(1, thread_name_prefix="kvtq-l3-planes")
+        self._plane_worker.submit(self._deferred_planes, operation, keys, ids, generations)
+
+    def _deferred_planes(self, operation: Any, keys: list[str], ids: list[int], generations: list[Any]) -> None:
+        try:
+            self._read_planes(operation, keys, ids, generations)
+        except Exception:  # never lose the worker: these pages just stay at their floor
+            logger.exception("kvtuner_hicache: reading L3 plane objects failed; those pages stay at their floor")
+        finally:
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
 
     def _read_planes(self, operation: Any, keys: list[str], ids: list[int], generations: list[Any]) -> None:
         from kvtuner_hicache.elastic_l3 import HEADER_BYTES
@@ -135,7 +185,11 @@ def install(controller: Any, returns_count: bool) -> bool:
         return False
     if not hasattr(proxy.pool, "kvtq_write_pages"):
         raise RuntimeError(f"kvtuner_hicache: host pool {type(proxy.pool).__name__} has no kvtq_write_pages")
-    controller.page_get_func = InPoolReader(proxy, proxy.pool, controller.page_size, returns_count)
+    old = getattr(proxy, "kvtq_reader", None)
+    if old is not None:
+        old.close()  # a re-attach over the same proxy: the previous reader's queued planes finish first
+    controller.page_get_func = proxy.kvtq_reader = InPoolReader(proxy, proxy.pool, controller.page_size,
+                                                                returns_count)
     logger.info("kvtuner_hicache: L3 pages of %s are read into the host pool in one copy per batch",
                 type(proxy.inner).__name__)
     return True

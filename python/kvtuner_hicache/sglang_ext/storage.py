@@ -24,7 +24,9 @@ Contract (every SGLang release 0.5.17 .. 0.5.23):
   (`elastic_l3.py`: `<key>.r<stream>` in the same namespace, sealed with key, model and layout), after
   its floor pages were written; `kvtq_get_planes` reads them back, and a plane object that is missing
   or fails its check is a miss for that plane only (the page stays at its floor). A failed plane write
-  costs nothing but the planes. `KVTQ_L3_PLANES=0` writes and reads floor pages only.
+  costs nothing but the planes. `KVTQ_L3_PLANES=0` writes and reads floor pages only; our reader
+  (`l3_read.py`) reads the planes after the prefetch has handed over the floor pages, or inside the
+  prefetch with `KVTQ_L3_PLANES=sync`.
 - Forwarding. Every public method of each release's `HiCacheStorage` is defined here and reaches
   the backend (test/sglang/test_storage.py enumerates them); `__getattr__` only serves
   backend-specific extras.
@@ -64,7 +66,7 @@ _DTYPE_TAGS = {
 _DRAFT_SUFFIX = f".{PoolName.DRAFT.value}"
 ENV_OP_TIMEOUT = "KVTQ_L3_OP_TIMEOUT_S"  # deadline of one copying call (plus transfer time), default 30
 ENV_RETRY_AFTER = "KVTQ_L3_RETRY_AFTER_S"  # how long a failed backend is skipped, default 5
-ENV_L3_PLANES = "KVTQ_L3_PLANES"  # "0": elastic pools write and read floor pages only
+ENV_L3_PLANES = "KVTQ_L3_PLANES"  # "0": elastic pools write and read floor pages only; "sync": planes read in the prefetch
 _MIN_MB_S = 50.0  # pessimistic transfer rate added to the deadline of big batches
 
 
@@ -207,8 +209,10 @@ class KVTQStorageProxy(HiCacheStorage):
         self.kvtq_l3_backend_errors = 0
         self.kvtq_planes = (self.layout is not None and getattr(self.pool, "kvtq_elastic", False)
                             and os.environ.get(ENV_L3_PLANES, "1") != "0")
+        self.kvtq_planes_sync = self.kvtq_planes and os.environ.get(ENV_L3_PLANES, "1") == "sync"
         self._plane_layout = elastic_l3.layout_digest(self.tag) if self.kvtq_planes else b""
         self.kvtq_l3_planes_written = self.kvtq_l3_planes_read = self.kvtq_l3_rejected_planes = 0
+        self.kvtq_reader: Any = None  # the controller's l3_read.InPoolReader, once installed
         self._bad: dict[str, bool] = {}  # namespaced key -> removed from the backend
         self._lock = threading.Lock()
         self.op_timeout_s = float(os.environ.get(ENV_OP_TIMEOUT, "30"))
