@@ -9,7 +9,7 @@ the GIL; every CRC32C call releases the GIL and has to win it back. This times
 pure-Python busy thread that stands in for the scheduler. Prints a table (median [min, max] of
 --reps) and writes JSON.
 
-    .venv/bin/python benchmark/bench_page_check.py --out docs/results/bench_page_check.json
+    .venv/bin/python benchmark/bench_page_check.py --out docs/results/bench_page_check.json [--cpu-build]
 """
 
 from __future__ import annotations
@@ -55,14 +55,43 @@ def one_thread(lay: PageLayout, pages: list[Any], keys: list[bytes], model: byte
     return None
 
 
-def batch_crcs() -> list[tuple[str, Any]]:
+def cpu_build_of_the_crc_operator() -> Any:
+    """Build sgl-kernel/csrc/kvtq_crc.cpp alone for this CPU (torch.utils.cpp_extension: g++ and ninja), so
+    that a machine without the CUDA kernel wheel can time the same operator. Benchmarks only: serving
+    never compiles. Returns a batch CRC with native.page_crcs' contract."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from torch.utils import cpp_extension
+
+    from kvtuner_hicache.page_format import HEADER_BYTES
+
+    src = Path(__file__).resolve().parents[1] / "sgl-kernel" / "csrc" / "kvtq_crc.cpp"
+    build = Path(tempfile.gettempdir()) / "kvtq_crc_cpu_build"
+    build.mkdir(exist_ok=True)
+    cpp_extension.load(name="kvtq_crc_cpu", sources=[str(src)], build_directory=str(build),
+                       extra_cflags=["-O3", "-std=c++20", "-fvisibility=hidden"], is_python_module=False)
+    import numpy as np
+
+    def crcs(pages: Any) -> list[int]:
+        addrs = torch.tensor([np.frombuffer(p, np.uint8).ctypes.data for p in pages], dtype=torch.int64)
+        lens = torch.tensor([p.nbytes for p in pages], dtype=torch.int64)
+        return torch.ops.kvtq.page_crcs(addrs, lens, HEADER_CRC_OFFSET, HEADER_BYTES, 4).tolist()
+
+    return crcs
+
+
+def batch_crcs(cpu_build: bool = False) -> list[tuple[str, Any]]:
     """(row label, batch CRC for page_format.set_batch_crc): the crc32c package, and the kernel wheel's
-    operator when the kernels load here."""
+    operator when the kernels load here (else, with `cpu_build`, a CPU build of its source)."""
     from kvtuner_hicache.quant import native
 
     out: list[tuple[str, Any]] = [("first_bad_page, crc32c package", None)]
     if native.available() and native.ops().crc32c_hardware():
         out.append(("first_bad_page, kvtq page_crcs", native.page_crcs))
+    elif cpu_build:
+        out.append(("first_bad_page, kvtq page_crcs (cpu build)", cpu_build_of_the_crc_operator()))
     return out
 
 
@@ -81,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pages", type=int, default=128)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default="")
+    ap.add_argument("--cpu-build", action="store_true",
+                    help="without the kernel wheel: build kvtq_crc.cpp for this CPU and time it too")
     a = ap.parse_args(argv)
     lay = PageLayout(QuantConfig(), KVShape.mha(28, 4, 128), 64)
     pages, keys, model = sealed_pages(lay, a.pages)
@@ -95,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             x += 1
 
     checks = [("one thread, page by page", None, lambda: one_thread(lay, views, keys, model))]
-    checks += [(name, crc, lambda: lay.first_bad_page(views, keys, model)) for name, crc in batch_crcs()]
+    checks += [(name, crc, lambda: lay.first_bad_page(views, keys, model)) for name, crc in batch_crcs(a.cpu_build)]
     for busy in (False, True):
         spinner = threading.Thread(target=spin, daemon=True) if busy else None
         if spinner:
@@ -109,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if spinner:
             stop.set()
             spinner.join()
+    page_format.set_batch_crc(None)  # the package again, as on a host without the kernel wheel
     print(f"{a.pages} pages of {lay.page_bytes} B ({mb:.0f} MB), {os.cpu_count()} CPUs")
     print(f"{'busy thread':11} {'check':32} {'ms median [min, max]':>26} {'GB/s':>6}")
     for r in rows:
