@@ -63,9 +63,8 @@ def cpu_build_of_the_crc_operator() -> Any:
     from pathlib import Path
 
     import torch
-    from torch.utils import cpp_extension
-
     from kvtuner_hicache.page_format import HEADER_BYTES
+    from torch.utils import cpp_extension
 
     src = Path(__file__).resolve().parents[1] / "sgl-kernel" / "csrc" / "kvtq_crc.cpp"
     build = Path(tempfile.gettempdir()) / "kvtq_crc_cpu_build"
