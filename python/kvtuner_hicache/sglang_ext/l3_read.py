@@ -81,8 +81,9 @@ class InPoolReader:
 
     def close(self) -> None:
         """Finish the queued plane reads and stop the worker thread; later batches read planes in the call."""
-        worker, self._plane_worker = self._plane_worker, None
-        self.planes_after_prefetch = False
+        with self._lock:  # no batch is between its floor read and queueing its planes
+            worker, self._plane_worker = self._plane_worker, None
+            self.planes_after_prefetch = False
         if worker is not None:
             worker.shutdown(wait=True)
 
