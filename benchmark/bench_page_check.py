@@ -63,7 +63,6 @@ def cpu_build_of_the_crc_operator() -> Any:
     from pathlib import Path
 
     import torch
-    from kvtuner_hicache.page_format import HEADER_BYTES
     from torch.utils import cpp_extension
 
     src = Path(__file__).resolve().parents[1] / "sgl-kernel" / "csrc" / "kvtq_crc.cpp"
@@ -71,14 +70,9 @@ def cpu_build_of_the_crc_operator() -> Any:
     build.mkdir(exist_ok=True)
     cpp_extension.load(name="kvtq_crc_cpu", sources=[str(src)], build_directory=str(build),
                        extra_cflags=["-O3", "-std=c++20", "-fvisibility=hidden"], is_python_module=False)
-    import numpy as np
+    from kvtuner_hicache.quant import native
 
-    def crcs(pages: Any) -> list[int]:
-        addrs = torch.tensor([np.frombuffer(p, np.uint8).ctypes.data for p in pages], dtype=torch.int64)
-        lens = torch.tensor([p.nbytes for p in pages], dtype=torch.int64)
-        return torch.ops.kvtq.page_crcs(addrs, lens, HEADER_CRC_OFFSET, HEADER_BYTES, 4).tolist()
-
-    return crcs
+    return lambda pages: native.page_crcs(pages, torch.ops.kvtq)
 
 
 def batch_crcs(cpu_build: bool = False) -> list[tuple[str, Any]]:

@@ -188,6 +188,18 @@ def _plane_files(file_dir: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p for p in file_dir.iterdir() if ".r0-" in p.name or ".r1-" in p.name)
 
 
+class _Live:
+    """A prefetch operation that is never terminated (for calling the reader directly)."""
+
+    request_id = "r"
+
+    def is_terminated(self) -> bool:
+        return False
+
+    def increment(self, tokens: int) -> bool:
+        return True
+
+
 def _bits(rig, h, n: int) -> list[str]:
     """Code bits per element of the n host pages at `h` (the elastic pool's labels)."""
     return [rig.host.bits_label(int(h[i * H.PAGE]) // H.PAGE) for i in range(n)]
@@ -263,31 +275,12 @@ def test_planes_of_a_page_freed_during_the_read_are_not_admitted(kvtq_hooks, fil
             real_write(ids, rows)
             pool.free(h)
 
-        class Live:
-            request_id = "r"
-
-            def is_terminated(self) -> bool:
-                return False
-
-            def increment(self, tokens: int) -> bool:
-                return True
-
         pool.kvtq_write_pages = write_then_free
-        reader(Live(), keys, h)
+        reader(_Live(), keys, h)
         assert reader.drain(30)
         assert pool.planes.planes == 0 and rig.backend.kvtq_l3_planes_read == 2 * n
     finally:
         rig.close()
-
-
-class _Live:
-    request_id = "r"
-
-    def is_terminated(self) -> bool:
-        return False
-
-    def increment(self, tokens: int) -> bool:
-        return True
 
 
 def test_the_prefetch_hands_over_floor_pages_before_the_planes_are_read(kvtq_hooks, file_dir):

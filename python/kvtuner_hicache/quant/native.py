@@ -174,14 +174,16 @@ def ops() -> Any:
 CRC_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
-def page_crcs(pages: Sequence[memoryview]) -> list[int]:
+def page_crcs(pages: Sequence[memoryview], library: Any = None) -> list[int]:
     """`page_format.page_crc` of each page in one operator call (kvtq_crc.cpp): the GIL is released
-    once for the batch, where the crc32c package hands it back once per page. Same values."""
+    once for the batch, where the crc32c package hands it back once per page. Same values.
+    `library`: the operators to call (default the loaded kernels; a benchmark passes a CPU build)."""
     import numpy as np
 
     addrs = torch.tensor([np.frombuffer(p, np.uint8).ctypes.data for p in pages], dtype=torch.int64)
     lens = torch.tensor([p.nbytes for p in pages], dtype=torch.int64)
-    return ops().page_crcs(addrs, lens, HEADER_CRC_OFFSET, HEADER_BYTES, CRC_THREADS).tolist()
+    lib = library if library is not None else ops()
+    return lib.page_crcs(addrs, lens, HEADER_CRC_OFFSET, HEADER_BYTES, CRC_THREADS).tolist()
 
 
 def limits() -> dict[str, int]:
