@@ -4,7 +4,8 @@
 // Why native: the Python path calls the crc32c package once per page, and every call hands the GIL back
 // and must win it again. In a server whose scheduler thread is busy that wait dominates (400 MB of pages:
 // 16 ms on an idle CPU, 320 ms beside one busy Python thread). A torch operator runs with the GIL
-// released, so the whole batch costs one release; the pages are split over `threads` std::threads, and each
+// released, so the whole batch costs one release; the pages are split over up to `threads` std::threads (one
+// per 8 MB: a small batch does not pay for starting threads), and each
 // thread runs three pages at a time (the CRC instruction's latency is three times its issue rate).
 //
 // Contract: `addrs`/`lens` are CPU int64 tensors of n host addresses and byte lengths that the caller
@@ -115,9 +116,12 @@ at::Tensor page_crcs(const at::Tensor& addrs, const at::Tensor& lens, int64_t sk
   const int64_t n = addrs.numel();
   const int64_t* a = addrs.data_ptr<int64_t>();
   const int64_t* l = lens.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(a[i] != 0 && l[i] >= skip_end, "kvtq: page_crcs: page ", i, " is null or shorter than ", skip_end,
                 " bytes");
+    total += l[i];
+  }
   at::Tensor out = at::empty({n}, addrs.options());
   int64_t* o = out.data_ptr<int64_t>();
   auto one = [&](int64_t i) {
@@ -144,7 +148,9 @@ at::Tensor page_crcs(const at::Tensor& addrs, const at::Tensor& lens, int64_t sk
     }
     for (; i < hi; ++i) one(i);
   };
-  const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  // a thread of its own only for every kMinBytesPerThread: starting one costs tens of microseconds
+  constexpr int64_t kMinBytesPerThread = 8 << 20;
+  const int64_t t = std::max<int64_t>(1, std::min<int64_t>({threads, n, total / kMinBytesPerThread}));
   const int64_t step = (n + t - 1) / std::max<int64_t>(t, 1);
   std::vector<std::thread> pool;
   for (int64_t lo = step; lo < n; lo += step) pool.emplace_back(share, lo, std::min(n, lo + step));

@@ -41,6 +41,17 @@ def test_native_batch_equals_the_crc32c_package_page_by_page(nat, sizes, n):  # 
 
 
 @gpu
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_a_batch_split_over_threads_gives_the_same_crcs(nat, threads):  # noqa: F811
+    """Threads start only for every 8 MB of pages: 41 pages of 1 MiB (+ odd tails) use them all."""
+    arrays = _pages(41, [(1 << 20) + 5, 1 << 20], seed=threads)
+    addrs = torch.tensor([a.ctypes.data for a in arrays], dtype=torch.int64)
+    lens = torch.tensor([a.nbytes for a in arrays], dtype=torch.int64)
+    got = nat.ops().page_crcs(addrs, lens, pf.HEADER_CRC_OFFSET, pf.HEADER_BYTES, threads).tolist()
+    assert got == [pf.page_crc(memoryview(a)) for a in arrays]
+
+
+@gpu
 def test_skip_range_and_plain_crc(nat):  # noqa: F811
     a = _pages(1, [777], seed=3)[0]
     addrs = torch.tensor([a.ctypes.data], dtype=torch.int64)
