@@ -88,6 +88,11 @@ L3HIT_DOCS, L3HIT_DOC_TOKENS, L3HIT_SUFFIX = 8, 3072, 16
 WARMUP_REP = 97  # the discarded warm-up pass: a trace seed no measured repeat uses
 
 
+def base_arm(arm: str) -> str:
+    """The arm whose server flags `arm` uses (itself unless it is one of ARM_VARIANTS)."""
+    return ARM_VARIANTS.get(arm, (arm, {}))[0]
+
+
 def cuda_graph_bs_flag() -> str:
     """The decode CUDA-graph batch-size flag of the installed release (0.5.23 split it per phase)."""
     import dataclasses
@@ -100,7 +105,7 @@ def cuda_graph_bs_flag() -> str:
 
 def server_args(model_dir: str, scenario: str, arm: str, stage: str, graph_flag: str = "--cuda-graph-max-bs") -> list[str]:
     sc = SCENARIOS[scenario]
-    extra = arm_args(ARM_VARIANTS.get(arm, (arm, {}))[0], stage)
+    extra = arm_args(base_arm(arm), stage)
     if extra is None:
         raise SystemExit(f"bench_e2e: unknown arm {arm!r}")
     return (["--model-path", model_dir, "--load-format", "dummy", "--skip-tokenizer-init", "--attention-backend",
@@ -315,7 +320,7 @@ def measure(srv: Server, pattern: str, rep: int, meta: dict[str, Any]) -> dict[s
             "hit_tokens_by_bits": hit_tokens_by_bits(srv.arm, md, s["host_hit_tokens"])}
 
 
-FIXED_BITS = {"bf16": "16", "kv8": "8", "kv4": "4", "kv4_sglread": "4", "k8v4": "6"}  # code bits per element
+FIXED_BITS = {"bf16": "16", "kv8": "8", "kv4": "4", "k8v4": "6"}  # code bits per element, per base arm
 
 
 def hit_tokens_by_bits(arm: str, metrics_delta: dict[str, float], host_hit_tokens: float) -> dict[str, float]:
@@ -323,9 +328,9 @@ def hit_tokens_by_bits(arm: str, metrics_delta: dict[str, float], host_hit_token
     own counter (sglang:kvtq_elastic_hit_tokens_total{bits}), else every host hit at the arm's fixed bits."""
     pre = "sglang:kvtq_elastic_hit_tokens_total{"
     by = {k[len(pre):-1]: v for k, v in metrics_delta.items() if k.startswith(pre) and v}
-    if by or ARM_VARIANTS.get(arm, (arm, {}))[0] == "elastic":
+    if by or base_arm(arm) == "elastic":
         return by
-    bits = FIXED_BITS.get(arm)
+    bits = FIXED_BITS.get(base_arm(arm))
     return {bits: host_hit_tokens} if bits and host_hit_tokens else {}
 
 
