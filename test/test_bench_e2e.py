@@ -90,15 +90,18 @@ def test_server_flags_parse_on_the_installed_release():
             assert ns.enable_kvtuner_hicache == (arm == "kv4")
 
 
-def test_l3hit_sends_each_document_twice_around_a_flush(fake_url, tmp_path):
+def test_l3hit_sends_each_document_three_times_around_a_flush(fake_url, tmp_path):
     """Phase 1 stores the documents, the flush empties L1/L2, phase 2 (the measured one) sends the same
-    documents with other suffixes, one at a time; only phase 2's requests are in the record."""
+    documents with other suffixes, one at a time; phase 3 sends them once more without a flush, into the
+    `*again*` fields; the record's main fields are phase 2's requests only."""
     srv = be.Server.__new__(be.Server)
     srv.url, srv.scenario, srv.arm, srv.l3_dir, srv.profile = fake_url, "l3", "kv4", str(tmp_path), None
     rec = be.measure(srv, "l3hit", 0, {"gpu": "fake", "sglang_version": "0", "host_bytes_per_token": 16192})
     n, length = be.L3HIT_DOCS, be.L3HIT_DOC_TOKENS + be.L3HIT_SUFFIX
     assert FakeSGLang.flushed == 2 and rec["requests"] == n and rec["errors"] == 0
-    assert FakeSGLang.prompts == [length] * (2 * n)
+    assert FakeSGLang.prompts == [length] * (3 * n)
+    assert rec["ttft_mean_again_s"] > 0 and rec["again_errors"] == 0
+    assert rec["again_hit_tokens_by_bits"] == ({"4": rec["again_host_hit_tokens"]} if rec["again_host_hit_tokens"] else {})
     assert rec["prompt_tokens"] == n * length and rec["ttft_mean_cold_s"] > 0
     docs = be.trace("l3hit", be.PATTERNS.index("l3hit"))
     assert len(docs) == n and all(len(d) == be.L3HIT_DOC_TOKENS for d in docs)
