@@ -23,7 +23,8 @@ Method (why each choice):
                cache flushed (L1 and L2 only: SGLang's /flush_cache keeps L3), the same documents sent
                again with other 16-token suffixes: every arm measures L3-hit TTFT on identical
                prompts, one request at a time; then (phase 3, fields `*again*`) the documents once more
-               without a flush: host hits where L2 kept them, at the precision they reached since.
+               without a flush, newest first (in phase 2's order L2 would evict each one just before its
+               turn): host hits where L2 kept them, at the precision they reached since.
   At most 4 requests in flight (FIFO), so a prefix comes back after the others were served.
 - Scenarios: l2 = GPU pool 16,384 tokens, 1 GB host (`--hicache-size 1`) for every HiCache arm, no L3,
   arms none (no HiCache: the recompute baseline), bf16 (SGLang's HiCache), kv4 (ours); l3 = GPU pool
@@ -304,8 +305,8 @@ def measure(srv: Server, pattern: str, rep: int, meta: dict[str, Any]) -> dict[s
     io1 = group_read_bytes(pgid)
     prof = subtract(profile_totals(srv), p0) if getattr(srv, "profile", None) else {}
     s = bm.summarize(recs, wall, m0, m1)
-    if pattern == "l3hit":  # phase 3: the documents once more, from wherever phase 2 left them (L2 or L3)
-        cold.update(again_phase(srv, with_suffix(docs)))
+    if pattern == "l3hit":  # phase 3: the documents once more, newest first, so that L2 still holds most of them
+        cold.update(again_phase(srv, with_suffix(docs[::-1])))
     bpt = meta.get("host_bytes_per_token") or 0
     md = s["metrics_delta"]
     return {**cold, "l3_profile": prof, "scenario": srv.scenario, "pattern": pattern, "arm": srv.arm, "rep": rep, **meta,
