@@ -15,6 +15,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "kvtq_check.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -108,17 +110,17 @@ bool crc32c_hardware() { return g_hw; }
 
 at::Tensor page_crcs(const at::Tensor& addrs, const at::Tensor& lens, int64_t skip_begin, int64_t skip_end,
                      int64_t threads) {
-  TORCH_CHECK(addrs.device().is_cpu() && lens.device().is_cpu() && addrs.scalar_type() == at::kLong &&
+  KVTQ_CHECK(addrs.device().is_cpu() && lens.device().is_cpu() && addrs.scalar_type() == at::kLong &&
                   lens.scalar_type() == at::kLong && addrs.is_contiguous() && lens.is_contiguous() &&
                   addrs.numel() == lens.numel(),
               "kvtq: page_crcs takes two contiguous CPU int64 tensors of equal length (addresses, lengths)");
-  TORCH_CHECK(0 <= skip_begin && skip_begin <= skip_end, "kvtq: page_crcs needs 0 <= skip_begin <= skip_end");
+  KVTQ_CHECK(0 <= skip_begin && skip_begin <= skip_end, "kvtq: page_crcs needs 0 <= skip_begin <= skip_end");
   const int64_t n = addrs.numel();
   const int64_t* a = addrs.data_ptr<int64_t>();
   const int64_t* l = lens.data_ptr<int64_t>();
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(a[i] != 0 && l[i] >= skip_end, "kvtq: page_crcs: page ", i, " is null or shorter than ", skip_end,
+    KVTQ_CHECK(a[i] != 0 && l[i] >= skip_end, "kvtq: page_crcs: page ", i, " is null or shorter than ", skip_end,
                 " bytes");
     total += l[i];
   }

@@ -23,6 +23,8 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include "kvtq_check.h"
+
 #include <algorithm>
 #include <cstring>
 #include <mutex>
@@ -48,7 +50,7 @@ namespace {
 #define KVTQ_CUDA_OK(expr)                                                                     \
   do {                                                                                         \
     const cudaError_t _e = (expr);                                                             \
-    TORCH_CHECK(_e == cudaSuccess, "kvtq: ", #expr, " failed: ", cudaGetErrorString(_e));      \
+    KVTQ_CHECK(_e == cudaSuccess, "kvtq: ", #expr, " failed: ", cudaGetErrorString(_e));      \
   } while (0)
 
 // Field order of the CPU int64 `geom` tensor of encode/backup (quant/native.py builds it).
@@ -87,7 +89,7 @@ c10::Dict<std::string, int64_t> limits() {
 int dtype_code(const at::Tensor& t) {
   if (t.scalar_type() == at::kBFloat16) return kvtq::kBF16;
   if (t.scalar_type() == at::kHalf) return kvtq::kFP16;
-  TORCH_CHECK(false, "kvtq: device KV buffers must be bfloat16 or float16, got ", t.scalar_type());
+  KVTQ_CHECK(false, "kvtq: device KV buffers must be bfloat16 or float16, got ", t.scalar_type());
   return -1;
 }
 
@@ -97,7 +99,7 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 // device address (never assumed equal to the host pointer). Called once per pool, not per transfer.
 int64_t mapped_pointer(const at::Tensor& t) {
   if (t.is_cuda()) return reinterpret_cast<int64_t>(t.data_ptr());
-  TORCH_CHECK(t.device().is_cpu(), "kvtq: expected a CUDA tensor or pinned CPU memory");
+  KVTQ_CHECK(t.device().is_cpu(), "kvtq: expected a CUDA tensor or pinned CPU memory");
   void* host = t.data_ptr();
   cudaPointerAttributes attr;
   cudaError_t e = cudaPointerGetAttributes(&attr, host);
@@ -108,27 +110,27 @@ int64_t mapped_pointer(const at::Tensor& t) {
   e = cudaHostGetDevicePointer(&dev, host, 0);
   if (e == cudaSuccess && dev != nullptr) return reinterpret_cast<int64_t>(dev);
   (void)cudaGetLastError();
-  TORCH_CHECK(false,
+  KVTQ_CHECK(false,
               "kvtq: CPU memory that the GPU cannot map: it must be pinned (cudaHostAlloc / cudaHostRegister, "
               "e.g. tensor.pin_memory())");
   return 0;
 }
 
 void check_index(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kLong && t.is_contiguous(), "kvtq: ", what,
+  KVTQ_CHECK(t.is_cuda() && t.scalar_type() == at::kLong && t.is_contiguous(), "kvtq: ", what,
               " must be a contiguous CUDA int64 tensor");
 }
 
 const int64_t* cpu_fields(const at::Tensor& t, int64_t n, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.is_contiguous() && t.numel() == n, "kvtq: ",
+  KVTQ_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.is_contiguous() && t.numel() == n, "kvtq: ",
               what, " must be a contiguous CPU int64 tensor of ", n, " fields");
   return t.data_ptr<int64_t>();
 }
 
 kvtq::ErrorSink error_sink(const at::Tensor& word, int64_t report) {
-  TORCH_CHECK(word.is_cuda() && word.scalar_type() == at::kInt && word.numel() >= 1,
+  KVTQ_CHECK(word.is_cuda() && word.scalar_type() == at::kInt && word.numel() >= 1,
               "kvtq: err_word must be a CUDA int32 tensor");
-  TORCH_CHECK(report != 0, "kvtq: missing error report pointer");
+  KVTQ_CHECK(report != 0, "kvtq: missing error report pointer");
   return kvtq::ErrorSink{word.data_ptr<int32_t>(), reinterpret_cast<int64_t*>(report)};
 }
 
@@ -137,7 +139,7 @@ const int64_t* plane_offsets(const c10::optional<at::Tensor>& t, int64_t n_pages
                              const char* what) {
   if (!t.has_value()) return nullptr;
   const at::Tensor& p = *t;
-  TORCH_CHECK(p.is_cuda() && p.device() == device && p.scalar_type() == at::kLong && p.is_contiguous() && p.dim() == 2 &&
+  KVTQ_CHECK(p.is_cuda() && p.device() == device && p.scalar_type() == at::kLong && p.is_contiguous() && p.dim() == 2 &&
                   p.size(0) == 2 && p.size(1) == n_pages,
               "kvtq: ", what, " must be a contiguous CUDA int64 [2, ", n_pages, "] tensor on ", device);
   return p.data_ptr<int64_t>();
@@ -152,22 +154,22 @@ kvtq::EncodeArgs encode_args(const at::Tensor& chunks, const at::Tensor& unit_ch
   const int64_t* g = cpu_fields(geom, kGeomFields, "geom");
   const int64_t num_layers = g[kGeomLayers], page_size = g[kGeomPageSize], units_per_page = g[kGeomUnitsPerPage];
   check_index(token_index, "token_index");
-  TORCH_CHECK(chunks.is_cuda() && chunks.scalar_type() == at::kInt && chunks.is_contiguous() &&
+  KVTQ_CHECK(chunks.is_cuda() && chunks.scalar_type() == at::kInt && chunks.is_contiguous() &&
                   chunks.size(-1) == kvtq::kChunkFields,
               "kvtq: bad chunk table");
-  TORCH_CHECK(unit_chunk.is_cuda() && unit_chunk.scalar_type() == at::kInt && unit_chunk.numel() == units_per_page,
+  KVTQ_CHECK(unit_chunk.is_cuda() && unit_chunk.scalar_type() == at::kInt && unit_chunk.numel() == units_per_page,
               "kvtq: bad unit table");
   for (const at::Tensor* p : {&ptrs0, &ptrs1})
-    TORCH_CHECK(p->is_cuda() && p->element_size() == 8 && p->is_contiguous() && p->numel() == num_layers &&
+    KVTQ_CHECK(p->is_cuda() && p->element_size() == 8 && p->is_contiguous() && p->numel() == num_layers &&
                     p->device() == out.device(),
                 "kvtq: a pointer table must be a contiguous 64-bit CUDA tensor of num_layers entries on the GPU of out");
-  TORCH_CHECK(header.is_cuda() && header.numel() == 128, "kvtq: bad header");
-  TORCH_CHECK(out.is_cuda() && out.scalar_type() == at::kByte && out.dim() == 2 && out.stride(1) == 1,
+  KVTQ_CHECK(header.is_cuda() && header.numel() == 128, "kvtq: bad header");
+  KVTQ_CHECK(out.is_cuda() && out.scalar_type() == at::kByte && out.dim() == 2 && out.stride(1) == 1,
               "kvtq: out must be a CUDA uint8 [n_pages, page_bytes] tensor");
-  TORCH_CHECK(token_index.device() == out.device(), "kvtq: token_index and out must be on one GPU");
-  TORCH_CHECK(page_size > 0 && token_index.numel() % page_size == 0, "kvtq: token_index must cover whole pages");
-  TORCH_CHECK(aligned16(out.data_ptr()) && out.stride(0) % 16 == 0, "kvtq: out must be 16-byte aligned");
-  TORCH_CHECK(g[kGeomDType] == kvtq::kBF16 || g[kGeomDType] == kvtq::kFP16, "kvtq: bad dtype code");
+  KVTQ_CHECK(token_index.device() == out.device(), "kvtq: token_index and out must be on one GPU");
+  KVTQ_CHECK(page_size > 0 && token_index.numel() % page_size == 0, "kvtq: token_index must cover whole pages");
+  KVTQ_CHECK(aligned16(out.data_ptr()) && out.stride(0) % 16 == 0, "kvtq: out must be 16-byte aligned");
+  KVTQ_CHECK(g[kGeomDType] == kvtq::kBF16 || g[kGeomDType] == kvtq::kFP16, "kvtq: bad dtype code");
   kvtq::EncodeArgs a{};
   a.chunks = reinterpret_cast<const kvtq::ChunkDesc*>(chunks.data_ptr<int32_t>());
   a.unit_chunk = unit_chunk.data_ptr<int32_t>();
@@ -190,7 +192,7 @@ kvtq::EncodeArgs encode_args(const at::Tensor& chunks, const at::Tensor& unit_ch
   a.page_base = 0;
   a.plane_dst = plane_offsets(plane_dst, a.n_pages, out.device(), "plane_dst");
   if (a.plane_dst != nullptr) {
-    TORCH_CHECK(plane_base != 0 && plane_bound > 0 && (plane_base & 15) == 0,
+    KVTQ_CHECK(plane_base != 0 && plane_bound > 0 && (plane_base & 15) == 0,
                 "kvtq: planes need a 16-byte aligned device-accessible plane_base and a plane_bound");
     a.plane_base = reinterpret_cast<uint8_t*>(plane_base);
     a.plane_n = a.n_pages;
@@ -205,7 +207,7 @@ void encode(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
             int64_t plane_bound) {
   kvtq::EncodeArgs a = encode_args(chunks, unit_chunk, ptrs0, ptrs1, token_index, header, out, geom, err_word,
                                    plane_dst, plane_base, plane_bound);
-  TORCH_CHECK(out.size(0) == a.n_pages, "kvtq: out has ", out.size(0), " pages, token_index ", a.n_pages);
+  KVTQ_CHECK(out.size(0) == a.n_pages, "kvtq: out has ", out.size(0), " pages, token_index ", a.n_pages);
   if (a.n_pages == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   KVTQ_CUDA_OK(kvtq::launch_encode(a, (int)geom.data_ptr<int64_t>()[kGeomDType],
@@ -285,14 +287,14 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
   // Planes are written by the encode kernel itself, straight into (mapped) host memory: no staging.
   kvtq::EncodeArgs a = encode_args(chunks, unit_chunk, ptrs0, ptrs1, token_index, header, staging, geom, err_word,
                                    plane_dst, plane_base, plane_bound);
-  TORCH_CHECK(host_pages.device().is_cpu() && host_pages.scalar_type() == at::kByte && host_pages.dim() == 2 &&
+  KVTQ_CHECK(host_pages.device().is_cpu() && host_pages.scalar_type() == at::kByte && host_pages.dim() == 2 &&
                   host_pages.stride(1) == 1 && host_pages.size(1) == staging.size(1),
               "kvtq: host_pages must be a CPU uint8 [num_pages, page_bytes] tensor");
-  TORCH_CHECK(host_ids.device().is_cpu() && host_ids.scalar_type() == at::kLong && host_ids.is_contiguous(),
+  KVTQ_CHECK(host_ids.device().is_cpu() && host_ids.scalar_type() == at::kLong && host_ids.is_contiguous(),
               "kvtq: host page ids must be a contiguous CPU int64 tensor");
   const int64_t n = a.n_pages;
-  TORCH_CHECK(host_ids.numel() == n, "kvtq: ", host_ids.numel(), " host page ids for ", n, " pages");
-  TORCH_CHECK(staging.size(0) > 0, "kvtq: empty staging");
+  KVTQ_CHECK(host_ids.numel() == n, "kvtq: ", host_ids.numel(), " host page ids for ", n, " pages");
+  KVTQ_CHECK(staging.size(0) > 0, "kvtq: empty staging");
   if (n == 0) return;
   const int64_t* ids = host_ids.data_ptr<int64_t>();
   const int64_t num = host_pages.size(0);
@@ -316,10 +318,10 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
     }
     return;
   }
-  TORCH_CHECK(side.defined(), "kvtq: backup needs a BackupStream");
+  KVTQ_CHECK(side.defined(), "kvtq: backup needs a BackupStream");
   const std::lock_guard<std::mutex> lock(side->mu);
-  TORCH_CHECK(side->stream != nullptr, "kvtq: backup on a released BackupStream (the codec was shut down)");
-  TORCH_CHECK(side->device == staging.device().index(), "kvtq: BackupStream of device ", side->device,
+  KVTQ_CHECK(side->stream != nullptr, "kvtq: backup on a released BackupStream (the codec was shut down)");
+  KVTQ_CHECK(side->device == staging.device().index(), "kvtq: BackupStream of device ", side->device,
               ", staging on ", staging.device());
   const int64_t half = std::min(cap / 2, (n + 1) / 2);
   for (int h = 0; h < 2; ++h) KVTQ_CUDA_OK(cudaStreamWaitEvent(main, side->copied[h], 0));  // earlier calls' copies
@@ -351,8 +353,8 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
 // (the same tensor twice for MLA). Every check of a decode call that does not depend on the indices.
 kvtq::DecodeArgs layer_args(const int64_t* d, int64_t nstreams, const int64_t* c, const at::Tensor& dst0,
                             const at::Tensor& dst1, const at::Tensor& err_word) {
-  TORCH_CHECK(nstreams >= 1 && nstreams <= 2, "kvtq: bad decode descriptor");
-  TORCH_CHECK(dst0.is_cuda() && dst1.is_cuda() && dst0.dim() == 3 && dst1.dim() == 3 && dst0.stride(2) == 1 &&
+  KVTQ_CHECK(nstreams >= 1 && nstreams <= 2, "kvtq: bad decode descriptor");
+  KVTQ_CHECK(dst0.is_cuda() && dst1.is_cuda() && dst0.dim() == 3 && dst1.dim() == 3 && dst0.stride(2) == 1 &&
                   dst1.stride(2) == 1 && dst0.scalar_type() == dst1.scalar_type() && dst1.device() == dst0.device(),
               "kvtq: device buffers must be CUDA [rows, heads, dim] tensors on one GPU with a contiguous last dim");
   kvtq::DecodeArgs a{};
@@ -362,15 +364,15 @@ kvtq::DecodeArgs layer_args(const int64_t* d, int64_t nstreams, const int64_t* c
   for (int s = 0; s < a.nstreams; ++s) {
     std::memcpy(&a.st[s], d + s * kvtq::kDecodeFields, sizeof(kvtq::DecodeStream));
     const kvtq::DecodeStream& S = a.st[s];
-    TORCH_CHECK(S.buffer == 0 || S.buffer == 1, "kvtq: bad stream buffer ", S.buffer);
+    KVTQ_CHECK(S.buffer == 0 || S.buffer == 1, "kvtq: bad stream buffer ", S.buffer);
     const at::Tensor& t = *dsts[S.buffer];
-    TORCH_CHECK(t.size(1) == S.heads && t.size(2) >= S.col_off + S.dim, "kvtq: device buffer ", S.buffer, " has shape ",
+    KVTQ_CHECK(t.size(1) == S.heads && t.size(2) >= S.col_off + S.dim, "kvtq: device buffer ", S.buffer, " has shape ",
                 t.sizes(), ", the layout wants ", S.heads, " heads x ", S.col_off + S.dim, " columns");
     upp += S.units;
   }
   for (int b = 0; b < 2; ++b) {
     const at::Tensor& t = *dsts[b];
-    TORCH_CHECK(t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && aligned16(t.data_ptr()),
+    KVTQ_CHECK(t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && aligned16(t.data_ptr()),
                 "kvtq: device rows must be 16-byte aligned");
     a.dst[b] = t.data_ptr();
     a.row_stride[b] = t.stride(0);
@@ -380,7 +382,7 @@ kvtq::DecodeArgs layer_args(const int64_t* d, int64_t nstreams, const int64_t* c
   a.pages = reinterpret_cast<const uint8_t*>(c[kCfgPagesPtr]);
   a.page_stride = c[kCfgPageStride];
   a.num_pages = c[kCfgNumPages];
-  TORCH_CHECK(a.pages != nullptr && aligned16(a.pages) && a.page_stride % 16 == 0, "kvtq: pages must be 16-byte aligned");
+  KVTQ_CHECK(a.pages != nullptr && aligned16(a.pages) && a.page_stride % 16 == 0, "kvtq: pages must be 16-byte aligned");
   a.page_size = (int32_t)c[kCfgPageSize];
   a.units_per_page = (int32_t)upp;
   a.smem_codes = (int32_t)c[kCfgSmemCodes];
@@ -393,8 +395,8 @@ void check_decode_indices(const at::Tensor& page_ids, const at::Tensor& token_in
                           const at::Device& device) {
   check_index(page_ids, "page_ids");
   check_index(token_index, "token_index");
-  TORCH_CHECK(token_index.numel() == page_ids.numel() * page_size, "kvtq: token_index must hold page_size rows per page");
-  TORCH_CHECK(page_ids.device() == device && token_index.device() == device,
+  KVTQ_CHECK(token_index.numel() == page_ids.numel() * page_size, "kvtq: token_index must hold page_size rows per page");
+  KVTQ_CHECK(page_ids.device() == device && token_index.device() == device,
               "kvtq: page_ids, token_index and the device buffers must be on one GPU");
 }
 
@@ -404,7 +406,7 @@ void check_decode_indices(const at::Tensor& page_ids, const at::Tensor& token_in
 void decode(const at::Tensor& desc, const at::Tensor& cfg, const at::Tensor& page_ids, const at::Tensor& token_index,
             const at::Tensor& dst0, const at::Tensor& dst1, const at::Tensor& err_word,
             const c10::optional<at::Tensor>& plane_src) {
-  TORCH_CHECK(desc.device().is_cpu() && desc.scalar_type() == at::kLong && desc.is_contiguous() && desc.dim() == 2 &&
+  KVTQ_CHECK(desc.device().is_cpu() && desc.scalar_type() == at::kLong && desc.is_contiguous() && desc.dim() == 2 &&
                   desc.size(1) == kvtq::kDecodeFields,
               "kvtq: bad decode descriptor");
   const int64_t* c = cpu_fields(cfg, kCfgFields, "decode cfg");
@@ -430,11 +432,11 @@ enum LayersInfo : int { kInfoLayers, kInfoMaxUnitsPerPage, kInfoDType, kInfoArgB
 // The table holds the layer tensors' addresses: the caller rebuilds it when a layer tensor is replaced.
 std::tuple<at::Tensor, at::Tensor> decode_table(const at::Tensor& desc, const at::Tensor& cfg, at::TensorList dst0,
                                                 at::TensorList dst1, const at::Tensor& err_word) {
-  TORCH_CHECK(desc.device().is_cpu() && desc.scalar_type() == at::kLong && desc.is_contiguous() && desc.dim() == 3 &&
+  KVTQ_CHECK(desc.device().is_cpu() && desc.scalar_type() == at::kLong && desc.is_contiguous() && desc.dim() == 3 &&
                   desc.size(2) == kvtq::kDecodeFields,
               "kvtq: decode_table wants a CPU int64 [layers, streams, ", kvtq::kDecodeFields, "] descriptor");
   const int64_t L = desc.size(0);
-  TORCH_CHECK(L >= 1 && (int64_t)dst0.size() == L && (int64_t)dst1.size() == L,
+  KVTQ_CHECK(L >= 1 && (int64_t)dst0.size() == L && (int64_t)dst1.size() == L,
               "kvtq: decode_table wants one device tensor per layer and buffer");
   const int64_t* c = cpu_fields(cfg, kCfgFields, "decode cfg");
   const int64_t row = (int64_t)sizeof(kvtq::DecodeArgs);
@@ -442,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor> decode_table(const at::Tensor& desc, const at
   int64_t max_upp = 0;
   const int dt = dtype_code(dst0[0]);
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(dst0[l].device() == dst0[0].device() && dtype_code(dst0[l]) == dt,
+    KVTQ_CHECK(dst0[l].device() == dst0[0].device() && dtype_code(dst0[l]) == dt,
                 "kvtq: every layer's device buffers must share one GPU and dtype");
     const kvtq::DecodeArgs a =
         layer_args(desc.data_ptr<int64_t>() + l * desc.size(1) * kvtq::kDecodeFields, desc.size(1), c, dst0[l], dst1[l], err_word);
@@ -466,12 +468,12 @@ void decode_layers(const at::Tensor& table, const at::Tensor& info, const at::Te
                    const c10::optional<at::Tensor>& plane_src) {
   const int64_t* f = cpu_fields(info, kInfoFields, "decode_layers info");
   const int64_t* c = cpu_fields(cfg, kCfgFields, "decode cfg");
-  TORCH_CHECK(f[kInfoArgBytes] == (int64_t)sizeof(kvtq::DecodeArgs) && table.is_cuda() && table.is_contiguous() &&
+  KVTQ_CHECK(f[kInfoArgBytes] == (int64_t)sizeof(kvtq::DecodeArgs) && table.is_cuda() && table.is_contiguous() &&
                   table.scalar_type() == at::kByte && table.numel() == f[kInfoLayers] * f[kInfoArgBytes] &&
                   table.device().index() == f[kInfoDevice],
               "kvtq: decode_layers table does not match its info (rebuild it with decode_table)");
   check_decode_indices(page_ids, token_index, c[kCfgPageSize], table.device());
-  TORCH_CHECK(err_word.is_cuda() && err_word.device() == table.device(), "kvtq: err_word must be on the table's GPU");
+  KVTQ_CHECK(err_word.is_cuda() && err_word.device() == table.device(), "kvtq: err_word must be on the table's GPU");
   const int64_t n_pages = page_ids.numel();
   if (n_pages == 0) return;
   const int64_t* planes = plane_offsets(plane_src, n_pages, table.device(), "plane_src");
