@@ -321,7 +321,7 @@ def measure(srv: Server, pattern: str, rep: int, meta: dict[str, Any]) -> dict[s
             "l3_bytes_read_from_tokens": md.get("sglang:prefetched_tokens_total", 0.0) * bpt if srv.l3_dir else 0,
             "l3_prefetched_tokens": md.get("sglang:prefetched_tokens_total", 0.0),
             "l3_backup_tokens": md.get("sglang:backuped_tokens_total", 0.0), "wall_s": wall,
-            "hit_tokens_by_bits": hit_tokens_by_bits(srv.arm, md, s["host_hit_tokens"])}
+            "hit_tokens_by_bits": hit_tokens_by_bits(srv.arm, md, s["host_hit_tokens"] + s["storage_hit_tokens"])}
 
 
 def again_phase(srv: Server, prompts: list[list[int]]) -> dict[str, Any]:
@@ -334,21 +334,24 @@ def again_phase(srv: Server, prompts: list[list[int]]) -> dict[str, Any]:
     s = bm.summarize(recs, wall, m0, bm.scrape(srv.url))
     return {"ttft_mean_again_s": s["ttft_mean_s"], "again_host_hit_tokens": s["host_hit_tokens"],
             "again_storage_hit_tokens": s["storage_hit_tokens"], "again_errors": s["errors"],
-            "again_hit_tokens_by_bits": hit_tokens_by_bits(srv.arm, s["metrics_delta"], s["host_hit_tokens"])}
+            "again_hit_tokens_by_bits": hit_tokens_by_bits(srv.arm, s["metrics_delta"],
+                                                           s["host_hit_tokens"] + s["storage_hit_tokens"])}
 
 
 FIXED_BITS = {"bf16": "16", "kv8": "8", "kv4": "4", "k8v4": "6"}  # code bits per element, per base arm
 
 
-def hit_tokens_by_bits(arm: str, metrics_delta: dict[str, float], host_hit_tokens: float) -> dict[str, float]:
-    """Host-hit tokens per precision served (code bits per element, metadata not counted): an elastic pool's
-    own counter (sglang:kvtq_elastic_hit_tokens_total{bits}), else every host hit at the arm's fixed bits."""
+def hit_tokens_by_bits(arm: str, metrics_delta: dict[str, float], pool_hit_tokens: float) -> dict[str, float]:
+    """Hit tokens served from the host pool per precision (code bits per element, metadata not counted): an
+    elastic pool's own counter (sglang:kvtq_elastic_hit_tokens_total{bits}), else `pool_hit_tokens` at the
+    arm's fixed bits. Both host hits and L3 hits count: an L3 hit is prefetched into the host pool and loaded
+    from it like a host hit (the elastic counter counts both, so the fixed arms must too)."""
     pre = "sglang:kvtq_elastic_hit_tokens_total{"
     by = {k[len(pre):-1]: v for k, v in metrics_delta.items() if k.startswith(pre) and v}
     if by or base_arm(arm) == "elastic":
         return by
     bits = FIXED_BITS.get(base_arm(arm))
-    return {bits: host_hit_tokens} if bits and host_hit_tokens else {}
+    return {bits: pool_hit_tokens} if bits and pool_hit_tokens else {}
 
 
 def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
