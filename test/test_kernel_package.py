@@ -50,3 +50,17 @@ def test_missing_library_is_a_clear_error(tmp_path, restore_path):
     k = _fake_package(tmp_path, torch.__version__, with_library=False)
     with pytest.raises(k.KernelABIError, match="missing"):
         k.load()
+
+
+def test_kernel_checks_go_through_kvtq_check():
+    """Host-side checks in the kernel sources use KVTQ_CHECK (csrc/kvtq_check.h): a TORCH_CHECK with a
+    formatted message segfaulted on the GPU image instead of raising (docs/benchmarks.md, run 9)."""
+    csrc = PKG.parents[1] / "csrc"
+    sources = sorted(p for p in csrc.iterdir() if p.suffix in (".cpp", ".cu", ".h") and p.name != "kvtq_check.h")
+    assert {p.name for p in sources} >= {"kvtq_ops.cpp", "kvtq_crc.cpp", "kvtq_kernels.cu"}
+    uses = {p.name: p.read_text().count("KVTQ_CHECK(") for p in sources}
+    raw = {p.name: [m for m in ("TORCH_CHECK", "TORCH_INTERNAL_ASSERT", "C10_THROW_ERROR", "AT_ERROR")
+                    if m in p.read_text()] for p in sources}
+    assert not any(raw.values()), f"use KVTQ_CHECK, not c10's checks: {raw}"
+    assert uses["kvtq_ops.cpp"] > 0 and uses["kvtq_crc.cpp"] > 0
+    assert all('#include "kvtq_check.h"' in p.read_text() for p in sources if uses[p.name])

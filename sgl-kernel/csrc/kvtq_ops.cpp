@@ -299,7 +299,7 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
   const int64_t* ids = host_ids.data_ptr<int64_t>();
   const int64_t num = host_pages.size(0);
   for (int64_t j = 0; j < n; ++j)  // validate before anything is enqueued
-    TORCH_CHECK_INDEX(ids[j] >= 0 && ids[j] < num, "kvtq: host page id ", ids[j], " out of range [0, ", num, ")");
+    KVTQ_CHECK(ids[j] >= 0 && ids[j] < num, "kvtq: host page id ", ids[j], " out of range [0, ", num, ")");
   const int dtype = (int)geom.data_ptr<int64_t>()[kGeomDType];
   const c10::cuda::CUDAGuard guard(staging.device());
   const cudaStream_t main = c10::cuda::getCurrentCUDAStream().stream();
