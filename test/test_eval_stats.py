@@ -100,8 +100,10 @@ def test_records_compare_pairwise_and_render():
     d = text_delta(ra, rb)
     assert d["window"]["resolved"] and d["block64"]["n"] == 8 * 8 and d["windows_for_0.3pct"] >= 2
     rows = pairwise([ra, rb, rc], [("table:x", "K4cV2t-a-g64"), ("missing", "bf16")])
-    assert [r["a"] for r in rows] == ["table:x"]
-    assert "table:x" in pairwise_markdown(rows)
+    assert [r["a"] for r in rows] == ["table:x", "missing"]  # a pair that cannot be compared says why
+    assert rows[1] == {"a": "missing", "b": "bf16", "note": "not in this run: missing"}
+    md = pairwise_markdown(rows)
+    assert "table:x" in md and "not in this run: missing" in md
     ra["stats"] = {"ppl_delta_pct": d}
     ra["ppl"] = 18.0
     rb["is_reference"] = True
@@ -178,3 +180,26 @@ def test_runs_on_different_windows_concatenate():
     assert rec["stats"]["ppl_delta_pct"]["window"]["n"] == 5 and rec["kl"] == pytest.approx(0.01)
     with pytest.raises(ValueError, match="appears in two runs"):
         concat([a, a])
+
+
+def test_pairwise_compares_task_items_between_configs():
+    """GSM8K and MMLU are paired per item between configs too (a tasks-only run has no windows)."""
+    def rec(name: str, nll: list[float], correct: list[int]) -> dict:
+        return {"config": name, "effective_bits": 4.5, "compression_ratio": 3.5, "kl": None,
+                "gsm8k": {"item_nll": nll, "item_tokens": [100] * len(nll)}, "mmlu": {"item_correct": correct}}
+
+    base = [50.0 + i for i in range(10)]
+    a = rec("A", [x + 2.0 for x in base], [1, 1, 0, 1, 0, 1, 1, 0, 1, 1])  # +0.02 nats per token on every item
+    b = rec("B", base, [1, 1, 0, 1, 0, 1, 1, 0, 1, 0])
+    (row,) = pairwise([a, b], [("A", "B")])
+    assert "window" not in row and "note" not in row
+    g = row["gsm8k_delta_nll"]
+    assert g["value"] == pytest.approx(0.02) and g["lo"] == pytest.approx(0.02) and g["resolved"]
+    m = row["mmlu_delta_acc"]
+    assert m["value"] == pytest.approx(0.1) and m["n"] == 10 and m["lo"] <= 0.1 <= m["hi"]
+    assert "+0.0200" in pairwise_markdown([row])
+    short = rec("C", base[:5], [1] * 5)
+    with pytest.raises(ValueError, match="not paired"):
+        pairwise([a, short], [("A", "C")])
+    (none,) = pairwise([{**a, "gsm8k": None, "mmlu": None}, b], [("A", "B")])
+    assert none["note"] == "no windows or task items in common"

@@ -232,7 +232,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [f"# {meta['model']}: {meta['windows']} windows x ({meta['prefix_len']} prefix + {meta['score_len']} scored), "
              f"page {meta['page_size']}", "", markdown(result["records"]), ""]
     if result.get("pairwise"):
-        lines += ["Paired comparisons between configs (same windows and tokens):", "",
+        lines += ["Paired comparisons between configs (same windows, tokens and items):", "",
                   pairwise_markdown(result["pairwise"]), ""]
     lines += [LEGEND, ""]
     for s in meta["skipped"]:

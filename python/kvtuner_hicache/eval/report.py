@@ -125,17 +125,45 @@ def parse_pairs(spec: str) -> list[tuple[str, str]]:
     return out
 
 
+def task_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Paired task deltas of config a against config b (same items): GSM8K reference-answer NLL per answer
+    token (nats) and MMLU accuracy, each with a bootstrap interval over items; {} where either lacks a task."""
+    out: dict[str, Any] = {}
+    ga, gb = a.get("gsm8k") or {}, b.get("gsm8k") or {}
+    if ga.get("item_nll") and gb.get("item_nll"):
+        if ga["item_tokens"] != gb["item_tokens"]:
+            raise ValueError(f"{a['config']} and {b['config']}: GSM8K items are not paired (other answer tokens)")
+        out["gsm8k_delta_nll"] = S.paired_mean_delta(ga["item_nll"], gb["item_nll"], ga["item_tokens"]).as_dict()
+    ma, mb = a.get("mmlu") or {}, b.get("mmlu") or {}
+    if ma.get("item_correct") and mb.get("item_correct"):
+        if len(ma["item_correct"]) != len(mb["item_correct"]):
+            raise ValueError(f"{a['config']} and {b['config']}: MMLU items are not paired")
+        out["mmlu_delta_acc"] = S.paired_mean_delta(ma["item_correct"], mb["item_correct"]).as_dict()
+    return out
+
+
 def pairwise(records: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
-    """Paired Δ ppl % between configs of one run: [{a, b, window: Interval dict, block64: ...}]."""
+    """Paired comparisons between configs of one run, one row per pair asked for: {a, b, window / block64
+    (Δ ppl %, where both have windows), gsm8k_delta_nll / mmlu_delta_acc (where both ran the task)}. A pair
+    that cannot be compared keeps its row with a `note` saying why (never dropped in silence)."""
     by = {r["config"]: r for r in records}
     out = []
     for a, b in pairs:
-        if a not in by or b not in by or "nll_sum_per_window" not in by[a] or "nll_sum_per_window" not in by[b]:
+        row: dict[str, Any] = {"a": a, "b": b}
+        missing = [c for c in (a, b) if c not in by]
+        if missing:
+            row["note"] = "not in this run: " + ", ".join(missing)
+            out.append(row)
             continue
-        d = text_delta(by[a], by[b])
-        d.update({"a": a, "b": b, "bits_a": by[a]["effective_bits"], "bits_b": by[b]["effective_bits"],
-                  "kl_a": by[a].get("kl"), "kl_b": by[b].get("kl")})
-        out.append(d)
+        ra, rb = by[a], by[b]
+        row.update({"bits_a": ra["effective_bits"], "bits_b": rb["effective_bits"], "kl_a": ra.get("kl"),
+                    "kl_b": rb.get("kl")})
+        if "nll_sum_per_window" in ra and "nll_sum_per_window" in rb:
+            row.update(text_delta(ra, rb))
+        row.update(task_delta(ra, rb))
+        if not any(k in row for k in ("window", "gsm8k_delta_nll", "mmlu_delta_acc")):
+            row["note"] = "no windows or task items in common"
+        out.append(row)
     return out
 
 
@@ -192,15 +220,18 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
 
 
 def pairwise_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """Between-config comparisons (a vs b), one row each."""
-    out = ["| a | b | bits a / b | Δ ppl % a vs b [95% CI, windows] | block CI | resolved | windows for ±0.3 % | KL a / b |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """Between-config comparisons (a vs b), one row each ('-' where a measure is not in both)."""
+    out = ["| a | b | bits a / b | Δ ppl % a vs b [95% CI, windows] | block CI | resolved | windows for ±0.3 % | KL a / b "
+           "| GSM8K ΔNLL a vs b [95% CI] | MMLU Δacc a vs b [95% CI] | note |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for d in rows:
-        w, blk = d["window"], d.get("block64")
+        w, blk = d.get("window"), d.get("block64")
+        bits = f"{d['bits_a']:.3f} / {d['bits_b']:.3f}" if "bits_a" in d else "-"
         kl = f"{d['kl_a']:.4f} / {d['kl_b']:.4f}" if d.get("kl_a") is not None and d.get("kl_b") is not None else "-"
-        out.append(f"| {d['a']} | {d['b']} | {d['bits_a']:.3f} / {d['bits_b']:.3f} | {_ci(w).replace(' **R**', '')} | "
-                   f"{'-' if not blk else _ci(blk).replace(' **R**', '')} | {'yes' if w['resolved'] else 'no'} | "
-                   f"{_f(d.get('windows_for_0.3pct'), 'd')} | {kl} |")
+        out.append(f"| {d['a']} | {d['b']} | {bits} | {_ci(w).replace(' **R**', '')} | "
+                   f"{'-' if not blk else _ci(blk).replace(' **R**', '')} | {'-' if not w else 'yes' if w['resolved'] else 'no'} | "
+                   f"{_f(d.get('windows_for_0.3pct'), 'd')} | {kl} | {_ci(d.get('gsm8k_delta_nll'), '+.4f')} | "
+                   f"{_ci(d.get('mmlu_delta_acc'), '+.3f')} | {d.get('note', '')} |")
     return "\n".join(out)
 
 
