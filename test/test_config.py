@@ -30,7 +30,7 @@ def test_defaults_are_the_documented_safe_ones():
 @pytest.mark.parametrize(
     "kwargs, flag",
     [
-        ({"nbits_key": 3}, "--kvtuner-hicache-nbits-key"),
+        ({"nbits_key": 5}, "--kvtuner-hicache-nbits-key"),
         ({"nbits_value": 16}, "--kvtuner-hicache-nbits-value"),
         ({"axis_key": 2}, "--kvtuner-hicache-axis-key"),
         ({"axis_value": -1}, "--kvtuner-hicache-axis-value"),
@@ -46,7 +46,7 @@ def test_each_bad_flag_names_itself(kwargs, flag):
 
 def test_all_mistakes_reported_at_once():
     with pytest.raises(ConfigError) as e:
-        QuantConfig(nbits_key=3, nbits_value=5)
+        QuantConfig(nbits_key=5, nbits_value=6)
     assert "nbits-key" in str(e.value) and "nbits-value" in str(e.value)
 
 
@@ -83,7 +83,7 @@ def test_yaml_table_layer_count_mismatches(tmp_path):
 @pytest.mark.parametrize(
     "text, msg",
     [
-        ("0: {nbits_key: 3, nbits_value: 2}\n", "nbits_key=3"),
+        ("0: {nbits_key: 5, nbits_value: 2}\n", "nbits_key=5"),
         ("0: {nbits_key: 4}\n", "expected exactly"),
         ("x: {nbits_key: 4, nbits_value: 4}\n", "not an integer"),
         ("- 1\n- 2\n", "expected a mapping"),

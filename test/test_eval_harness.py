@@ -49,7 +49,8 @@ def _ctx(shape: KVShape = SMOL, page: int = 64, ratio: list[float] | None = None
 # ---- config names -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["K4cV4t-a-g64", "K8tV8t-a-g64", "K2cV2t-s-g32", "K4tV4t-a-g64+r128", "K8cV4t-a-g64"])
+@pytest.mark.parametrize("name", ["K4cV4t-a-g64", "K8tV8t-a-g64", "K2cV2t-s-g32", "K4tV4t-a-g64+r128", "K8cV4t-a-g64",
+                                  "K3cV2t-a-g64", "K3tV3t-s-g32"])
 def test_uniform_names_round_trip(name: str) -> None:
     cfg = parse_config(name, _ctx())
     assert cfg.quant is not None and uniform_name(cfg.quant) == name
@@ -148,6 +149,18 @@ def test_quantized_part_is_the_page_format_round_trip() -> None:
         kv, c, c.layout(shape, ps), ps), strict=True)) for n, c in
         ((n, parse_config(n, ConfigContext(shape, ps))) for n in ("K8tV8t-a-g16", "K2tV2t-a-g16"))}
     assert err["K8tV8t-a-g16"] * 20 < err["K2tV2t-a-g16"]
+
+
+def test_three_bit_pages_sit_between_two_and_four_bits() -> None:
+    """3-bit codes (reference codec only): 3/4 of a 4-bit page's code bytes, and an error between KV2's and KV4's."""
+    shape, ps = KVShape.mha(3, 2, 64), 16
+    kv = _kv()
+    cfgs = {n: parse_config(n, ConfigContext(shape, ps)) for n in ("K2tV2t-a-g16", "K3tV3t-a-g16", "K4tV4t-a-g16")}
+    chunk = {n: c.layout(shape, ps).chunk(0, 0) for n, c in cfgs.items()}
+    assert chunk["K3tV3t-a-g16"].codes_bytes * 4 == chunk["K4tV4t-a-g16"].codes_bytes * 3
+    err = {n: max(float((o[0] - _bf16(i[0])).abs().max()) for i, o in
+                  zip(kv, apply_config(kv, c, c.layout(shape, ps), ps), strict=True)) for n, c in cfgs.items()}
+    assert err["K4tV4t-a-g16"] < err["K3tV3t-a-g16"] < err["K2tV2t-a-g16"]
 
 
 def test_unquantized_variants() -> None:

@@ -21,7 +21,7 @@ from kvtuner_hicache.quant.reference import (
     unpack_codes,
 )
 
-BITS = (2, 4, 8)
+BITS = (2, 3, 4, 8)
 
 
 def _bound(x: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -181,3 +181,17 @@ def test_fp16_metadata_cost(bits):
     e32 = _fp32_metadata_error(x, bits).pow(2).mean().sqrt()
     assert float(e16) <= float(e32) * 1.01, (float(e16), float(e32))
     assert math.isfinite(float(e16))
+
+
+def test_three_bit_codes_pack_eight_in_three_bytes_little_endian():
+    """Code i of each group of eight sits at bits 3i..3i+2 of the three bytes read as a little-endian word."""
+    codes = torch.zeros(1, 16, dtype=torch.uint8)
+    codes[0, 1], codes[0, 7], codes[0, 8] = 5, 7, 3
+    packed = pack_codes(codes, 3)
+    assert packed.tolist() == [[5 << 3, 0, 7 << 5, 3, 0, 0]]
+    rng = torch.Generator().manual_seed(3)
+    many = torch.randint(0, 8, (4, 64 * 24), dtype=torch.uint8, generator=rng)
+    assert pack_codes(many, 3).shape == (4, 64 * 9)
+    assert torch.equal(unpack_codes(pack_codes(many, 3), 3), many)
+    with pytest.raises(ValueError, match="eight at a time"):
+        pack_codes(many[:, :12], 3)

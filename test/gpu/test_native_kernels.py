@@ -554,6 +554,21 @@ def test_cpu_out_and_unsupported_layout(nat):
 
 
 @gpu
+def test_three_bit_layouts_are_refused_by_the_kernels_with_the_reason(nat):
+    """3-bit codes run in the reference codec only: a pool of them on CUDA fails at start-up naming the
+    3 bits (never a silent reference fallback), and the reference still serves it when asked to."""
+    from kvtuner_hicache.quant.codec import NativeCodecUnavailable, ReferenceCodec, make_codec
+
+    layout = PageLayout(QuantConfig(nbits_key=3, nbits_value=2), KVShape.mha(2, 2, 64), 64)
+    assert "3-bit codes have no CUDA kernel" in (native.supports(layout) or "")
+    d2, _ = make_pool(layout, 4 * 64, torch.bfloat16, "special", 4)
+    host = torch.zeros(2, layout.page_bytes, dtype=torch.uint8).pin_memory()
+    with pytest.raises(NativeCodecUnavailable, match="3-bit codes have no CUDA kernel"):
+        make_codec(layout, d2, host, DEV, allow_reference=False)
+    assert isinstance(make_codec(layout, d2, host, DEV, allow_reference=True), ReferenceCodec)
+
+
+@gpu
 def test_reference_same_on_cuda_and_cpu(nat):
     """The ground truth itself must not depend on the device it runs on."""
     layout = PageLayout(QuantConfig(nbits_key=2, nbits_value=4, asym=False, axis_key=0), KVShape.mha(2, 4, 128), 64)

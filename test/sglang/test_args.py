@@ -101,7 +101,7 @@ def test_seed_asym_flag_still_works(kvtq_hooks, tiny_model):
     ([*ENABLE, "--kvtuner-hicache-q-group-size", "48"], "--kvtuner-hicache-q-group-size must be a power of two"),
     ([*ENABLE, "--kvtuner-hicache-residual-length", "-1"], "--kvtuner-hicache-residual-length"),
     ([*ENABLE, "--kvtuner-hicache-config", "/nonexistent.yaml"], "--kvtuner-hicache-config /nonexistent.yaml"),
-    ([*ENABLE, "--kvtuner-hicache-nbits-key", "3"], "--kvtuner-hicache-nbits-key"),  # argparse choices
+    ([*ENABLE, "--kvtuner-hicache-nbits-key", "5"], "--kvtuner-hicache-nbits-key"),  # argparse choices
     ([*ENABLE, "--kvtuner-hicache-config", "PRESET", "--kvtuner-hicache-nbits-value", "2"],
      "--kvtuner-hicache-nbits-value has no effect with --kvtuner-hicache-config"),
     (["--kvtuner-hicache-elastic"], "--kvtuner-hicache-elastic needs --enable-kvtuner-hicache"),
@@ -170,7 +170,7 @@ def test_enable_for_engine(kvtq_hooks, monkeypatch, mixed_table):
     cfg = enable_for_engine(axis_key=0, config=str(mixed_table))
     assert kargs.config_from_env() == cfg and cfg.layer_bits is not None
     with pytest.raises(ConfigError, match="nbits-key"):
-        enable_for_engine(nbits_key=3)
+        enable_for_engine(nbits_key=5)
     with pytest.raises(ConfigError, match="nbits_key has no effect with config="):
         enable_for_engine(nbits_key=8, config=str(mixed_table))
     monkeypatch.setenv("SGLANG_PLUGINS", "other")

@@ -47,7 +47,7 @@ SEED_CONFIG = QuantConfig(
     nbits_key=4, nbits_value=4, asym=False, axis_key=AXIS_PER_TOKEN, axis_value=AXIS_PER_TOKEN,
     q_group_size=64, residual_length=128,
 )
-_UNIFORM = re.compile(r"^K(?P<kb>[248])(?P<ka>[tc])V(?P<vb>[248])(?P<va>[tc])(?:-(?P<sym>[as]))?(?:-g(?P<g>\d+))?$")
+_UNIFORM = re.compile(r"^K(?P<kb>[2348])(?P<ka>[tc])V(?P<vb>[2348])(?P<va>[tc])(?:-(?P<sym>[as]))?(?:-g(?P<g>\d+))?$")
 _AX = {"t": AXIS_PER_TOKEN, "c": AXIS_PER_CHANNEL}
 
 SWEEPS: dict[str, tuple[str, ...]] = {

@@ -14,7 +14,7 @@ order, each `elements * b / 8` bytes of r packed like the chunk's codes (same el
 b-bit packing), each starting 128-byte aligned. A page header never carries a plane; in L3 a plane is
 an object of its own whose header records this version (`kvtuner_hicache/elastic_l3.py`).
 
-8-bit chunks have no plane (their stream's pages keep one precision there). Symmetric configs have no
+8-bit and 3-bit chunks have no plane (their stream's pages keep one precision there). Symmetric configs have no
 planes (the embedded code is asymmetric); the config layer rejects `--kvtuner-hicache-elastic` for them.
 
 Pure torch, no sglang: the reference for a native elastic decode.

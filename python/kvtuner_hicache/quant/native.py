@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from kvtuner_hicache import page_format
-from kvtuner_hicache.config import AXIS_PER_TOKEN
+from kvtuner_hicache.config import AXIS_PER_TOKEN, NATIVE_BITS
 from kvtuner_hicache.page_format import HEADER_BYTES, HEADER_CRC_OFFSET, PageLayout
 from kvtuner_hicache.quant.elastic_pages import RefinementLayout
 
@@ -291,6 +291,10 @@ class Plan:
                 return f"stream {st.name}: heads*dim {width} not a multiple of 64"
             for layer in range(layout.num_layers):
                 c = layout.chunk(s, layer)
+                if c.bits not in NATIVE_BITS:
+                    return (f"layer {layer} {st.name}: {c.bits}-bit codes have no CUDA kernel (kernel wheel "
+                            f"{KERNEL_VERSION} encodes and decodes {', '.join(map(str, NATIVE_BITS))} bits; 3-bit codes "
+                            "run in the reference codec only: the accuracy harness and the calibrator)")
                 if c.axis == AXIS_PER_TOKEN and c.group > lim["enc_max_group_per_token"]:
                     return f"per-token group {c.group} > {lim['enc_max_group_per_token']}"
                 if c.axis != AXIS_PER_TOKEN and c.group > lim["enc_max_group_per_channel"]:

@@ -103,10 +103,30 @@ def _shifts(bits: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, 8, bits, dtype=torch.int32, device=device)
 
 
+def _pack3(codes: torch.Tensor) -> torch.Tensor:
+    n, e = codes.shape
+    if e % 8:
+        raise ValueError(f"3-bit codes pack eight at a time; {e} codes per row")
+    c = codes.reshape(n, e // 8, 8).to(torch.int32)
+    word = (c << torch.arange(0, 24, 3, dtype=torch.int32, device=codes.device)).sum(dim=-1)
+    return torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], dim=-1).to(torch.uint8).reshape(n, e // 8 * 3)
+
+
+def _unpack3(packed: torch.Tensor) -> torch.Tensor:
+    n, b = packed.shape
+    p = packed.reshape(n, b // 3, 3).to(torch.int32)
+    word = p[..., 0] | (p[..., 1] << 8) | (p[..., 2] << 16)
+    shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)
+    return ((word.unsqueeze(-1) >> shifts) & 7).to(torch.uint8).reshape(n, b // 3 * 8)
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [N, E] (values < 2^bits) -> packed bytes [N, E*bits/8], little-endian in a byte."""
+    """uint8 codes [N, E] (values < 2^bits) -> packed bytes [N, E*bits/8], little-endian in a byte
+    (3 bits: eight codes in three bytes, code i at bits 3i..3i+2 of their little-endian 24-bit word)."""
     if bits == 8:
         return codes.contiguous()
+    if bits == 3:
+        return _pack3(codes)
     per = 8 // bits
     n, e = codes.shape
     c = codes.reshape(n, e // per, per).to(torch.int32)
@@ -117,6 +137,8 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Packed bytes [N, B] -> uint8 codes [N, B*8/bits]."""
     if bits == 8:
         return packed.contiguous()
+    if bits == 3:
+        return _unpack3(packed)
     n, b = packed.shape
     p = packed.to(torch.int32).unsqueeze(-1)
     return ((p >> _shifts(bits, packed.device)) & (2**bits - 1)).to(torch.uint8).reshape(n, b * 8 // bits)
