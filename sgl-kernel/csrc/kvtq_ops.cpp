@@ -11,6 +11,8 @@
 //   decode            dequantize one layer of pages (zero-copy reads of pinned pages) into device rows
 //   decode_table      the per-layer launch arguments of every layer, as a device table (built once per pool)
 //   decode_layers     dequantize every layer of a load in one launch, from that table (small loads)
+//   stage_copies      copy byte ranges of pinned host pages into GPU staging with the copy engine (the
+//                     staged load of mid-size batches: DMA, then decode from device memory)
 //   page_crcs, crc32c_hardware   CRC32C of a batch of host pages without the GIL (kvtq_crc.cpp, CPU only)
 // encode/backup/decode/decode_layers take optional refinement planes (elastic pools): per page and
 // stream a byte offset of its plane in the host buffer (-1: none), range-checked in the kernels.
@@ -30,6 +32,8 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "kvtq_kernels.h"
 
@@ -346,6 +350,94 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
     if (used & (1 << h)) KVTQ_CUDA_OK(cudaStreamWaitEvent(main, side->copied[h], 0));
 }
 
+// ---- staged load: pinned host pages -> GPU staging by the copy engine ------------------------------
+
+// Runs of consecutive host page ids: (first position in the batch, length).
+std::vector<std::pair<int64_t, int64_t>> id_runs(const int64_t* ids, int64_t n) {
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  for (int64_t j = 0; j < n;) {
+    int64_t r = 1;
+    while (j + r < n && ids[j + r] == ids[j] + r) ++r;
+    runs.emplace_back(j, r);
+    j += r;
+  }
+  return runs;
+}
+
+// Above this many runs per copy, one batched submission beats a 2-D copy per run (driver call cost).
+constexpr size_t kMaxRunsFor2D = 8;
+
+// For every page j of the batch and every row (src_off, nbytes, dst_off) of `copies`: host page
+// host_ids[j] bytes [src_off, src_off + nbytes) -> staging row j bytes [dst_off, dst_off + nbytes), on
+// `stream` (a cudaStream_t; 0 = the current stream). Consecutive host ids go as one 2-D copy per row and
+// run; scattered ones as one cudaMemcpyBatchAsync (CUDA >= 12.8). Everything is checked on the host
+// before anything is enqueued. The copies read host_pages asynchronously: the caller keeps them in place
+// until the stream has run.
+void stage_copies(const at::Tensor& host_pages, const at::Tensor& host_ids, const at::Tensor& staging,
+                  const at::Tensor& copies, int64_t stream) {
+  KVTQ_CHECK(host_pages.device().is_cpu() && host_pages.scalar_type() == at::kByte && host_pages.dim() == 2 &&
+                  host_pages.stride(1) == 1,
+              "kvtq: host_pages must be a CPU uint8 [num_pages, page_bytes] tensor");
+  KVTQ_CHECK(host_ids.device().is_cpu() && host_ids.scalar_type() == at::kLong && host_ids.is_contiguous(),
+              "kvtq: host page ids must be a contiguous CPU int64 tensor");
+  KVTQ_CHECK(staging.is_cuda() && staging.scalar_type() == at::kByte && staging.dim() == 2 && staging.stride(1) == 1,
+              "kvtq: staging must be a CUDA uint8 [pages, pitch] tensor");
+  KVTQ_CHECK(copies.device().is_cpu() && copies.scalar_type() == at::kLong && copies.is_contiguous() &&
+                  copies.dim() == 2 && copies.size(1) == 3,
+              "kvtq: copies must be a contiguous CPU int64 [rows, 3] tensor (src_off, nbytes, dst_off)");
+  const int64_t n = host_ids.numel();
+  KVTQ_CHECK(n <= staging.size(0), "kvtq: ", n, " pages for a staging area of ", staging.size(0));
+  const int64_t* ids = host_ids.data_ptr<int64_t>();
+  const int64_t num = host_pages.size(0);
+  for (int64_t j = 0; j < n; ++j)
+    KVTQ_CHECK(ids[j] >= 0 && ids[j] < num, "kvtq: host page id ", ids[j], " out of range [0, ", num, ")");
+  const int64_t k = copies.size(0);
+  const int64_t* c = copies.data_ptr<int64_t>();
+  for (int64_t i = 0; i < k; ++i)
+    KVTQ_CHECK(c[3 * i] >= 0 && c[3 * i + 1] >= 0 && c[3 * i + 2] >= 0 && c[3 * i] + c[3 * i + 1] <= host_pages.size(1) &&
+                    c[3 * i + 2] + c[3 * i + 1] <= staging.size(1),
+                "kvtq: copy row ", i, " (", c[3 * i], ", ", c[3 * i + 1], ", ", c[3 * i + 2], ") outside a host page of ",
+                host_pages.size(1), " B or a staging row of ", staging.size(1), " B");
+  if (n == 0 || k == 0) return;
+  const c10::cuda::CUDAGuard guard(staging.device());
+  const cudaStream_t st =
+      stream != 0 ? reinterpret_cast<cudaStream_t>(stream) : c10::cuda::getCurrentCUDAStream().stream();
+  const uint8_t* hbase = host_pages.data_ptr<uint8_t>();
+  uint8_t* sbase = staging.data_ptr<uint8_t>();
+  const size_t spitch = (size_t)host_pages.stride(0), dpitch = (size_t)staging.stride(0);
+  const auto runs = id_runs(ids, n);
+#if CUDART_VERSION >= 12080
+  if (runs.size() > kMaxRunsFor2D) {
+    const size_t m = (size_t)(n * k);
+    std::vector<void*> dsts(m);
+    std::vector<const void*> srcs(m);
+    std::vector<size_t> sizes(m);
+    size_t e = 0;
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < n; ++j, ++e) {
+        dsts[e] = sbase + j * dpitch + c[3 * i + 2];
+        srcs[e] = hbase + ids[j] * spitch + c[3 * i];
+        sizes[e] = (size_t)c[3 * i + 1];
+      }
+    cudaMemcpyAttributes attr{};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    size_t attr_idx = 0;
+#if CUDART_VERSION >= 13000
+    KVTQ_CUDA_OK(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), m, &attr, &attr_idx, 1, st));
+#else
+    size_t fail_idx = 0;
+    KVTQ_CUDA_OK(cudaMemcpyBatchAsync(dsts.data(), const_cast<void**>(srcs.data()), sizes.data(), m, &attr, &attr_idx,
+                                      1, &fail_idx, st));
+#endif
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < k; ++i)
+    for (const auto& [j, r] : runs)
+      KVTQ_CUDA_OK(cudaMemcpy2DAsync(sbase + j * dpitch + c[3 * i + 2], dpitch, hbase + ids[j] * spitch + c[3 * i],
+                                     spitch, (size_t)c[3 * i + 1], (size_t)r, cudaMemcpyHostToDevice, st));
+}
+
 // ---- decode ---------------------------------------------------------------------------------------
 
 // The launch arguments of one layer, index tensors left out: desc = this layer's CPU int64
@@ -504,6 +596,9 @@ TORCH_LIBRARY(kvtq, m) {
         "int plane_bound=0) -> ()");
   m.def("decode(Tensor desc, Tensor cfg, Tensor page_ids, Tensor token_index, Tensor(a!) dst0, Tensor(b!) dst1, "
         "Tensor(c!) err_word, Tensor? plane_src=None) -> ()");
+  // CPU pages and ids, a CUDA staging tensor: one kernel for every backend (it checks the devices itself)
+  m.def("stage_copies(Tensor host_pages, Tensor host_ids, Tensor(a!) staging, Tensor copies, int stream) -> ()",
+        &stage_copies);
   m.def("decode_table(Tensor desc, Tensor cfg, Tensor[] dst0, Tensor[] dst1, Tensor err_word) -> (Tensor, Tensor)");
   // Writes the device rows of every layer through the table's addresses (eager only: the writes are
   // not visible to the schema; the load path that calls it is not compiled).

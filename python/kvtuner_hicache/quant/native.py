@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 name = "native"  # label for logs
 
-KERNEL_VERSION = "0.3.0"  # the kvtuner-hicache-kernel version this package is written against
+KERNEL_VERSION = "0.4.0"  # the kvtuner-hicache-kernel version this package is written against
 ENV_JIT = "KVTQ_JIT_BUILD"
 SOURCES = ("kvtq_kernels.cu", "kvtq_ops.cpp", "kvtq_crc.cpp")
 HEADERS = ("kvtq_kernels.h", "kvtq_check.h")
@@ -426,10 +426,13 @@ def geometry(layout: PageLayout, plan: Plan, rs: list[int], hs: list[int], rows:
     return torch.tensor(g, dtype=torch.int64)
 
 
-def decode_cfg(pages: torch.Tensor, pages_ptr: int, layout: PageLayout, plan: Plan, blocks: int, err: ErrorSink) -> torch.Tensor:
-    """The CPU int64 `cfg` tensor of the decode operator (field order: kvtq_ops.cpp DecCfg)."""
-    if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.stride(1) != 1 or pages.size(1) < layout.page_bytes:
-        raise ValueError("pages must be a uint8 [num_pages, >= page_bytes] tensor with contiguous rows")
+def decode_cfg(pages: torch.Tensor, pages_ptr: int, layout: PageLayout, plan: Plan, blocks: int, err: ErrorSink, *,
+               row_bytes: int | None = None) -> torch.Tensor:
+    """The CPU int64 `cfg` tensor of the decode operator (field order: kvtq_ops.cpp DecCfg). `row_bytes`:
+    the smallest row `pages` may have (default a whole page; staging rows hold a group of layers)."""
+    need = layout.page_bytes if row_bytes is None else row_bytes
+    if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.stride(1) != 1 or pages.size(1) < need:
+        raise ValueError(f"pages must be a uint8 [num_pages, >= {need}] tensor with contiguous rows")
     c = [pages_ptr, pages.stride(0), pages.size(0), layout.page_size, plan.smem_codes, plan.smem_meta, blocks,
          err.report_ptr]
     assert len(c) == limits()["cfg_fields"]
