@@ -137,8 +137,8 @@ class CapturingCodec(WrappingCodec):
                     self._page_source[pid] = (crc, "l3")
 
     def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor,
-                   planes: torch.Tensor | None = None) -> None:
-        self.inner.load_layer(layer, page_ids, device_rows, planes)
+                   planes: torch.Tensor | None = None, *, cpu_page_ids: torch.Tensor | None = None) -> None:
+        self.inner.load_layer(layer, page_ids, device_rows, planes, cpu_page_ids=cpu_page_ids)
         if layer != self.layout.num_layers - 1 or min(self.n_loads.values()) >= self.limit:
             return
         # a page loaded with a refinement plane is not its page's floor decode: not a capture of the page

@@ -4,7 +4,7 @@ Lifecycle (the pool's side of the contract):
 
     codec = make_codec(layout, device_kv, host_pages, device)   # once, in the pool's constructor
     codec.backup(host_page_ids, device_rows[, planes])            # HiCache write-back (write stream)
-    codec.load_layer(layer, page_ids, device_rows[, planes])      # one call per local layer (load stream)
+    codec.load_layer(layer, page_ids, device_rows[, planes][, cpu_page_ids=])  # per local layer (load stream)
     codec.pages_written(page_ids)                                 # host pages overwritten from L3 (optional)
     codec.shutdown()                                              # drains and releases streams/events
 
@@ -15,11 +15,14 @@ on the caller's stream, so SGLang's events recorded there cover the host writes.
 layer's device rows on the caller's stream. A native load of at most FUSE_PAGES pages writes every layer's
 rows on the layer-0 call (one launch) and the calls for layers 1..L-1 of the same index tensors enqueue
 nothing: each layer's rows are still ready when that layer's call returns, which is all SGLang's per-layer
-events need.
+events need. A native load of a mid-size batch whose host page ids are also given on the CPU
+(`cpu_page_ids`, the same pages as `page_ids`) is staged: the copy engine moves the packed bytes into GPU
+staging on the codec's own stream and each layer is decoded from there (`quant/staged_load.py`).
 
 Index contract: `host_page_ids` are CPU int64 [n] host page numbers (range-checked on the host before
 anything is enqueued: IndexError). `page_ids` of a load are int64 [n] (GPU, as SGLang passes them; CPU ids
-are checked on the host and copied). `device_rows` are int64 [n * page_size] device token rows on the GPU.
+are checked on the host and copied); `cpu_page_ids`, when given, are the same ids on the CPU (checked on
+the host at layer 0; the codecs may use them to address the host pages without reading the GPU copy). `device_rows` are int64 [n * page_size] device token rows on the GPU.
 GPU-resident indices are range-checked inside the kernels: a bad one is skipped (nothing is read or
 written out of bounds, the CUDA context stays usable) and raises IndexError at the codec's next call or
 at `check()`.
@@ -54,6 +57,7 @@ import torch
 from kvtuner_hicache.page_format import PageLayout
 from kvtuner_hicache.quant import native, reference
 from kvtuner_hicache.quant.elastic_pages import RefinementLayout, encode_planes, load_top
+from kvtuner_hicache.quant.staged_load import StagedLoad
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +154,9 @@ class PageCodec(ABC):
 
     @abstractmethod
     def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor,
-                   planes: torch.Tensor | None = None) -> None:
+                   planes: torch.Tensor | None = None, *, cpu_page_ids: torch.Tensor | None = None) -> None:
         """Dequantize local layer `layer` of host pages `page_ids` into the device rows; pages that
-        `planes` gives a refinement plane at the top precision."""
+        `planes` gives a refinement plane at the top precision. `cpu_page_ids`: the same ids on the CPU."""
 
     def pages_written(self, host_page_ids: Sequence[int]) -> None:  # noqa: B027 - optional hook
         """Host pages were overwritten from outside the codec (an L3 page set into L2)."""
@@ -228,8 +232,8 @@ class WrappingCodec(PageCodec):
         self.inner.backup(host_page_ids, device_rows, planes)
 
     def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor,
-                   planes: torch.Tensor | None = None) -> None:
-        self.inner.load_layer(layer, page_ids, device_rows, planes)
+                   planes: torch.Tensor | None = None, *, cpu_page_ids: torch.Tensor | None = None) -> None:
+        self.inner.load_layer(layer, page_ids, device_rows, planes, cpu_page_ids=cpu_page_ids)
 
     def pages_written(self, host_page_ids: Sequence[int]) -> None:
         self.inner.pages_written(host_page_ids)
@@ -293,9 +297,11 @@ class ReferenceCodec(PageCodec):
                 self._flat()[self._spans(planes[s, sel], plane.shape[1])] = plane.reshape(-1)
 
     def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor,
-                   planes: torch.Tensor | None = None) -> None:
+                   planes: torch.Tensor | None = None, *, cpu_page_ids: torch.Tensor | None = None) -> None:
         assert not self._closed, "codec was shut down"
         ids = self._host_ids(page_ids)
+        if cpu_page_ids is not None and layer == 0 and not torch.equal(self._host_ids(cpu_page_ids), ids):
+            raise ValueError("cpu_page_ids are not the pages of page_ids")
         planes = self._planes(planes, ids.numel())
         bufs = self.device_kv.layer(layer)
         self._rows(device_rows, bufs[0].size(0))
@@ -344,7 +350,8 @@ class NativeCodec(PageCodec):
     def __init__(self, layout: PageLayout, device_kv: DeviceKV, host_pages: torch.Tensor, device: torch.device,
                  *, staging: torch.Tensor | None = None, staging_pages: int = STAGING_PAGES,
                  load_blocks: int | None = None, fuse_pages: int = FUSE_PAGES,
-                 fused_blocks_per_layer: int = FUSED_BLOCKS_PER_LAYER):
+                 fused_blocks_per_layer: int = FUSED_BLOCKS_PER_LAYER, staged_pages: int | None = None,
+                 staged_group: int | None = None, staged_min_pages: int | None = None):
         super().__init__(layout, device_kv, host_pages)
         ops = native.ops()
         self.plan = native.plan_for(layout)
@@ -393,6 +400,11 @@ class NativeCodec(PageCodec):
         self._closed = False
         self.pointer_rebuilds = 0
         self._refresh_pointers()
+        # mid-size loads through the copy engine (None: defaults and KVTQ_LOAD_* variables; 0 pages: off)
+        self.staged = StagedLoad(layout, self.plan, host_pages, device, self.err, group_layers=staged_group,
+                                 max_pages=staged_pages, min_pages=staged_min_pages)
+        # a staged load's index tensors as passed (its identity) and its GPU rows
+        self._staged_key: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # -- pointer tables: the owner's, verified once; rebuilt when a layer tensor is replaced --
 
@@ -471,7 +483,14 @@ class NativeCodec(PageCodec):
         return self._planes_dev
 
     def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor,
-                   planes: torch.Tensor | None = None) -> None:
+                   planes: torch.Tensor | None = None, *, cpu_page_ids: torch.Tensor | None = None) -> None:
+        if self._staged_key is not None:
+            if (layer > 0 and page_ids is self._staged_key[0] and device_rows is self._staged_key[1]
+                    and self.staged.expects(layer)):
+                d = self.device_kv.layer(layer)
+                self.staged.layer(layer, self._staged_key[2], d[0], d[-1])
+                return
+            self._staged_key = None
         if self._fused_ids is not None:
             if layer > 0 and page_ids is self._fused_ids and device_rows is self._fused_rows:
                 return  # decoded by this load's layer-0 call
@@ -483,6 +502,17 @@ class NativeCodec(PageCodec):
             ids = self._host_ids(ids).to(self.device, non_blocking=True)
         if not rows.is_cuda:
             rows = rows.to(device=self.device, dtype=torch.int64)
+        if layer == 0 and planes is None and cpu_page_ids is not None and self.staged.fits(ids.numel()):
+            host_ids = self._host_ids(cpu_page_ids)  # range-checked before anything is enqueued
+            if host_ids.numel() != ids.numel():
+                raise ValueError(f"{host_ids.numel()} cpu_page_ids for a load of {ids.numel()} pages")
+            if not rows.is_contiguous():
+                rows = rows.contiguous()
+            self.staged.begin(host_ids)
+            d = self.device_kv.layer(0)
+            self.staged.layer(0, rows, d[0], d[-1])
+            self._staged_key = (page_ids, device_rows, rows)
+            return
         if layer == 0 and 0 < ids.numel() <= self.fuse_pages:
             self._pointers()  # a replaced layer tensor rebuilds the table first
             assert self._fused_table is not None
@@ -500,11 +530,12 @@ class NativeCodec(PageCodec):
             return
         self._closed = True
         self._side.release()  # waits for the side stream's copies, destroys the stream and its events
+        self.staged.shutdown()
         torch.cuda.current_stream(self.device).synchronize()
         self.err.check()
 
     def describe(self) -> str:
-        return f"native ({native.build_name()})"
+        return f"native ({native.build_name()}; {self.staged.describe()})"
 
 
 # ---- the factory ---------------------------------------------------------------------------------------

@@ -130,11 +130,12 @@ class ResidualTailCodec(WrappingCodec):
         self.store.on_backup([int(p) for p in host_page_ids.tolist()], device_rows, self.device_kv.buffers())
 
     def load_layer(self, layer: int, page_ids: torch.Tensor, device_rows: torch.Tensor,
-                   planes: torch.Tensor | None = None) -> None:
-        self.inner.load_layer(layer, page_ids, device_rows, planes)
+                   planes: torch.Tensor | None = None, *, cpu_page_ids: torch.Tensor | None = None) -> None:
+        self.inner.load_layer(layer, page_ids, device_rows, planes, cpu_page_ids=cpu_page_ids)
         if layer == 0 or self._plan_ids is not page_ids:  # one plan per load (the ids tensor is reused)
             self._plan_ids = page_ids
-            self._plan = self.store.plan_load([int(p) for p in page_ids.tolist()], device_rows)
+            ids = cpu_page_ids if cpu_page_ids is not None else page_ids  # the CPU copy needs no device read
+            self._plan = self.store.plan_load([int(p) for p in ids.tolist()], device_rows)
         if self._plan is not None:
             self.store.load_layer(self._plan, layer, self.device_kv.layer(layer))
 
