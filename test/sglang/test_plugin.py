@@ -121,3 +121,26 @@ def test_hooks_verified_by_identity(kvtq_hooks, era):
             plugin.verify_hooks(required=True)
     finally:
         plugin._state.originals[target] = saved
+
+
+def test_the_pool_learns_a_loads_cpu_indices_from_the_controller(kvtq_hooks, tiny_model):
+    """SGLang's controller moves a load's host indices to the GPU (`move_indices`); the plugin's tap hands the
+    pool the CPU original, so the pool knows the page ids on the host without a device read (staged loads,
+    elastic bookkeeping). A tensor the controller did not move has no CPU copy."""
+    sa = resolved_server_args(tiny_model, *QUANT)
+    kv = mha_device_pool(2, 4, 128, PS, tokens=1024)
+    cache, _ = tree_cache(kv, sa)
+    cc, host = cache.cache_controller, kv_host_pool(cache)
+    assert getattr(cc.move_indices, "kvtq_tracked", False)
+    cc.device = "meta"  # stands in for the GPU: the move makes a new tensor, as a copy to CUDA does
+    on_cpu = torch.arange(2 * PS, 5 * PS)
+    moved, _ = cc.move_indices(on_cpu, torch.arange(3 * PS))
+    assert moved.device.type == "meta"
+    host._load_ids(moved, 0, "kernel", False)
+    assert torch.equal(host._load_cpu_page_ids, torch.tensor([2, 3, 4]))
+    host._load_ids(moved, 1, "kernel", False)  # the later layers of that load keep it
+    assert torch.equal(host._load_cpu_page_ids, torch.tensor([2, 3, 4]))
+    host._load_ids(torch.arange(3 * PS, device="meta"), 0, "kernel", False)
+    assert host._load_cpu_page_ids is None
+    host._load_ids(on_cpu, 0, "kernel", False)  # CPU pools: the ids are on the CPU already
+    assert torch.equal(host._load_cpu_page_ids, torch.tensor([2, 3, 4]))

@@ -261,8 +261,10 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
     def load_to_device_per_layer(self, device_pool, host_indices, device_indices, layer_id, io_backend,
                                  *, is_draft: bool = False) -> None:
         ids = self._load_ids(host_indices, layer_id, io_backend, is_draft)
+        cpu_ids = self._load_cpu_page_ids
+        readable = cpu_ids if cpu_ids is not None else ids  # the GPU ids cost a device read (waits for the stream)
         with self.lock:
-            page_ids = ids.tolist() if layer_id == 0 else None
+            page_ids = readable.tolist() if layer_id == 0 else None
             if page_ids is not None:
                 for p in page_ids:
                     self.served_tokens_by_bits[self.bits_label(p)] += self.page_size
@@ -271,10 +273,10 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
             cached = self._load_planes_key
             fresh = cached is None or cached[0] is not ids or cached[1] != self.planes.version
             if fresh:  # a new load, or planes moved since
-                self._load_planes, self._load_slots = self._offsets(page_ids if page_ids is not None else ids.tolist())
+                self._load_planes, self._load_slots = self._offsets(page_ids if page_ids is not None else readable.tolist())
                 self._load_planes_key = (ids, self.planes.version)
             planes = self._load_planes
-            self.codec.load_layer(layer_id, ids, device_indices, planes)
+            self.codec.load_layer(layer_id, ids, device_indices, planes, cpu_page_ids=cpu_ids)
             # the event after the layer-0 call covers a one-launch load, the one after the last layer with
             # planes the per-layer launches
             if planes is not None and (fresh or layer_id == self._last_plane_layer):

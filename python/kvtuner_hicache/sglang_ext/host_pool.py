@@ -83,6 +83,8 @@ class _QuantizedHostPool(HostKVCache):
         self.quant_config = quant_config
         self.residual = None  # set after the base init (which calls clear())
         self._load_key: Any = None
+        self._load_cpu: tuple[torch.Tensor, torch.Tensor] | None = None  # (GPU, CPU) host indices of a load
+        self._load_cpu_page_ids: torch.Tensor | None = None
         # Host budget in bytes: --hicache-size GB, else --hicache-ratio times the device pool's
         # bytes (not tokens), so the same host memory holds compression-times more tokens. SGLang's
         # host-memory auto-sizing (0.5.21+) caps the ratio by bytes too, so it grants bytes.
@@ -180,7 +182,13 @@ class _QuantizedHostPool(HostKVCache):
 
     def load_to_device_per_layer(self, device_pool, host_indices, device_indices, layer_id, io_backend,
                                  *, is_draft: bool = False) -> None:
-        self.codec.load_layer(layer_id, self._load_ids(host_indices, layer_id, io_backend, is_draft), device_indices)
+        ids = self._load_ids(host_indices, layer_id, io_backend, is_draft)
+        self.codec.load_layer(layer_id, ids, device_indices, cpu_page_ids=self._load_cpu_page_ids)
+
+    def note_load_indices(self, on_device: torch.Tensor, on_cpu: torch.Tensor) -> None:
+        """The controller moved a load's host indices to the GPU (`load_indices.track`): keep the CPU
+        original of the latest one, so that the load's page ids are known on the host without a device read."""
+        self._load_cpu = (on_device, on_cpu)
 
     def _backup_page_ids(self, host_indices, io_backend: str) -> torch.Tensor:
         if io_backend != "kernel":
@@ -189,15 +197,24 @@ class _QuantizedHostPool(HostKVCache):
         return host_indices[:: self.page_size] // self.page_size
 
     def _load_ids(self, host_indices, layer_id: int, io_backend: str, is_draft: bool) -> torch.Tensor:
-        """The page ids of a load. The controller calls once per local layer with the same index tensors:
-        derived on layer 0 and reused (O(1) host work per layer afterwards)."""
+        """The page ids of a load (and `_load_cpu_page_ids`, the same on the CPU when known). The controller
+        calls once per local layer with the same index tensors: derived on layer 0 and reused (O(1) host
+        work per layer afterwards)."""
         if is_draft:  # 0.5.18+ passes it; our pools never hold packed draft layers
             raise RuntimeError("quantized HiCache host pools hold no MTP draft layers (is_draft=True)")
         if io_backend != "kernel":
             raise ValueError(f"quantized HiCache supports io_backend 'kernel' only, got {io_backend!r}")
         if layer_id == 0 or self._load_key is not host_indices:
-            self._load_page_ids = host_indices[:: self.page_size] // self.page_size
+            ps = self.page_size
+            self._load_page_ids = host_indices[::ps] // ps
             self._load_key = host_indices
+            cpu = self._load_cpu
+            if host_indices.device.type == "cpu":
+                self._load_cpu_page_ids = self._load_page_ids
+            elif cpu is not None and cpu[0] is host_indices:
+                self._load_cpu_page_ids = cpu[1][::ps] // ps
+            else:
+                self._load_cpu_page_ids = None
         return self._load_page_ids
 
     # ---- page accessors for L3 -----------------------------------------------------------------

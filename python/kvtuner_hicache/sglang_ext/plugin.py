@@ -304,6 +304,9 @@ def _create_tree_cache(result, ctx, *a, **kw):
     cc = getattr(result, "cache_controller", None)
     if cc is not None:  # a HiCache (the flag requires --enable-hierarchical-cache, checked at start-up)
         require_ours(getattr(cc, "mem_pool_host", None), type(result).__name__)
+        from kvtuner_hicache.sglang_ext import load_indices
+
+        load_indices.track(cc, kv_host_pool_of(cc.mem_pool_host))  # a load's page ids on the CPU too
     elif _hicache_enabled(ctx):
         raise RuntimeError(f"kvtuner_hicache is enabled but the tree cache {type(result).__name__} has no "
                            "HiCache controller: this model's cache is not supported")
