@@ -8,16 +8,16 @@
 #  3. hides nvcc (PATH without it, CUDA_HOME unset) and checks that it is gone;
 #  4. pytest -m gpu test/gpu (parallel when pytest-xdist is there, PYTEST_WORKERS, default 8);
 #  5. benchmark/bench_transfer.py (BENCH_ARGS, default --quick --pages 1,16,64,256 --no-sweep) with SGLang's own
-#     bf16 kernels side by side when .stage/sglang-site.tar.xz (scripts/device/make_bundle.sh) was carried;
+#     bf16 kernels (AOT and JIT) side by side when .stage (scripts/device/make_bundle.sh) was carried;
 #  6. copies bench_transfer.json/.md, the pytest log and the build log to $OUT.
-# Env: SITE (/tmp/kvtq-site), SGL_SITE (/tmp/site), STAGE (.stage; $STAGE/deps/*.whl are installed into SITE too),
-#      SKIP_BENCH=1, SKIP_TESTS=1. Extra args go to pytest.
+# Env: SITE (/tmp/kvtq-site), STAGE (.stage; $STAGE/deps/*.whl are installed into SITE too), SGLANG_RELEASE (the
+#      release whose bf16 kernels the benchmark times; default the newest staged overlay), KVTQ_ARCHS (e.g.
+#      "90-real": build for one arch only, faster), SKIP_BENCH=1, SKIP_TESTS=1. Extra args go to pytest.
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 PY=$(command -v "${PYTHON:-python3}")  # absolute: nvcc's directory may leave PATH below
 SITE=${SITE:-/tmp/kvtq-site}
-SGL_SITE=${SGL_SITE:-/tmp/site}
 STAGE=${STAGE:-.stage}
 OUT=${OUT:-$REPO/.cache/gpu_out}
 mkdir -p "$OUT"
@@ -27,7 +27,7 @@ step() { echo "[gpu_test] +$(( $(date +%s) - t0 )) s: $*"; }
 
 step "build and install the wheels"
 rm -rf "$SITE"
-bash scripts/device/build_kernel_wheel.sh --target "$SITE" 2>&1 | tee "$OUT/build.log" | grep -v "^  " || true
+bash scripts/device/build_kernel_wheel.sh --target "$SITE" ${KVTQ_ARCHS:+--archs "$KVTQ_ARCHS"} 2>&1 | tee "$OUT/build.log" | grep -v "^  " || true
 [ -f "$SITE/kvtuner_hicache_kernel/_kvtq_ops.so" ] || { echo "[gpu_test] kernel wheel build FAILED (see build.log)"; tail -40 "$OUT/build.log"; exit 1; }
 cp dist/*.whl "$OUT/" 2>/dev/null || true
 # runtime dependencies the GPU image lacks (e.g. crc32c for page format 2), carried as wheels in $STAGE/deps
@@ -40,6 +40,7 @@ PYTHONPATH="$SITE" "$PY" -c "import sys; sys.path.insert(0, 'benchmark'); import
   > "$OUT/bench_baseline_build.log" 2>&1 || echo "[gpu_test] bf16 stand-in build failed (the benchmark leaves those fields out)"
 
 step "hide nvcc"
+FULL_PATH=$PATH
 NOCC=""
 IFS=: read -ra dirs <<< "$PATH"
 for d in "${dirs[@]}"; do [ -x "$d/nvcc" ] || NOCC="${NOCC:+$NOCC:}$d"; done
@@ -71,19 +72,23 @@ fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   bench_path="$SITE"
   if [ -f "$STAGE/sglang-site.tar.xz" ]; then
-    step "SGLang bundle for its bf16 kernels"
-    stamp=$(stat -c '%n %s %Y' "$STAGE/sglang-site.tar.xz")
-    if [ "$(cat "$SGL_SITE/.unpacked" 2>/dev/null)" != "$stamp" ]; then
-      rm -rf "$SGL_SITE" && mkdir -p "$SGL_SITE" && tar -C "$SGL_SITE" -xJf "$STAGE/sglang-site.tar.xz" && echo "$stamp" > "$SGL_SITE/.unpacked"
-    fi
+    # the release we serve (SGLANG_RELEASE, else the newest staged overlay): its AOT and JIT bf16 kernels
+    # shellcheck source=scripts/device/release_site.sh
+    . scripts/device/release_site.sh
+    rel=${SGLANG_RELEASE:-$(staged_releases | head -1)}
+    step "SGLang $rel site for its bf16 kernels"
+    SGL_SITE=$(release_site "$rel") || exit 1
     bench_path="$SITE:$SGL_SITE"
   else
     echo "[gpu_test] no $STAGE/sglang-site.tar.xz: SGLang's bf16 kernels are not timed (carry .stage to add them)"
   fi
+  # nvcc back on PATH: SGLang's JIT load kernel (its serving path when nvcc is there) builds for the baseline;
+  # ours still load from the installed wheel (the benchmark prints the build it loaded)
   step "transfer benchmark"
   # shellcheck disable=SC2086
-  PYTHONPATH="$bench_path" "$PY" benchmark/bench_transfer.py ${BENCH_ARGS:---quick --pages 1,16,64,256 --no-sweep} \
-    --json "$OUT/bench_transfer.json" --md "$OUT/bench_transfer.md" 2>&1 | tee "$OUT/bench_transfer.log" | tail -60
+  PATH="$FULL_PATH" KVTQ_PRESETS_DIR="${KVTQ_PRESETS_DIR:-$STAGE/presets}" PYTHONPATH="$bench_path" "$PY" \
+    benchmark/bench_transfer.py ${BENCH_ARGS:---quick --pages 1,16,64,256 --no-sweep} \
+    --json "$OUT/bench_transfer.json" --md "$OUT/bench_transfer.md" 2>&1 | tee "$OUT/bench_transfer.log" | tail -90
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 step "done (rc=$rc); results in $OUT"
