@@ -5,10 +5,15 @@ Directions (page size 64, all layers of the model shape), through the serving pa
 config (quant/codec.py) over the installed kernel wheel:
   backup      GPU -> pinned host, incl. quantize: codec.backup (encode into a 64-page GPU staging area,
               then one DMA per run of host pages on the codec's own stream), ordered on one stream.
-  load        pinned host -> GPU, per layer x L, incl. dequantize: codec.load_layer L times (zero-copy
-              reads of pinned memory, bounded grid of KVTQ_LOAD_BLOCKS blocks). A load of at most
-              codec.FUSE_PAGES pages decodes every layer on the layer-0 call (one launch); the per-layer
-              launches of the same load are timed beside it (`time_ms_per_layer_launches`).
+  load        pinned host -> GPU, per layer x L, incl. dequantize: codec.load_layer L times with the host page
+              ids on the CPU too, as the pools pass them (`load_path`): a load of at most codec.FUSE_PAGES pages
+              decodes every layer on the layer-0 call (one launch, `one-launch`); one the staging fits (32-256
+              pages by default) is copied into GPU staging by the copy engine, a group of layers at a time, and
+              decoded from there (`staged`, quant/staged_load.py; `time_ms_staged_scattered_pages` with host
+              pages in no order); larger ones decode zero-copy from pinned memory per layer (`per-layer`). The
+              zero-copy per-layer launches of the same load are timed beside it (`time_ms_per_layer_launches`).
+  load-staged KV4, KV8 (`--staged-sweep`): the staged load with 1, 2, 4 and 7 layers per copy group, the
+              measurement that the default group (staged_load.DEFAULT_GROUP_LAYERS) comes from.
   load-fused  KV4 only: the one-launch load at every batch size and grid share (`--fused-sweep`), the
               measurement that FUSE_PAGES and FUSED_BLOCKS_PER_LAYER come from.
   quantize    native.encode_pages from device rows into GPU memory only (no PCIe).
@@ -20,16 +25,20 @@ config (quant/codec.py) over the installed kernel wheel:
   dequantize  load_layer x L from pages in GPU memory only (no PCIe, unbounded grid).
 
 bf16 baselines, timed in the same run:
-  sglang-bf16  SGLang's own bf16 HiCache kernels as SGLang 0.5.17's MHATokenToKVPoolHost (page_first, io
-               backend `kernel`) calls them when its JIT kernels are off: sgl_kernel.kvcacheio
-               transfer_kv_per_layer_pf_lf (load, per layer) and transfer_kv_all_layer_lf_pf (backup), with
-               SGLang's default block quota; recorded as sglang_bf16_ms and speedup_vs_sglang_bf16 when
-               sgl_kernel imports (the SGLang bundle on PYTHONPATH), else left out.
+  sglang-bf16  SGLang's own bf16 HiCache kernels as its MHATokenToKVPoolHost (page_first, io backend `kernel`)
+               calls them: the AOT sgl_kernel.kvcacheio transfer_kv_per_layer_pf_lf (load, per layer) and
+               transfer_kv_all_layer_lf_pf (backup), and for loads also the JIT kernel of the release on
+               PYTHONPATH (sglang.kernels.ops.kvcache.hicache.transfer_hicache_one_layer, what SGLang serves
+               with when nvcc is on the host). The faster load is the baseline: sglang_bf16_ms,
+               speedup_vs_sglang_bf16 and sglang_bf16_kernel; both are kept (sglang_bf16_aot_ms,
+               sglang_bf16_jit_ms). Left out when sgl_kernel / the JIT build are not there.
   bf16-kernel  our stand-in with SGLang's access pattern (benchmark/bf16_baseline.cu, built by the benchmark
                itself, not shipped): one warp per token row, page_first host layout [slots, L, H, D].
   bf16-copy    plain torch pinned `copy_` of the same bf16 bytes with our host-call structure: backup = one
                copy of all bytes, load = one copy per layer (L calls, like a per-layer load).
   single DMA   one torch `copy_` of all bf16 bytes (the PCIe ceiling; reported as speedup_vs_single_dma).
+  own DMA      one torch `copy_` of our own packed bytes per direction (`own_bytes_single_dma_ms`; the record's
+               `vs_own_bytes_single_dma` = ours / that): how far a transfer is from the PCIe floor of its bytes.
 speedup_vs_bf16 = (faster of bf16-kernel and bf16-copy) / ours. Effective bf16 GB/s = bf16 bytes / our time.
 
 Host time per load call (`host_us_per_load_call`): the CPU time of enqueueing one codec.load_layer call
