@@ -90,6 +90,16 @@ L3HIT_DOCS, L3HIT_DOC_TOKENS, L3HIT_SUFFIX = 8, 3072, 16
 WARMUP_REP = 97  # the discarded warm-up pass: a trace seed no measured repeat uses
 
 
+def gpu_free_bytes() -> int:
+    """Free memory of GPU 0 as the driver reports it (nvidia-smi; 0 when it cannot be read)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30).stdout
+        return int(out.strip().splitlines()[0]) * 2**20
+    except Exception:  # noqa: BLE001 - no nvidia-smi: no check
+        return 0
+
+
 def base_arm(arm: str) -> str:
     """The arm whose server flags `arm` uses (itself unless it is one of ARM_VARIANTS)."""
     return ARM_VARIANTS.get(arm, (arm, {}))[0]
@@ -467,7 +477,15 @@ def main(argv: list[str] | None = None) -> int:
     metas: dict[str, dict[str, Any]] = {}
     out_json = os.path.join(a.out_dir, f"bench_e2e_{a.scenario}.json")
     try:
+        free0 = gpu_free_bytes()
         for i, arm in enumerate(arms):  # strictly one start at a time
+            if i == 1:  # the first server's footprint tells whether the others fit beside it (resident servers)
+                free = gpu_free_bytes()
+                need = (free0 - free) * (len(arms) - 1)
+                if free0 and free < need * 1.02:
+                    raise SystemExit(f"bench_e2e: {len(arms)} resident servers do not fit this GPU: the first took "
+                                     f"{(free0 - free) / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are left for "
+                                     f"{len(arms) - 1} more; pass fewer --arms (measured in separate calls)")
             srv = Server(a.scenario, arm, a.port0 + i, a)
             servers.append(srv)
             up = srv.ready(a.server_wait)
