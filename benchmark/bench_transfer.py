@@ -579,13 +579,18 @@ def table_sweep(records: list) -> str:
     return "\n".join(lines)
 
 
+def _sglang_cells(r: dict) -> str:
+    """The `SGLang bf16 ms | vs SGLang bf16` cells of a load record (dashes when SGLang was not timed)."""
+    return f"{r['sglang_bf16_ms']:.3f} | {r['speedup_vs_sglang_bf16']:.2f}x" if "sglang_bf16_ms" in r else "- | -"
+
+
 def table_fused(records: list) -> str:
     lines = ["| shape | pages | grid share per layer (0 = one block per unit) | one-launch load ms [p10, p90] "
              "| per-layer launches ms | SGLang bf16 ms | vs SGLang bf16 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in records:
         if r["direction"] == "load-fused":
-            sg = f"{r['sglang_bf16_ms']:.3f} | {r['speedup_vs_sglang_bf16']:.2f}x" if "sglang_bf16_ms" in r else "- | -"
+            sg = _sglang_cells(r)
             lines.append(f"| {r['shape']} | {r['pages']} | {r['fused_blocks_per_layer']} | {r['time_ms']:.3f} "
                          f"[{r['time_ms_p10']:.3f}, {r['time_ms_p90']:.3f}] | {r['time_ms_per_layer_launches']:.3f} | {sg} |")
     return "\n".join(lines)
@@ -597,7 +602,7 @@ def table_staged(records: list) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in records:
         if r["direction"] == "load-staged":
-            sg = f"{r['sglang_bf16_ms']:.3f} | {r['speedup_vs_sglang_bf16']:.2f}x" if "sglang_bf16_ms" in r else "- | -"
+            sg = _sglang_cells(r)
             lines.append(f"| {r['shape']} | {r['config']} | {r['pages']} | {r['staged_group']} | {r['time_ms']:.3f} "
                          f"[{r['time_ms_p10']:.3f}, {r['time_ms_p90']:.3f}] | {r['pcie_GBps']:.1f} | "
                          f"{r['own_bytes_single_dma_ms']:.3f} | {r['time_ms_per_layer_launches']:.3f} | {sg} |")
