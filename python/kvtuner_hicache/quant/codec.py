@@ -22,7 +22,8 @@ staging on the codec's own stream and each layer is decoded from there (`quant/s
 Index contract: `host_page_ids` are CPU int64 [n] host page numbers (range-checked on the host before
 anything is enqueued: IndexError). `page_ids` of a load are int64 [n] (GPU, as SGLang passes them; CPU ids
 are checked on the host and copied); `cpu_page_ids`, when given, are the same ids on the CPU (checked on
-the host at layer 0; the codecs may use them to address the host pages without reading the GPU copy). `device_rows` are int64 [n * page_size] device token rows on the GPU.
+the host at layer 0; the codecs may use them to address the host pages without reading the GPU copy).
+`device_rows` are int64 [n * page_size] device token rows on the GPU.
 GPU-resident indices are range-checked inside the kernels: a bad one is skipped (nothing is read or
 written out of bounds, the CUDA context stays usable) and raises IndexError at the codec's next call or
 at `check()`.

@@ -7,7 +7,7 @@ quantized pool wants both: the GPU copy for its kernels, the CPU one to address 
 reading the GPU copy back (a device read waits for everything queued before it, the forward pass too).
 
 Contract (installed by the plugin's tree-cache hook on every controller over a quantized pool):
-- `track(controller)` wraps the controller's `move_indices` on the instance; every call still returns
+- `track(controller, pool)` wraps the controller's `move_indices` on the instance; every call still returns
   what SGLang's returns. When the host indices came in on the CPU, the pool's `note_load_indices(moved,
   original)` is told which GPU tensor holds them (O(1): a reference, no copy).
 - The pool matches a later `load_to_device_per_layer(host_indices=...)` to that GPU tensor by identity,
