@@ -443,7 +443,7 @@ __device__ __forceinline__ void zero_range(uint8_t* base, int a, int b) {
 // PLANES: the launch writes refinement planes (a separate instantiation, so that the fixed-page encode keeps
 // its register budget and occupancy).
 template <typename T, bool PLANES>
-__global__ void __launch_bounds__(kThreads) encode_kernel(const EncodeArgs A) {
+__global__ void __launch_bounds__(kThreads) encode_kernel(const __grid_constant__ EncodeArgs A) {
   __shared__ __align__(16) EncShared sh;
   const int ua = blockIdx.x;
   const int pl = blockIdx.y;             // page within this launch

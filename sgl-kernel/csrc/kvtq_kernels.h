@@ -12,7 +12,7 @@ namespace kvtq {
 constexpr int kThreads = 256;          // threads per block, all kernels
 constexpr int kEncItemsPerThread = 4;  // encode, per-token groups: 16-byte items per thread per unit
 constexpr int kEncItemsPerUnit = kThreads * kEncItemsPerThread;
-constexpr int kEncMaxTokensPerThread = 16;  // encode, per-channel groups: rows held per thread
+constexpr int kEncMaxTokensPerThread = 8;  // encode, per-channel groups: rows held per thread
 constexpr int kDecCodeWordsPerThread = 4;   // decode: 16-byte code words per thread per unit
 constexpr int kDecMetaWordsPerThread = 2;   // decode: 16-byte words per metadata array per thread
 constexpr int kDecMaxCodeBytes = kThreads * kDecCodeWordsPerThread * 16;  // 16 KiB per unit

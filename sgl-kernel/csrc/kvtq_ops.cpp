@@ -81,7 +81,7 @@ c10::Dict<std::string, int64_t> limits() {
   d.insert("enc_items_per_unit", kvtq::kEncItemsPerUnit);
   d.insert("enc_max_tokens_per_thread", kvtq::kEncMaxTokensPerThread);
   d.insert("enc_max_group_per_token", 2048);    // axis 0: G/8 items reduced inside one block
-  d.insert("enc_max_group_per_channel", 4096);  // axis 1: G rows <= kEncMaxTokensPerThread * kThreads
+  d.insert("enc_max_group_per_channel", kvtq::kEncMaxTokensPerThread * kvtq::kThreads);  // axis 1: G rows held by one block
   d.insert("dec_max_code_bytes", kvtq::kDecMaxCodeBytes);
   d.insert("dec_max_meta", kvtq::kDecMaxMeta);
   d.insert("geom_fields", kGeomFields);
@@ -221,18 +221,26 @@ void encode(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
 // ---- backup ---------------------------------------------------------------------------------------
 
 // The backup side stream of one pool: owned by the Python codec (NativeCodec), released by its
-// shutdown() (or when the last reference goes). Two event pairs order the two staging halves.
+// shutdown() (or when the last reference goes). One event pair per staging slot orders its reuse.
+constexpr int kBackupSlots = 16;     // most staging slots one backup cycles through
+constexpr int64_t kBackupMinChunk = 4;   // pages per encode launch at least (4 pages: 2-3 waves of blocks)
+// Chunks per backup to aim for: more hide more of the encode behind the DMA (only the first chunk's encode
+// is exposed) but cost the calling (scheduler) thread a launch, two events and the copies of each chunk
+// (run 11, H100: 0.4 ms of host time for a 64-page backup against 1.5 ms on the GPU; docs/benchmarks.md).
+constexpr int64_t kBackupChunks = 16;
+
 struct BackupStream : torch::CustomClassHolder {
   int64_t device = -1;
   cudaStream_t stream = nullptr;
-  cudaEvent_t encoded[2] = {nullptr, nullptr};
-  cudaEvent_t copied[2] = {nullptr, nullptr};
+  cudaEvent_t encoded[kBackupSlots] = {};
+  cudaEvent_t copied[kBackupSlots] = {};
+  int used_slots = 0;  // slots whose `copied` event was recorded by some backup (waited on by the next one)
   std::mutex mu;  // one backup at a time per pool (SGLang calls backup from one thread)
 
   explicit BackupStream(int64_t dev) : device(dev) {
     const c10::cuda::CUDAGuard guard((c10::DeviceIndex)dev);
     KVTQ_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kBackupSlots; ++i) {
       KVTQ_CUDA_OK(cudaEventCreateWithFlags(&encoded[i], cudaEventDisableTiming));
       KVTQ_CUDA_OK(cudaEventCreateWithFlags(&copied[i], cudaEventDisableTiming));
     }
@@ -244,7 +252,7 @@ struct BackupStream : torch::CustomClassHolder {
     if (stream == nullptr) return;
     const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device);
     (void)cudaStreamSynchronize(stream);
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kBackupSlots; ++i) {
       (void)cudaEventDestroy(encoded[i]);
       (void)cudaEventDestroy(copied[i]);
       encoded[i] = copied[i] = nullptr;
@@ -278,11 +286,19 @@ void copy_runs(const at::Tensor& staging, int64_t count, const at::Tensor& host_
   }
 }
 
+// Pages per encode launch of a backup of n pages through `cap` staging pages (cap >= 2, n >= 2).
+int64_t backup_chunk_pages(int64_t n, int64_t cap) {
+  const int64_t want = std::max(kBackupMinChunk, (n + kBackupChunks - 1) / kBackupChunks);
+  const int64_t by_slots = (cap + kBackupSlots - 1) / kBackupSlots;  // at most kBackupSlots slots
+  return std::max<int64_t>(1, std::min(std::max(want, by_slots), std::min(cap / 2, (n + 1) / 2)));
+}
+
 // Quantize into `staging` and DMA the pages to their host pages. With two or more staging pages the
-// staging area is used as two halves: the kernel fills one half on the current stream while the side
-// stream copies the other; the current stream waits for every copy before this returns, so work queued
-// on it afterwards (and events recorded on it) sees the host pages written. Host ids are read and
-// range-checked on the CPU before anything is enqueued.
+// batch is cut into chunks of about n/16 pages (kBackupChunks; at least 4, at most half the staging area) that cycle
+// through the staging slots: the kernel encodes chunk k on the current stream while the side stream
+// copies chunk k-1, so only the first chunk's encode is not hidden behind the DMA. The current stream
+// waits for every copy before this returns, so work queued on it afterwards (and events recorded on it)
+// sees the host pages written. Host ids are read and range-checked on the CPU before anything is enqueued.
 void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Tensor& ptrs0, const at::Tensor& ptrs1,
             const at::Tensor& token_index, const at::Tensor& header, const at::Tensor& staging,
             const at::Tensor& host_pages, const at::Tensor& host_ids, const at::Tensor& geom, const at::Tensor& err_word,
@@ -327,27 +343,29 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
   KVTQ_CHECK(side->stream != nullptr, "kvtq: backup on a released BackupStream (the codec was shut down)");
   KVTQ_CHECK(side->device == staging.device().index(), "kvtq: BackupStream of device ", side->device,
               ", staging on ", staging.device());
-  const int64_t half = std::min(cap / 2, (n + 1) / 2);
-  for (int h = 0; h < 2; ++h) KVTQ_CUDA_OK(cudaStreamWaitEvent(main, side->copied[h], 0));  // earlier calls' copies
+  const int64_t chunk = backup_chunk_pages(n, cap);
+  const int slots = (int)std::min<int64_t>(kBackupSlots, cap / chunk);
+  for (int h = 0; h < side->used_slots; ++h)  // earlier calls' copies out of the slots reused here
+    KVTQ_CUDA_OK(cudaStreamWaitEvent(main, side->copied[h], 0));
   int used = 0;
-  for (int64_t start = 0, k = 0; start < n; start += half, ++k) {
-    const int h = (int)(k & 1);
-    const int64_t m = std::min(half, n - start);
-    if (k >= 2) KVTQ_CUDA_OK(cudaStreamWaitEvent(main, side->copied[h], 0));  // this half's last copy is done
+  for (int64_t start = 0, k = 0; start < n; start += chunk, ++k) {
+    const int h = (int)(k % slots);
+    const int64_t m = std::min(chunk, n - start);
+    if (k >= slots) KVTQ_CUDA_OK(cudaStreamWaitEvent(main, side->copied[h], 0));  // this slot's last copy is done
     kvtq::EncodeArgs b = a;
     b.token_index = tok + start * a.page_size;
     b.n_pages = (int32_t)m;
-    b.out = a.out + (int64_t)h * half * sstride;
+    b.out = a.out + (int64_t)h * chunk * sstride;
     if (b.plane_dst != nullptr) b.plane_dst = a.plane_dst + start;  // row stride stays plane_n
     KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main));
     KVTQ_CUDA_OK(cudaEventRecord(side->encoded[h], main));
     KVTQ_CUDA_OK(cudaStreamWaitEvent(side->stream, side->encoded[h], 0));
-    copy_runs(staging.narrow(0, h * half, m), m, host_pages, ids + start, side->stream);
+    copy_runs(staging.narrow(0, h * chunk, m), m, host_pages, ids + start, side->stream);
     KVTQ_CUDA_OK(cudaEventRecord(side->copied[h], side->stream));
-    used |= 1 << h;
+    used = std::max(used, h + 1);
   }
-  for (int h = 0; h < 2; ++h)
-    if (used & (1 << h)) KVTQ_CUDA_OK(cudaStreamWaitEvent(main, side->copied[h], 0));
+  for (int h = 0; h < used; ++h) KVTQ_CUDA_OK(cudaStreamWaitEvent(main, side->copied[h], 0));
+  side->used_slots = std::max(side->used_slots, used);
 }
 
 // ---- staged load: pinned host pages -> GPU staging by the copy engine ------------------------------

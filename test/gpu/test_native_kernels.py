@@ -519,6 +519,36 @@ def test_backup_to_host(nat, strided, staging_pages):
 
 
 @gpu
+@pytest.mark.parametrize("n1,n2,staging_pages", [(100, 37, 32), (64, 9, 64), (3, 70, 8)])
+def test_backups_back_to_back_cycle_the_staging_slots(nat, n1, n2, staging_pages):
+    """Kernel 0.4.1 cuts a backup into chunks of ~n/16 pages that cycle through up to 16 staging slots;
+    a second backup on another stream reuses slots the first one's copies may still read."""
+    layout, dev, cpu, rows = _layout_and_pages(seed=23, n=n1 + n2)
+    ps, pb = layout.page_size, layout.page_bytes
+    gen = torch.Generator().manual_seed(5)
+    src = torch.randperm(n1 + n2, generator=gen)
+    ids = torch.randperm(n1 + n2 + 7, generator=gen)[: n1 + n2]
+    ids[: n1 // 2] = torch.arange(n1 // 2) + 200  # a long run of consecutive host pages, then scattered ones
+    host = torch.full((n1 + n2 + 207, pb), POISON, dtype=torch.uint8).pin_memory()
+    ref = torch.empty(n1 + n2, pb, dtype=torch.uint8)
+    reference.encode_pages(layout, cpu, page_rows(src.tolist(), ps), ref)
+    codec = NativeCodec(layout, DeviceKV.from_lists(dev), host, torch.device(DEV), staging_pages=staging_pages)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s, part in zip(streams, (slice(0, n1), slice(n1, n1 + n2)), strict=True):
+        with torch.cuda.stream(s):
+            codec.backup(ids[part], to_dev(page_rows(src[part].tolist(), ps)))
+    for s in streams:
+        s.synchronize()
+    for j, i in enumerate(ids.tolist()):
+        if not torch.equal(host[i], ref[j]):
+            raise AssertionError(f"host page {i} (source {j}):\n" + describe_page_diff(layout, host[i:i + 1], ref[j:j + 1]))
+    untouched = sorted(set(range(host.shape[0])) - set(ids.tolist()))
+    assert (host[untouched] == POISON).all()
+    codec.check()
+    codec.shutdown()
+
+
+@gpu
 def test_module_backup_wrapper(nat):
     layout, dev, cpu, rows = _layout_and_pages(seed=22, n=5)
     tidx = page_rows([4, 0, 2], layout.page_size)
