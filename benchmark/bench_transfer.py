@@ -46,6 +46,8 @@ Host time per load call (`host_us_per_load_call`): the CPU time of enqueueing on
 mean over the L calls of one load), next to the per-layer launch (`host_us_per_layer_launch`), the
 module-level `native.decode_layer` path that resolves pointers and plans per call
 (`host_us_per_load_call_unplanned`) and SGLang's bf16 per-layer call (`sglang_bf16_host_us_per_load_call`).
+Host time per backup call (`host_us_per_backup_call`): the same for one codec.backup call; where it exceeds
+the backup's event time the backup is bound by its enqueue, not by the GPU or PCIe.
 Load times carry their spread: `time_ms_p10`/`time_ms_p90` over the repeats (also for SGLang's load).
 
 Usage: PYTHONPATH=python python3 benchmark/bench_transfer.py [--json docs/results/bench_transfer.json]
@@ -345,6 +347,7 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
     host_us_pl = host_us_per_call(lambda i: codec_pl.load_layer(i % L, pid_dev, tidx), L)
     host_us_unplanned = host_us_per_call(
         lambda i: native.decode_layer(lay, i % L, hostq, pid_dev, [k[i % L], v[i % L]], tidx), L)
+    host_us_backup = host_us_per_call(lambda i: backup(), 1)  # the scheduler-side cost of one backup call
     codec.check()
     base = {"shape": shape_name, "config": name, "pages": n, "page_size": ps, "gpu": gpu,
             "page_bytes": pb, "bytes_bf16": bf16_bytes, "bytes_quantized": q_bytes,
@@ -371,6 +374,8 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
                 rec["sglang_bf16_aot_ms"] = round(sg["load_aot"], 4)
                 if "load_jit" in sg:
                     rec["sglang_bf16_jit_ms"] = round(sg["load_jit"], 4)
+        if direction == "backup":
+            rec["host_us_per_backup_call"] = round(host_us_backup, 2)
         if direction == "load":
             rec["load_blocks"] = native.load_blocks()
             rec["one_launch"] = 0 < n <= codec.fuse_pages
