@@ -35,11 +35,18 @@ Method (why each choice):
   them after the floor pages were handed over.
 - In l3, every server times its L3 stages (KVTQ_L3_PROFILE, kvtuner_hicache.sglang_ext.l3_profile):
   each record carries `l3_profile`, the stages' calls, seconds and pages during its phase.
+- `--l3-backend mooncake` (scenario l3) swaps the file backend for SGLang's own `mooncake` backend: every
+  server gets a `mooncake_master` of its own on loopback (TCP transfer engine, P2P handshake, an 8 GB
+  segment in the server process) from the directory in $KVTQ_MOONCAKE_DIR (the unpacked
+  `mooncake-transfer-engine-non-cuda` wheel; scripts/device/mooncake_bundle.sh). Records carry
+  `l3_backend`. L3 bytes written are then the master's `master_allocated_bytes` growth; bytes read are
+  the prefetched tokens x bytes per token (`l3_bytes_read_source`), since a local-segment get makes no
+  syscall that /proc could count.
 
 Per record (scenario x pattern x arm x repeat): TTFT mean (all requests, and of requests with an L3 hit),
 TPOT mean, prompt / host-hit / storage-hit tokens (SGLang's cached_tokens_details), L3 bytes written
-(the backend directory's growth) and read (SGLang's prefetched-token counter x the pool's bytes per
-token). The summary gives mean and spread (min..max over repeats) per arm and the ratio to bf16.
+(the backend directory's growth) and read (the bytes the server's processes read through syscalls over
+the phase, /proc/<pid>/io). With Mooncake see above. The summary gives mean and spread (min..max over repeats) per arm and the ratio to bf16.
 
     PYTHONPATH=<site> python3 benchmark/bench_e2e.py --scenario l2 --out-dir $OUT
 """
@@ -59,6 +66,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +211,62 @@ def dir_bytes(d: str | None) -> int:
     return sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
 
 
+def with_l3_backend(args: list[str], backend: str, extra_config: str) -> list[str]:
+    """`args` with the L3 backend swapped for `backend`, configured by the JSON `extra_config`."""
+    out = list(args)
+    out[out.index("--hicache-storage-backend") + 1] = backend
+    return out + ["--hicache-storage-backend-extra-config", extra_config]
+
+
+MOONCAKE_SEGMENT = 8 << 30  # bytes each server lends the store (more than any arm writes in one phase)
+
+
+class MooncakeMaster:
+    """A `mooncake_master` of one server on loopback (its own ports, so its counters are that arm's alone)."""
+
+    def __init__(self, root: str, index: int, log_dir: str):
+        self.root = root
+        self.port, self.metrics_port = 50151 + index, 9103 + index
+        exe = os.path.join(root, "mooncake", "mooncake_master")
+        if not os.access(exe, os.X_OK):
+            raise SystemExit(f"bench_e2e: --l3-backend mooncake needs {exe} (set KVTQ_MOONCAKE_DIR to the unpacked "
+                             "mooncake-transfer-engine-non-cuda wheel)")
+        self.log = open(os.path.join(log_dir, f"mooncake_master_{index}.log"), "w")
+        self.proc = subprocess.Popen([exe, "--rpc_address=127.0.0.1", f"--rpc_port={self.port}",
+                                      "--metrics_host=127.0.0.1", f"--metrics_port={self.metrics_port}",
+                                      "--default_kv_lease_ttl=100"], stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        end = time.monotonic() + 30
+        while self.allocated_bytes() is None:
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise SystemExit(f"bench_e2e: mooncake_master on port {self.port} did not start (see {self.log.name})")
+            time.sleep(0.2)
+
+    def extra_config(self) -> str:
+        return json.dumps({"master_server_address": f"127.0.0.1:{self.port}", "metadata_server": "P2PHANDSHAKE",
+                           "protocol": "tcp", "device_name": "", "local_hostname": "127.0.0.1",
+                           "global_segment_size": MOONCAKE_SEGMENT})
+
+    def allocated_bytes(self) -> int | None:
+        """The master's `master_allocated_bytes` (bytes of live objects), None while it does not answer."""
+        try:
+            text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        except requests.RequestException:
+            return None
+        for line in text.splitlines():
+            if line.startswith("master_allocated_bytes "):
+                return int(float(line.split()[1]))
+        return None
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(8)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        self.log.close()
+
+
 class Server:
     """One arm's server (launched through run_server.sh --exec); stop() kills its process group."""
 
@@ -213,12 +277,19 @@ class Server:
         self.log_path = os.path.join(a.work_dir, f"server_{scenario}_{arm}.log")
         env = dict(os.environ)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.l3_dir = self.profile = None
-        if "--hicache-storage-backend" in self.args:
+        self.l3_dir = self.profile = self.master = None
+        self.l3_backend = "file" if "--hicache-storage-backend" in self.args else None
+        if self.l3_backend and getattr(a, "l3_backend", "file") == "mooncake":
+            self.l3_backend = "mooncake"
+            self.master = MooncakeMaster(a.mooncake_dir, port - a.port0, a.work_dir)
+            self.args = with_l3_backend(self.args, "mooncake", self.master.extra_config())
+            env["KVTQ_EXTRA_PYTHONPATH"] = a.mooncake_dir  # run_server.sh puts it beside the release site
+        elif self.l3_backend:
             self.l3_dir = os.path.join(a.work_dir, "l3", f"{scenario}_{arm}")
             shutil.rmtree(self.l3_dir, ignore_errors=True)
             os.makedirs(self.l3_dir)
             env["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = self.l3_dir
+        if self.l3_backend:
             self.profile = os.path.join(a.work_dir, "profile", f"{scenario}_{arm}")
             os.makedirs(os.path.dirname(self.profile), exist_ok=True)
             env["KVTQ_L3_PROFILE"] = self.profile
@@ -233,6 +304,12 @@ class Server:
         bm.warmup(self.url, VOCAB[1])
         return time.time() - self.t0
 
+    def l3_bytes(self) -> int:
+        """Bytes this server's L3 holds now: the file backend's directory, or Mooncake's live objects."""
+        if self.master is not None:
+            return self.master.allocated_bytes() or 0
+        return dir_bytes(self.l3_dir)
+
     def info(self) -> dict[str, Any]:
         return parse_server_log(Path(self.log_path).read_text(errors="replace"))
 
@@ -245,6 +322,8 @@ class Server:
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 continue
         self.log.close()
+        if self.master is not None:
+            self.master.stop()
 
 
 def profile_totals(srv: Server) -> dict[str, dict[str, float]]:
@@ -273,11 +352,11 @@ def group_read_bytes(pgid: int | None) -> int:
     return total
 
 
-def l3_settled(d: str | None, timeout: float = 30.0) -> int:
-    """Wait until the L3 directory stops growing (the write-through backups landed); its bytes."""
+def l3_settled(stored: Callable[[], int], timeout: float = 30.0) -> int:
+    """Wait until the bytes L3 holds stop growing (the write-through backups landed); those bytes."""
     last, same, end = -1, 0, time.monotonic() + timeout
     while time.monotonic() < end:
-        now = dir_bytes(d)
+        now = stored()
         same = same + 1 if now == last else 0
         if same >= 3:
             return now
@@ -296,13 +375,13 @@ def measure(srv: Server, pattern: str, rep: int, meta: dict[str, Any]) -> dict[s
     def with_suffix(docs: list[list[int]]) -> list[list[int]]:
         return [d + [rng.randrange(*VOCAB) for _ in range(L3HIT_SUFFIX)] for d in docs]
 
-    l3_before = dir_bytes(srv.l3_dir)
+    l3_before = srv.l3_bytes()
     cold: dict[str, Any] = {}
     if pattern == "l3hit":  # phase 1: each document once, into L3; then L1 and L2 are emptied
         warm, _ = run_trace(srv.url, with_suffix(prompts), 1)
         ok = [r.ttft_s for r in warm if not r.error]
         cold = {"ttft_mean_cold_s": statistics.fmean(ok) if ok else None,
-                "l3_bytes_after_warm": l3_settled(srv.l3_dir) - l3_before}
+                "l3_bytes_after_warm": l3_settled(srv.l3_bytes) - l3_before}
         flush(srv.url)
         docs, prompts = prompts, with_suffix(prompts)
     p0 = profile_totals(srv)
@@ -319,6 +398,7 @@ def measure(srv: Server, pattern: str, rep: int, meta: dict[str, Any]) -> dict[s
         cold.update(again_phase(srv, with_suffix(docs[::-1])))
     bpt = meta.get("host_bytes_per_token") or 0
     md = s["metrics_delta"]
+    read_from_tokens = md.get("sglang:prefetched_tokens_total", 0.0) * bpt if srv.l3_backend else 0
     return {**cold, "l3_profile": prof, "scenario": srv.scenario, "pattern": pattern, "arm": srv.arm, "rep": rep, **meta,
             "requests": s["requests"], "errors": s["errors"], "first_error": s["first_error"],
             "ttft_mean_s": s["ttft_mean_s"], "ttft_p50_s": s["ttft_p50_s"], "ttft_p90_s": s["ttft_p90_s"],
@@ -326,9 +406,12 @@ def measure(srv: Server, pattern: str, rep: int, meta: dict[str, Any]) -> dict[s
             "ttft_mean_host_hit_s": s["ttft_mean_host_hit_s"], "tpot_mean_s": s["tpot_mean_s"],
             "prompt_tokens": s["prompt_tokens"], "host_hit_tokens": s["host_hit_tokens"],
             "storage_hit_tokens": s["storage_hit_tokens"], "device_hit_tokens": s["device_hit_tokens"],
-            "l3_bytes_written": dir_bytes(srv.l3_dir) - l3_before if srv.l3_dir else 0,
-            "l3_bytes_read": io1 - io0,  # measured: what the server's processes read
-            "l3_bytes_read_from_tokens": md.get("sglang:prefetched_tokens_total", 0.0) * bpt if srv.l3_dir else 0,
+            "l3_backend": srv.l3_backend,
+            "l3_bytes_written": srv.l3_bytes() - l3_before if srv.l3_backend else 0,
+            # measured: what the server's processes read (file); Mooncake: prefetched tokens x bytes per token
+            "l3_bytes_read": io1 - io0 if srv.l3_dir else read_from_tokens,
+            "l3_bytes_read_source": "syscalls" if srv.l3_dir else ("tokens" if srv.l3_backend else None),
+            "l3_bytes_read_from_tokens": read_from_tokens,
             "l3_prefetched_tokens": md.get("sglang:prefetched_tokens_total", 0.0),
             "l3_backup_tokens": md.get("sglang:backuped_tokens_total", 0.0), "wall_s": wall,
             "hit_tokens_by_bits": hit_tokens_by_bits(srv.arm, md, s["host_hit_tokens"] + s["storage_hit_tokens"])}
@@ -456,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--launcher", default="bash scripts/device/run_server.sh --exec")
     ap.add_argument("--server-wait", type=float, default=240)
     ap.add_argument("--budget", type=float, default=540, help="seconds; repeats that would not fit are left out")
+    ap.add_argument("--l3-backend", choices=("file", "mooncake"), default="file",
+                    help="scenario l3: SGLang's file backend on local disk, or its mooncake backend (a master per server)")
+    ap.add_argument("--mooncake-dir", default=os.environ.get("KVTQ_MOONCAKE_DIR", ""),
+                    help="the unpacked mooncake-transfer-engine-non-cuda wheel (--l3-backend mooncake)")
     ap.add_argument("--no-warmup-pass", action="store_true",
                     help="skip the discarded pass of the first pattern on every server before repeat 0")
     a = ap.parse_args(argv)
@@ -467,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     patterns = [p for p in a.patterns.split(",") if p] or list(SCENARIOS[a.scenario]["patterns"])
     if "l3hit" in patterns and a.scenario != "l3":
         raise SystemExit("bench_e2e: pattern l3hit needs scenario l3 (an L3 backend)")
+    if a.l3_backend == "mooncake" and (a.scenario != "l3" or not a.mooncake_dir):
+        raise SystemExit("bench_e2e: --l3-backend mooncake needs --scenario l3 and --mooncake-dir (or KVTQ_MOONCAKE_DIR)")
+    if a.l3_backend == "mooncake":
+        a.mooncake_dir = os.path.abspath(a.mooncake_dir)
     gpu = gpu_name()
     from importlib.metadata import version
 
@@ -475,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[Server] = []
     records: list[dict[str, Any]] = []
     metas: dict[str, dict[str, Any]] = {}
-    out_json = os.path.join(a.out_dir, f"bench_e2e_{a.scenario}.json")
+    tag = a.scenario + ("_mooncake" if a.l3_backend == "mooncake" else "")
+    out_json = os.path.join(a.out_dir, f"bench_e2e_{tag}.json")
     try:
         free0 = gpu_free_bytes()
         for i, arm in enumerate(arms):  # strictly one start at a time
@@ -522,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         for srv in servers:
             srv.stop()
     rows = summary(records)
-    with open(os.path.join(a.out_dir, f"bench_e2e_{a.scenario}_summary.json"), "w") as f:
+    with open(os.path.join(a.out_dir, f"bench_e2e_{tag}_summary.json"), "w") as f:
         json.dump({"command": "python3 benchmark/bench_e2e.py " + " ".join(sys.argv[1:]), "gpu": gpu,
                    "sglang_version": sgl_version, "arms": metas, "summary": rows}, f, indent=1)
     print_summary(rows)

@@ -61,6 +61,7 @@ def fake_url():
 def test_measure_flushes_and_records_the_report_fields(fake_url, tmp_path):
     srv = be.Server.__new__(be.Server)  # the measurement only needs the url, names and L3 directory
     srv.url, srv.scenario, srv.arm, srv.l3_dir = fake_url, "l3", "kv4", str(tmp_path)
+    srv.master, srv.l3_backend = None, "file"
     (tmp_path / "page0").write_bytes(b"x" * 100)
     rec = be.measure(srv, "sessions", 1, {"gpu": "fake", "sglang_version": "0", "host_bytes_per_token": 16192})
     assert FakeSGLang.flushed == 1 and rec["requests"] == 56 and rec["errors"] == 0
@@ -96,6 +97,7 @@ def test_l3hit_sends_each_document_three_times_around_a_flush(fake_url, tmp_path
     `*again*` fields; the record's main fields are phase 2's requests only."""
     srv = be.Server.__new__(be.Server)
     srv.url, srv.scenario, srv.arm, srv.l3_dir, srv.profile = fake_url, "l3", "kv4", str(tmp_path), None
+    srv.master, srv.l3_backend = None, "file"
     rec = be.measure(srv, "l3hit", 0, {"gpu": "fake", "sglang_version": "0", "host_bytes_per_token": 16192})
     n, length = be.L3HIT_DOCS, be.L3HIT_DOC_TOKENS + be.L3HIT_SUFFIX
     assert FakeSGLang.flushed == 2 and rec["requests"] == n and rec["errors"] == 0
@@ -134,3 +136,41 @@ def test_hit_tokens_by_bits_from_the_elastic_counter_or_the_fixed_bits():
     rows = be.summary([{"scenario": "l2", "pattern": "chat", "arm": "elastic", "rep": r, "ttft_mean_s": 0.1,
                         "hit_tokens_by_bits": {"8": 100.0 * (r + 1)}} for r in range(2)])
     assert rows[0]["hit_tokens_by_bits"] == {"8": 150.0}
+
+
+class _GrowingMaster:
+    """Stands in for MooncakeMaster: its store grows by 1 MB every time it is asked."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def allocated_bytes(self):
+        self.calls += 1
+        return self.calls * 10**6
+
+
+def test_with_mooncake_the_record_takes_the_masters_bytes_and_reads_from_tokens(fake_url):
+    srv = be.Server.__new__(be.Server)
+    srv.url, srv.scenario, srv.arm, srv.l3_dir, srv.profile = fake_url, "l3", "kv4", None, None
+    srv.master, srv.l3_backend = _GrowingMaster(), "mooncake"
+    rec = be.measure(srv, "chat", 0, {"gpu": "fake", "sglang_version": "0", "host_bytes_per_token": 16192})
+    assert rec["l3_backend"] == "mooncake" and rec["l3_bytes_read_source"] == "tokens"
+    assert rec["l3_bytes_written"] == 10**6  # asked once before the phase and once after
+    assert rec["l3_bytes_read"] == rec["l3_bytes_read_from_tokens"]
+
+
+def test_mooncake_backend_flags_parse_on_the_installed_release():
+    from kvtuner_hicache.sglang_ext import args as our_args
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    ServerArgs.add_cli_args(parser)
+    if "--enable-kvtuner-hicache" not in parser._option_string_actions:
+        our_args.add_cli_args(parser)
+    extra = '{"master_server_address": "127.0.0.1:50151"}'
+    args = be.with_l3_backend(be.server_args("/m", "l3", "kv4", ".stage", be.cuda_graph_bs_flag()), "mooncake", extra)
+    ns = parser.parse_args(args)
+    assert ns.hicache_storage_backend == "mooncake" and ns.hicache_storage_backend_extra_config == extra
+    assert args.count("--hicache-storage-backend") == 1
+    with pytest.raises(SystemExit):
+        be.main(["--scenario", "l2", "--l3-backend", "mooncake", "--mooncake-dir", "/x", "--reps", "0"])

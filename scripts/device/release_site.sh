@@ -60,7 +60,8 @@ release_site() {
 
 server_env() {
   local site=$1
-  export PYTHONPATH=$site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+  # KVTQ_EXTRA_PYTHONPATH: packages beside the site (bench_e2e.py --l3-backend mooncake: the Mooncake client)
+  export PYTHONPATH=$site${KVTQ_EXTRA_PYTHONPATH:+:$KVTQ_EXTRA_PYTHONPATH} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   # newer releases on the 0.5.17 kernels: skip their sglang-kernel/flashinfer minimum-version asserts, use
   # the Python TreeCore (the Rust one is not shipped), and never take deep_gemm paths (0.5.20/21 get a stub)

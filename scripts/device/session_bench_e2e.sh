@@ -7,7 +7,10 @@
 # benchmark/bench_e2e.py. Leaves in $OUT: bench_e2e_<scenario>.json (one record per pattern x arm x repeat),
 # bench_e2e_<scenario>_summary.json, setup.log, run.log, logs.tgz (server logs, start-up lines).
 # Env: SCENARIO (l2), SGLANG_RELEASE (0.5.23), BUDGET (s, 430), REPS (3), GPU_CHECKS (0), BENCH_ARGS (bench_e2e),
-#      TRANSFER_ARGS (bench_transfer under GPU_CHECKS), GPU_TIMEOUT (300).
+#      TRANSFER_ARGS (bench_transfer under GPU_CHECKS), GPU_TIMEOUT (300),
+#      L3_BACKEND=mooncake (SCENARIO l3): SGLang's mooncake backend, a mooncake_master per server, from .mooncake/
+#      (scripts/device/mooncake_bundle.sh; carry [".mooncake"] alone, right after a call that carried .stage:
+#      .stage stays on a warm machine, and both together exceed a call's 64 MiB).
 set -u
 OUT=${OUT:-/tmp/kvtq_out}
 WORK=/tmp/kvtq_e2e_work
@@ -15,6 +18,22 @@ SCENARIO=${SCENARIO:-l2}
 export SGLANG_RELEASE=${SGLANG_RELEASE:-0.5.23}
 rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
 t0=$(date +%s)
+if [ "${L3_BACKEND:-file}" = mooncake ]; then
+  [ -s .stage/sglang-site.tar.xz ] || { echo "L3_BACKEND=mooncake: no .stage here (the machine was not warm from a call that carried it)"; exit 3; }
+  MC=/tmp/kvtq_mooncake
+  rm -rf "$MC" && mkdir -p "$MC/lib" "$MC/debs" && tar -C "$MC" -xJf .mooncake/mooncake_cp312.tar.xz || exit 3
+  for deb in .mooncake/debs/*.deb; do dpkg -x "$deb" "$MC/debs"; done
+  # link only the libraries this image lacks (never shadow its own libssl, libc and the like)
+  have=$(ldconfig -p | awk 'NR > 1 {print $1}')
+  for so in $(find "$MC/debs" -name 'lib*.so.*' \( -type f -o -type l \)); do
+    n=$(basename "$so")
+    grep -qxF "$n" <<< "$have" || ln -sf "$so" "$MC/lib/$n"
+  done
+  export LD_LIBRARY_PATH=$MC/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  echo "mooncake: linked from the debs: $(ls "$MC/lib" | tr '\n' ' ')"
+  if ldd "$MC/mooncake/store.so" "$MC/mooncake/mooncake_master" | grep "not found"; then exit 3; fi
+  BENCH_ARGS="--l3-backend mooncake --mooncake-dir $MC ${BENCH_ARGS:-}"
+fi
 if [ "${GPU_CHECKS:-0}" = 1 ]; then
   # gpu_test.sh reads BENCH_ARGS for the transfer benchmark: give it TRANSFER_ARGS (empty: its default)
   OUT=$OUT/gpu BENCH_ARGS="${TRANSFER_ARGS:-}" timeout "${GPU_TIMEOUT:-300}" bash scripts/gpu_test.sh 2>&1 \
