@@ -3,8 +3,9 @@
 
 Directions (page size 64, all layers of the model shape), through the serving path, one NativeCodec per
 config (quant/codec.py) over the installed kernel wheel:
-  backup      GPU -> pinned host, incl. quantize: codec.backup (encode into a 64-page GPU staging area,
-              then one DMA per run of host pages on the codec's own stream), ordered on one stream.
+  backup      GPU -> pinned host, incl. quantize: codec.backup (chunks of ~n/16 pages encoded into a 64-page
+              GPU staging area, each chunk's DMA per run of host pages on the codec's own stream overlapping
+              the next chunk's encode), ordered on one stream.
   load        pinned host -> GPU, per layer x L, incl. dequantize: codec.load_layer L times with the host page
               ids on the CPU too, as the pools pass them (`load_path`): a load of at most codec.FUSE_PAGES pages
               decodes every layer on the layer-0 call (one launch, `one-launch`); one the staging fits (32-256
