@@ -1,4 +1,4 @@
-"""Shared test helpers: repo paths and the KVTuner presets that live in ../shared (reference data)."""
+"""Shared test helpers: repo paths and the small per-layer tables the tests ship (test/data)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,8 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-PRESETS = REPO.parent / "shared" / "kvtuner-presets"
 TEST_DATA = REPO / "test" / "data"  # small per-layer tables of our own: a fresh clone skips nothing
 sys.path.insert(0, str(REPO / "python"))  # tests run against the working tree, installed or not
-
-
-@pytest.fixture(scope="session")
-def presets_dir() -> pathlib.Path:
-    if not PRESETS.is_dir():
-        pytest.skip(f"KVTuner presets not found at {PRESETS}")
-    return PRESETS
 
 
 @pytest.fixture(scope="session")
