@@ -279,7 +279,7 @@ class Server:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.l3_dir = self.profile = self.master = None
         self.l3_backend = "file" if "--hicache-storage-backend" in self.args else None
-        if self.l3_backend and getattr(a, "l3_backend", "file") == "mooncake":
+        if self.l3_backend and a.l3_backend == "mooncake":
             self.l3_backend = "mooncake"
             self.master = MooncakeMaster(a.mooncake_dir, port - a.port0, a.work_dir)
             self.args = with_l3_backend(self.args, "mooncake", self.master.extra_config())
