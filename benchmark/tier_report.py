@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         records = [r for r in json.load(open(path)) if run in (r.get("run") or "")]  # RUN: a part of the label
         if not records:
             raise SystemExit(f"tier_report: no records in {path}" + (f" whose run contains {run!r}" if run else ""))
+        bad = [f"{r['scenario']}/{r['pattern']}/{r['arm']} rep {r.get('rep')}" for r in records
+               if r.get("ttft_mean_s") is None or r.get("tpot_mean_s") is None]
+        if bad:
+            raise SystemExit(f"tier_report: {path} has records without TTFT or TPOT (their requests failed): "
+                             f"{', '.join(bad)}; leave that call out")
         calls.append((call, records))
     records = [r for _, rs in calls for r in rs]
     gpus = {tr["gpu"]} | {r["gpu"] for r in records}

@@ -66,6 +66,11 @@ def test_files_of_different_gpus_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="whose run contains 'run 2'"):
         tr.main(["--transfer", str(tmp_path / "t.json"), "--e2e", f"c={tmp_path / 'b.json'}:run 2", "--label", "x",
                  "--out", str(tmp_path / "r.json")])
+    failed = dict(_rec("kv4", "chat", 0.1, 0.007), ttft_mean_s=None)
+    (tmp_path / "f.json").write_text(json.dumps([failed]))
+    with pytest.raises(SystemExit, match="without TTFT or TPOT.*l3/chat/kv4 rep 0"):
+        tr.main(["--transfer", str(tmp_path / "t.json"), "--e2e", f"c={tmp_path / 'f.json'}", "--label", "x",
+                 "--out", str(tmp_path / "r.json")])
     with pytest.raises(SystemExit, match="CALL=PATH"):
         tr.main(["--transfer", str(tmp_path / "t.json"), "--e2e", str(tmp_path / "a.json"), "--label", "x",
                  "--out", str(tmp_path / "r.json")])
