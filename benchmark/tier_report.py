@@ -5,11 +5,10 @@ SGLang's own bf16 kernels, timed in the same process) and any number of `bench_e
 side by side: L3 over the file backend or Mooncake, L2). Writes one JSON with, side by side:
 
 - `load`, `backup`: our time, SGLang's bf16 kernel, the ratio, and the floor of one DMA of our own bytes;
-- `l3`: per backend x pattern x arm, mean TTFT and L3-hit TTFT against bf16 with min..max over repeats,
-  L3 bytes per token read (bytes read / L3-hit tokens) and written (bytes written / tokens stored, where every
-  arm stores the same prompts), and how many times fewer than bf16;
-- `tpot`: mean TPOT per scenario x pattern x arm against bf16, with min..max over repeats;
-- every e2e comparison is against the bf16 server of the same device call (`call`);
+- `e2e`: per call x scenario x pattern x arm, `bench_e2e.summary()`'s row (mean TTFT, L3-hit TTFT and TPOT with
+  min..max over repeats, and their ratios to the bf16 server of the same device call) plus L3 bytes per token
+  read (bytes read / L3-hit tokens) and written (bytes written / tokens stored, where every arm stores the same
+  prompts) and how many times fewer than bf16;
 - `targets`: issue 13's checks, each PASS or MISS with the numbers it compared.
 
 It prints the same as markdown tables. Nothing here times anything: it only joins measurements.
@@ -21,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections import defaultdict
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_e2e as be  # noqa: E402  (its summary(): means, spread and ratios to bf16 per pattern x arm)
 
 L3HIT_STORED_TOKENS = 8 * 3072  # bench_e2e l3hit: 8 documents of 3,072 tokens (+16-token suffix, no full page)
 LOAD_TARGETS = {"KV4": (3.2, 2.0), "KV8": (1.8, 1.4)}  # x SGLang bf16 at >= 64 pages, at 1-16 pages
@@ -45,70 +46,33 @@ def transfer_rows(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[
     return out["load"], out["backup"]
 
 
-def _spread(vals: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
-
-
-Key = tuple[str, str, str, str, str]  # call, scenario, L3 backend, pattern, arm
-
-
-def e2e_groups(calls: list[tuple[str, list[dict[str, Any]]]]) -> dict[Key, list[dict[str, Any]]]:
-    """Records per call x scenario x backend x pattern x arm: an arm is only compared with the bf16 server of
-    its own call (servers of one call are resident side by side; another call is another start)."""
-    groups: dict[Key, list[dict[str, Any]]] = defaultdict(list)
+def e2e_rows(calls: list[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """`bench_e2e.summary()` of each call's records (mean and min..max over repeats, ratios to the bf16 server of
+    that call: servers of one call are resident side by side, another call is another start), each row tagged
+    with its call and L3 backend, plus L3 bytes per token and how many times fewer than bf16's."""
+    rows = []
     for call, records in calls:
-        for r in records:
-            backend = r.get("l3_backend") or ("file" if r["scenario"] == "l3" else "-")
-            groups[(call, r["scenario"], backend, r["pattern"], r["arm"])].append(r)
-    return groups
+        out = be.summary(records)
+        for r in out:
+            r["call"] = call
+            r["backend"] = (records[0].get("l3_backend") or "file") if r["scenario"] == "l3" else "-"
+            if r.get("storage_hit_tokens"):  # means over repeats: their ratio is the ratio of the sums
+                r["l3_read_bytes_per_hit_token"] = r["l3_bytes_read"] / r["storage_hit_tokens"]
+                r["l3_read_source"] = records[0].get("l3_bytes_read_source") or "syscalls"
+            if r["pattern"] == "l3hit":  # every arm stores the same documents: bytes per stored token compare
+                r["l3_written_bytes_per_token"] = r["l3_bytes_written"] / L3HIT_STORED_TOKENS
+        base = {(r["scenario"], r["pattern"]): r for r in out if r["arm"] == "bf16"}
+        for r in out:
+            b = base.get((r["scenario"], r["pattern"]))
+            for per_token, fewer in (("l3_read_bytes_per_hit_token", "l3_read_fewer_x"),
+                                     ("l3_written_bytes_per_token", "l3_written_fewer_x")):
+                if b and r.get(per_token) and b.get(per_token):
+                    r[fewer] = b[per_token] / r[per_token]
+        rows += out
+    return sorted(rows, key=lambda r: (r["call"], r["scenario"], r["backend"], r["pattern"], r["arm"]))
 
 
-def l3_rows(groups: dict[Key, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    rows = []
-    for (call, sc, backend, pat, arm), rs in sorted(groups.items()):
-        if sc != "l3":
-            continue
-        row: dict[str, Any] = {"call": call, "backend": backend, "pattern": pat, "arm": arm, "reps": len(rs),
-                               "ttft_mean_s": _spread([r["ttft_mean_s"] for r in rs])}
-        hits = [r["ttft_mean_storage_hit_s"] for r in rs if r.get("ttft_mean_storage_hit_s")]
-        if hits:
-            row["ttft_storage_hit_s"] = _spread(hits)
-        st = sum(r["storage_hit_tokens"] for r in rs)
-        if st:
-            row["l3_read_bytes_per_hit_token"] = sum(r["l3_bytes_read"] for r in rs) / st
-            row["l3_read_source"] = rs[0].get("l3_bytes_read_source") or "syscalls"
-        if pat == "l3hit":  # every arm stores the same documents, so bytes per stored token compare directly
-            row["l3_written_bytes_per_token"] = statistics.fmean(r["l3_bytes_written"] for r in rs) / L3HIT_STORED_TOKENS
-        base = groups.get((call, sc, backend, pat, "bf16"))
-        if base:
-            b = statistics.fmean(r["ttft_mean_s"] for r in base)
-            row["ttft_vs_bf16"] = row["ttft_mean_s"]["mean"] / b
-            bh = [r["ttft_mean_storage_hit_s"] for r in base if r.get("ttft_mean_storage_hit_s")]
-            if hits and bh:
-                row["ttft_storage_hit_vs_bf16"] = row["ttft_storage_hit_s"]["mean"] / statistics.fmean(bh)
-        rows.append(row)
-    by = {(r["call"], r["backend"], r["pattern"], r["arm"]): r for r in rows}
-    for r in rows:
-        b = by.get((r["call"], r["backend"], r["pattern"], "bf16"))
-        for k in ("l3_read_bytes_per_hit_token", "l3_written_bytes_per_token"):
-            if b and r.get(k) and b.get(k):
-                r[k.replace("bytes", "fewer_x").replace("_per_hit_token", "").replace("_per_token", "")] = b[k] / r[k]
-    return rows
-
-
-def tpot_rows(groups: dict[Key, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    rows = []
-    for (call, sc, backend, pat, arm), rs in sorted(groups.items()):
-        row = {"call": call, "scenario": sc, "backend": backend, "pattern": pat, "arm": arm,
-               "tpot_mean_s": _spread([r["tpot_mean_s"] for r in rs])}
-        base = groups.get((call, sc, backend, pat, "bf16"))
-        if base:
-            row["tpot_vs_bf16"] = row["tpot_mean_s"]["mean"] / statistics.fmean(r["tpot_mean_s"] for r in base)
-        rows.append(row)
-    return rows
-
-
-def targets(load: list[dict[str, Any]], l3: list[dict[str, Any]], tpot: list[dict[str, Any]]) -> list[str]:
+def targets(load: list[dict[str, Any]], e2e: list[dict[str, Any]]) -> list[str]:
     out = []
     for cfg, (big, small) in LOAD_TARGETS.items():
         for r in (x for x in load if x["config"] == cfg):
@@ -117,7 +81,7 @@ def targets(load: list[dict[str, Any]], l3: list[dict[str, Any]], tpot: list[dic
                 ok = r["speedup_vs_sglang_bf16"] >= want
                 out.append(f"load {cfg} {r['pages']} pages >= {want}x SGLang bf16: {r['speedup_vs_sglang_bf16']:.2f}x "
                            f"({r['time_ms']:.3f} against {r['sglang_bf16_ms']:.3f} ms) {'PASS' if ok else 'MISS'}")
-    for r in l3:
+    for r in (x for x in e2e if x["scenario"] == "l3"):
         if r["arm"] == "kv4" and r["pattern"] == "l3hit" and "ttft_storage_hit_vs_bf16" in r:
             ok = r["ttft_storage_hit_vs_bf16"] <= L3HIT_TTFT_TARGET
             out.append(f"L3-hit TTFT KV4 <= {L3HIT_TTFT_TARGET}x bf16 ({r['call']}, {r['backend']}): "
@@ -131,7 +95,7 @@ def targets(load: list[dict[str, Any]], l3: list[dict[str, Any]], tpot: list[dic
             ok = r["ttft_vs_bf16"] <= 1.0
             out.append(f"L3 mean TTFT {r['arm']} {r['pattern']} ({r['call']}, {r['backend']}) not slower than bf16: "
                        f"{r['ttft_vs_bf16']:.3f}x {'PASS' if ok else 'MISS'}")
-    for r in tpot:
+    for r in e2e:
         if r["arm"] != "bf16" and "tpot_vs_bf16" in r:  # a decode cost is what this guards against
             ok = r["tpot_vs_bf16"] <= 1 + TPOT_BAND
             out.append(f"TPOT {r['arm']} {r['scenario']} {r['pattern']} ({r['call']}, {r['backend']}) at most "
@@ -139,8 +103,11 @@ def targets(load: list[dict[str, Any]], l3: list[dict[str, Any]], tpot: list[dic
     return out
 
 
-def _ms(s: dict[str, float]) -> str:
-    return f"{s['mean'] * 1e3:.1f} [{s['min'] * 1e3:.1f}, {s['max'] * 1e3:.1f}]"
+def _ms(r: dict[str, Any], key: str, digits: int = 1) -> str:
+    """Mean [min, max] of a summary field in ms, or '-'."""
+    if r.get(key) is None:
+        return "-"
+    return f"{r[key] * 1e3:.{digits}f} [{r[key + '_min'] * 1e3:.{digits}f}, {r[key + '_max'] * 1e3:.{digits}f}]"
 
 
 def print_tables(rep: dict[str, Any]) -> None:
@@ -155,21 +122,20 @@ def print_tables(rep: dict[str, Any]) -> None:
     print("| call | L3 backend | pattern | arm | reps | mean TTFT ms [min, max] | vs bf16 | L3-hit TTFT ms | vs bf16 | "
           "read B/hit token | x fewer | written B/token | x fewer |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rep["l3"]:
+    for r in (x for x in rep["e2e"] if x["scenario"] == "l3"):
         def f(k: str, fmt: str, r: dict[str, Any] = r) -> str:
             return format(r[k], fmt) if k in r else "-"
 
-        print(f"| {r['call']} | {r['backend']} | {r['pattern']} | {r['arm']} | {r['reps']} | {_ms(r['ttft_mean_s'])} | "
-              f"{f('ttft_vs_bf16', '.3f')} | {_ms(r['ttft_storage_hit_s']) if 'ttft_storage_hit_s' in r else '-'} | "
+        print(f"| {r['call']} | {r['backend']} | {r['pattern']} | {r['arm']} | {r['reps']} | {_ms(r, 'ttft_mean_s')} | "
+              f"{f('ttft_vs_bf16', '.3f')} | {_ms(r, 'ttft_mean_storage_hit_s')} | "
               f"{f('ttft_storage_hit_vs_bf16', '.3f')} | {f('l3_read_bytes_per_hit_token', '.0f')} | "
               f"{f('l3_read_fewer_x', '.2f')} | {f('l3_written_bytes_per_token', '.0f')} | {f('l3_written_fewer_x', '.2f')} |")
     print("\n| call | scenario | backend | pattern | arm | TPOT ms [min, max] | vs bf16 |")
     print("| --- | --- | --- | --- | --- | ---: | ---: |")
-    for r in rep["tpot"]:
+    for r in rep["e2e"]:
         vs = f"{r['tpot_vs_bf16']:.3f}" if "tpot_vs_bf16" in r else "-"
-        tp = r["tpot_mean_s"]
-        print(f"| {r['call']} | {r['scenario']} | {r['backend']} | {r['pattern']} | {r['arm']} | {tp['mean'] * 1e3:.2f} "
-              f"[{tp['min'] * 1e3:.2f}, {tp['max'] * 1e3:.2f}] | {vs} |")
+        print(f"| {r['call']} | {r['scenario']} | {r['backend']} | {r['pattern']} | {r['arm']} | "
+              f"{_ms(r, 'tpot_mean_s', 2)} | {vs} |")
     print("\n" + "\n".join(f"- {t}" for t in rep["targets"]))
 
 
@@ -204,11 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(gpus) != 1:
         raise SystemExit(f"tier_report: inputs come from different GPUs {sorted(gpus)}: one session's files only")
     load, backup = transfer_rows(tr)
-    groups = e2e_groups(calls)
-    l3, tpot = l3_rows(groups), tpot_rows(groups)
+    e2e = e2e_rows(calls)
     rep = {"label": a.label, "gpu": gpus.pop(), "sglang_bf16_kernels": tr.get("sglang_bf16"),
-           "inputs": [a.transfer, *a.e2e], "commands": a.commands, "load": load, "backup": backup, "l3": l3,
-           "tpot": tpot, "targets": targets(load, l3, tpot)}
+           "inputs": [a.transfer, *a.e2e], "commands": a.commands, "load": load, "backup": backup, "e2e": e2e,
+           "targets": targets(load, e2e)}
     with open(a.out, "w") as f:
         json.dump(rep, f, indent=1)
     print_tables(rep)

@@ -40,11 +40,12 @@ def test_each_arm_is_compared_with_the_bf16_of_its_own_call(tmp_path, capsys):
     assert tr.main(["--transfer", str(tmp_path / "t.json"), "--e2e", f"c1={tmp_path / 'a.json'}",
                     f"c2={tmp_path / 'b.json'}", "--label", "run x", "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
-    rows = {(r["call"], r["arm"]): r for r in rep["l3"]}
+    rows = {(r["call"], r["arm"]): r for r in rep["e2e"]}
     assert rows[("c1", "kv8")]["ttft_vs_bf16"] == pytest.approx(0.084 / 0.140)
     assert rows[("c2", "kv4")]["ttft_vs_bf16"] == pytest.approx(0.060 / 0.100)  # not against c1's bf16
     assert rows[("c2", "kv4")]["l3_read_fewer_x"] == pytest.approx(57344 / 16130)
     assert rows[("c2", "kv4")]["l3_written_bytes_per_token"] == pytest.approx(16130)
+    assert rows[("c2", "kv4")]["tpot_vs_bf16"] == pytest.approx(0.0072 / 0.0068)
     assert [r["config"] for r in rep["load"]] == ["KV4", "KV4", "KV8"] and rep["backup"] == []
     t = "\n".join(rep["targets"])
     assert "load KV4 64 pages >= 3.2x SGLang bf16: 3.50x" in t and "PASS" in t
