@@ -203,3 +203,18 @@ def test_pairwise_compares_task_items_between_configs():
         pairwise([a, short], [("A", "C")])
     (none,) = pairwise([{**a, "gsm8k": None, "mmlu": None}, b], [("A", "B")])
     assert none["note"] == "no windows or task items in common"
+
+
+@pytest.mark.parametrize("compare, says", [
+    ("K4cV4t-a-g64:bf16", "expected 'A vs B'"),
+    ("K2cV2t-a-g64 vs bf16", "K2cV2t-a-g64, which --configs/--sweep/--add-configs do not run"),
+])
+def test_a_bad_compare_fails_before_the_model_loads(compare, says, capsys, monkeypatch):
+    from kvtuner_hicache.eval import cli
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before --compare was checked")
+
+    monkeypatch.setattr(cli.models, "load", no_model)
+    assert cli.main(["--configs", "bf16,K4cV4t-a-g64", "--compare", compare, "--no-fetch"]) == 2
+    assert says in capsys.readouterr().err

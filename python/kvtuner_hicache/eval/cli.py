@@ -109,6 +109,11 @@ def run(args: argparse.Namespace, argv: Sequence[str], log: Any = stderr_log) ->
     t_start = time.perf_counter()
     names = expand_names(args.sweep, args.configs)
     names += [n.strip() for n in args.add_configs.split(",") if n.strip() and n.strip() not in names]
+    # a bad --compare fails here, not after the whole run
+    pairs = parse_pairs(args.compare)
+    unknown = sorted({n for pair in pairs for n in pair if n != "bf16" and n not in names})
+    if unknown:
+        raise ConfigError(f"--compare names {', '.join(unknown)}, which --configs/--sweep/--add-configs do not run")
     lm = models.load(args.model, allow_fetch=not args.no_fetch)
     shape, ps = lm.shape, args.page_size
     log(f"loaded {args.model} in {lm.load_s:.1f}s: {shape.num_layers} layers, {shape.heads} kv heads, head_dim {shape.head_dim}")
@@ -195,7 +200,6 @@ def run(args: argparse.Namespace, argv: Sequence[str], log: Any = stderr_log) ->
         rec.update(common)
         rec["timings"] = {"roundtrip_s": round(t.roundtrip_s, 3), "score_s": round(t.score_s, 3)} if t else {}
         records.append(rec)
-    pairs = parse_pairs(args.compare)
     result = {
         "pairwise": pairwise(records, pairs),
         "meta": {
