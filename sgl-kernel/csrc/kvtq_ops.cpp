@@ -11,8 +11,9 @@
 //   decode            dequantize one layer of pages (zero-copy reads of pinned pages) into device rows
 //   decode_table      the per-layer launch arguments of every layer, as a device table (built once per pool)
 //   decode_layers     dequantize every layer of a load in one launch, from that table (small loads)
-//   stage_copies      copy byte ranges of pinned host pages into GPU staging with the copy engine (the
-//                     staged load of mid-size batches: DMA, then decode from device memory)
+//   stage_copies      copy byte ranges of pinned host pages into GPU staging with the copy engine
+//   StagedRing        the staged load of mid-size batches (DMA into GPU staging, then decode from device
+//                     memory): a class that enqueues a whole load's copies and decodes from C++
 //   page_crcs, crc32c_hardware   CRC32C of a batch of host pages without the GIL (kvtq_crc.cpp, CPU only)
 // encode/backup/decode/decode_layers take optional refinement planes (elastic pools): per page and
 // stream a byte offset of its plane in the host buffer (-1: none), range-checked in the kernels.
@@ -385,44 +386,13 @@ std::vector<std::pair<int64_t, int64_t>> id_runs(const int64_t* ids, int64_t n) 
 // Above this many runs per copy, one batched submission beats a 2-D copy per run (driver call cost).
 constexpr size_t kMaxRunsFor2D = 8;
 
-// For every page j of the batch and every row (src_off, nbytes, dst_off) of `copies`: host page
-// host_ids[j] bytes [src_off, src_off + nbytes) -> staging row j bytes [dst_off, dst_off + nbytes), on
-// `stream` (a cudaStream_t; 0 = the current stream). Consecutive host ids go as one 2-D copy per row and
-// run; scattered ones as one cudaMemcpyBatchAsync (CUDA >= 12.8). Everything is checked on the host
-// before anything is enqueued. The copies read host_pages asynchronously: the caller keeps them in place
-// until the stream has run.
-void stage_copies(const at::Tensor& host_pages, const at::Tensor& host_ids, const at::Tensor& staging,
-                  const at::Tensor& copies, int64_t stream) {
-  KVTQ_CHECK(host_pages.device().is_cpu() && host_pages.scalar_type() == at::kByte && host_pages.dim() == 2 &&
-                  host_pages.stride(1) == 1,
-              "kvtq: host_pages must be a CPU uint8 [num_pages, page_bytes] tensor");
-  KVTQ_CHECK(host_ids.device().is_cpu() && host_ids.scalar_type() == at::kLong && host_ids.is_contiguous(),
-              "kvtq: host page ids must be a contiguous CPU int64 tensor");
-  KVTQ_CHECK(staging.is_cuda() && staging.scalar_type() == at::kByte && staging.dim() == 2 && staging.stride(1) == 1,
-              "kvtq: staging must be a CUDA uint8 [pages, pitch] tensor");
-  KVTQ_CHECK(copies.device().is_cpu() && copies.scalar_type() == at::kLong && copies.is_contiguous() &&
-                  copies.dim() == 2 && copies.size(1) == 3,
-              "kvtq: copies must be a contiguous CPU int64 [rows, 3] tensor (src_off, nbytes, dst_off)");
-  const int64_t n = host_ids.numel();
-  KVTQ_CHECK(n <= staging.size(0), "kvtq: ", n, " pages for a staging area of ", staging.size(0));
-  const int64_t* ids = host_ids.data_ptr<int64_t>();
-  const int64_t num = host_pages.size(0);
-  for (int64_t j = 0; j < n; ++j)
-    KVTQ_CHECK(ids[j] >= 0 && ids[j] < num, "kvtq: host page id ", ids[j], " out of range [0, ", num, ")");
-  const int64_t k = copies.size(0);
-  const int64_t* c = copies.data_ptr<int64_t>();
-  for (int64_t i = 0; i < k; ++i)
-    KVTQ_CHECK(c[3 * i] >= 0 && c[3 * i + 1] >= 0 && c[3 * i + 2] >= 0 && c[3 * i] + c[3 * i + 1] <= host_pages.size(1) &&
-                    c[3 * i + 2] + c[3 * i + 1] <= staging.size(1),
-                "kvtq: copy row ", i, " (", c[3 * i], ", ", c[3 * i + 1], ", ", c[3 * i + 2], ") outside a host page of ",
-                host_pages.size(1), " B or a staging row of ", staging.size(1), " B");
+// For every page j < n and every copy row i < k of c = [k][3] (src_off, nbytes, dst_off): host page ids[j]
+// (at hbase + ids[j] * spitch) bytes [src_off, src_off + nbytes) -> staging row j (at sbase + j * dpitch)
+// at dst_off, enqueued on `st`. Consecutive ids go as one 2-D copy per row and run; scattered ones as one
+// cudaMemcpyBatchAsync (CUDA >= 12.8). Arguments are checked by the callers.
+void enqueue_page_copies(const uint8_t* hbase, size_t spitch, const int64_t* ids, int64_t n, uint8_t* sbase,
+                         size_t dpitch, const int64_t* c, int64_t k, cudaStream_t st) {
   if (n == 0 || k == 0) return;
-  const c10::cuda::CUDAGuard guard(staging.device());
-  const cudaStream_t st =
-      stream != 0 ? reinterpret_cast<cudaStream_t>(stream) : c10::cuda::getCurrentCUDAStream().stream();
-  const uint8_t* hbase = host_pages.data_ptr<uint8_t>();
-  uint8_t* sbase = staging.data_ptr<uint8_t>();
-  const size_t spitch = (size_t)host_pages.stride(0), dpitch = (size_t)staging.stride(0);
   const auto runs = id_runs(ids, n);
 #if CUDART_VERSION >= 12080
   if (runs.size() > kMaxRunsFor2D) {
@@ -454,6 +424,44 @@ void stage_copies(const at::Tensor& host_pages, const at::Tensor& host_ids, cons
     for (const auto& [j, r] : runs)
       KVTQ_CUDA_OK(cudaMemcpy2DAsync(sbase + j * dpitch + c[3 * i + 2], dpitch, hbase + ids[j] * spitch + c[3 * i],
                                      spitch, (size_t)c[3 * i + 1], (size_t)r, cudaMemcpyHostToDevice, st));
+}
+
+// For every page j of the batch and every row (src_off, nbytes, dst_off) of `copies`: host page
+// host_ids[j] bytes [src_off, src_off + nbytes) -> staging row j bytes [dst_off, dst_off + nbytes), on
+// `stream` (a cudaStream_t; 0 = the current stream), by enqueue_page_copies. Everything is checked on the
+// host before anything is enqueued. The copies read host_pages asynchronously: the caller keeps them in place
+// until the stream has run.
+void stage_copies(const at::Tensor& host_pages, const at::Tensor& host_ids, const at::Tensor& staging,
+                  const at::Tensor& copies, int64_t stream) {
+  KVTQ_CHECK(host_pages.device().is_cpu() && host_pages.scalar_type() == at::kByte && host_pages.dim() == 2 &&
+                  host_pages.stride(1) == 1,
+              "kvtq: host_pages must be a CPU uint8 [num_pages, page_bytes] tensor");
+  KVTQ_CHECK(host_ids.device().is_cpu() && host_ids.scalar_type() == at::kLong && host_ids.is_contiguous(),
+              "kvtq: host page ids must be a contiguous CPU int64 tensor");
+  KVTQ_CHECK(staging.is_cuda() && staging.scalar_type() == at::kByte && staging.dim() == 2 && staging.stride(1) == 1,
+              "kvtq: staging must be a CUDA uint8 [pages, pitch] tensor");
+  KVTQ_CHECK(copies.device().is_cpu() && copies.scalar_type() == at::kLong && copies.is_contiguous() &&
+                  copies.dim() == 2 && copies.size(1) == 3,
+              "kvtq: copies must be a contiguous CPU int64 [rows, 3] tensor (src_off, nbytes, dst_off)");
+  const int64_t n = host_ids.numel();
+  KVTQ_CHECK(n <= staging.size(0), "kvtq: ", n, " pages for a staging area of ", staging.size(0));
+  const int64_t* ids = host_ids.data_ptr<int64_t>();
+  const int64_t num = host_pages.size(0);
+  for (int64_t j = 0; j < n; ++j)
+    KVTQ_CHECK(ids[j] >= 0 && ids[j] < num, "kvtq: host page id ", ids[j], " out of range [0, ", num, ")");
+  const int64_t k = copies.size(0);
+  const int64_t* c = copies.data_ptr<int64_t>();
+  for (int64_t i = 0; i < k; ++i)
+    KVTQ_CHECK(c[3 * i] >= 0 && c[3 * i + 1] >= 0 && c[3 * i + 2] >= 0 && c[3 * i] + c[3 * i + 1] <= host_pages.size(1) &&
+                    c[3 * i + 2] + c[3 * i + 1] <= staging.size(1),
+                "kvtq: copy row ", i, " (", c[3 * i], ", ", c[3 * i + 1], ", ", c[3 * i + 2], ") outside a host page of ",
+                host_pages.size(1), " B or a staging row of ", staging.size(1), " B");
+  if (n == 0 || k == 0) return;
+  const c10::cuda::CUDAGuard guard(staging.device());
+  const cudaStream_t st =
+      stream != 0 ? reinterpret_cast<cudaStream_t>(stream) : c10::cuda::getCurrentCUDAStream().stream();
+  enqueue_page_copies(host_pages.data_ptr<uint8_t>(), (size_t)host_pages.stride(0), ids, n, staging.data_ptr<uint8_t>(),
+                      (size_t)staging.stride(0), c, k, st);
 }
 
 // ---- decode ---------------------------------------------------------------------------------------
@@ -595,6 +603,229 @@ void decode_layers(const at::Tensor& table, const at::Tensor& info, const at::Te
                                           (int)blocks_per_layer, c10::cuda::getCurrentCUDAStream().stream()));
 }
 
+// ---- staged load ring: a whole load's copies and decodes, enqueued from C++ --------------------------
+
+// The staged load of one pool (quant/staged_load.py owns it; the contract is in its docstring). A load of n
+// pages cuts the layers into G copy groups; the staging area (bytes) holds S = min(G, bytes / (n * pitch))
+// group slots of n rows of `pitch` bytes. begin() enqueues the copies of the first S groups on the ring's
+// own stream; layer(l) decodes layer l from its group's slot on the caller's current stream, and after the
+// last layer of group g enqueues the copies of group g + S into the slot g's decodes just released. So a
+// load that fits the staging area whole (S = G) has every copy in flight from layer 0, and the copy engine
+// never waits for the calling thread. Per layer, the caller pays one call into C++: no tensor arguments,
+// no Python-side event or stream objects (run 11: the Python version cost 40 us of host time per layer).
+// Ordering: a slot's next copy waits (on the GPU) for the decodes of the group that used it; a new load's
+// first copies wait for the previous load's last decode (or for everything its caller had enqueued when it
+// stopped early). Host pages are read asynchronously: the owner keeps them in place until the caller's
+// stream has run the load.
+struct StagedRing : torch::CustomClassHolder {
+  int64_t device = -1;
+  cudaStream_t stream = nullptr;
+  std::vector<cudaEvent_t> staged, decoded;  // per group: its copies landed / its decodes are done
+  cudaEvent_t done = nullptr;                // the previous load's decodes are done
+  bool have_done = false;
+  at::Tensor staging, host_pages, local_ids;
+  std::vector<int64_t> copies;                // [G][k][3]: (src_off, nbytes, dst_off) per stream of a group
+  int64_t copy_rows = 0;                      // k
+  std::vector<int32_t> group_of, group_first, group_last;
+  int64_t pitch = 0, max_pages = 0;
+  std::vector<kvtq::DecodeArgs> args;         // per layer; the index fields are filled per load
+  int dtype = kvtq::kBF16;
+  // the load in flight
+  std::vector<int64_t> ids;
+  at::Tensor rows;
+  int64_t n = 0, slots = 0;
+  int64_t next = -1;  // the layer it expects next; -1: none in flight
+  std::mutex mu;
+
+  // staging: CUDA uint8 (any shape, contiguous); host_pages: pinned CPU uint8 [num_pages, page_bytes];
+  // copies: CPU int64 [G, k, 3]; group_first: CPU int64 [G + 1], the first layer of each group and L.
+  StagedRing(int64_t dev, const at::Tensor& staging_, const at::Tensor& host_pages_, const at::Tensor& copies_,
+             const at::Tensor& group_first_, int64_t pitch_, int64_t max_pages_)
+      : device(dev), staging(staging_), host_pages(host_pages_), pitch(pitch_), max_pages(max_pages_) {
+    KVTQ_CHECK(staging.is_cuda() && staging.device().index() == dev && staging.scalar_type() == at::kByte &&
+                    staging.is_contiguous() && aligned16(staging.data_ptr()),
+                "kvtq: ring staging must be a contiguous, aligned CUDA uint8 tensor on device ", dev);
+    KVTQ_CHECK(host_pages.device().is_cpu() && host_pages.scalar_type() == at::kByte && host_pages.dim() == 2 &&
+                    host_pages.stride(1) == 1,
+                "kvtq: host_pages must be a CPU uint8 [num_pages, page_bytes] tensor");
+    KVTQ_CHECK(copies_.device().is_cpu() && copies_.scalar_type() == at::kLong && copies_.is_contiguous() &&
+                    copies_.dim() == 3 && copies_.size(2) == 3 && copies_.size(0) >= 1,
+                "kvtq: ring copies must be a contiguous CPU int64 [groups, rows, 3] tensor");
+    const int64_t G = copies_.size(0);
+    KVTQ_CHECK(group_first_.device().is_cpu() && group_first_.scalar_type() == at::kLong &&
+                    group_first_.is_contiguous() && group_first_.numel() == G + 1,
+                "kvtq: ring group_first must be a CPU int64 tensor of groups + 1 entries");
+    KVTQ_CHECK(pitch > 0 && pitch % 16 == 0 && max_pages >= 1 && staging.numel() >= 2 * max_pages * pitch,
+                "kvtq: ring staging of ", staging.numel(), " B cannot hold two groups of ", max_pages, " rows of ",
+                pitch, " B (pitch a multiple of 16)");
+    copy_rows = copies_.size(1);
+    const int64_t* c = copies_.data_ptr<int64_t>();
+    copies.assign(c, c + copies_.numel());
+    for (int64_t i = 0; i < G * copy_rows; ++i)
+      KVTQ_CHECK(c[3 * i] >= 0 && c[3 * i + 1] >= 0 && c[3 * i + 2] >= 0 &&
+                      c[3 * i] + c[3 * i + 1] <= host_pages.size(1) && c[3 * i + 2] + c[3 * i + 1] <= pitch,
+                  "kvtq: ring copy row ", i, " outside a host page of ", host_pages.size(1), " B or a row of ", pitch,
+                  " B");
+    const int64_t* f = group_first_.data_ptr<int64_t>();
+    KVTQ_CHECK(f[0] == 0, "kvtq: ring groups must start at layer 0");
+    for (int64_t g = 0; g < G; ++g) {
+      KVTQ_CHECK(f[g + 1] > f[g], "kvtq: ring groups must be non-empty and ordered");
+      group_first.push_back((int32_t)f[g]);
+      group_last.push_back((int32_t)f[g + 1] - 1);
+      for (int64_t l = f[g]; l < f[g + 1]; ++l) group_of.push_back((int32_t)g);
+    }
+    const c10::cuda::CUDAGuard guard((c10::DeviceIndex)dev);
+    local_ids = at::arange(max_pages, at::TensorOptions().dtype(at::kLong).device(staging.device()));
+    KVTQ_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    staged.assign(G, nullptr);
+    decoded.assign(G, nullptr);
+    for (int64_t g = 0; g < G; ++g) {
+      KVTQ_CUDA_OK(cudaEventCreateWithFlags(&staged[g], cudaEventDisableTiming));
+      KVTQ_CUDA_OK(cudaEventCreateWithFlags(&decoded[g], cudaEventDisableTiming));
+    }
+    KVTQ_CUDA_OK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+  }
+
+  int64_t num_layers() const { return (int64_t)group_of.size(); }
+
+  // The decode arguments of every layer: desc = CPU int64 [L, streams, kDecodeFields] (chunk offsets in a
+  // staging row), cfg = the decode cfg of a staging row, dst0/dst1 = the layer tensors. Called by the owner
+  // before the first load and whenever a layer tensor is replaced (the arguments hold their addresses).
+  void set_layers(const at::Tensor& desc, const at::Tensor& cfg, std::vector<at::Tensor> dst0,
+                  std::vector<at::Tensor> dst1, const at::Tensor& err_word) {
+    const std::lock_guard<std::mutex> lock(mu);
+    KVTQ_CHECK(desc.device().is_cpu() && desc.scalar_type() == at::kLong && desc.is_contiguous() && desc.dim() == 3 &&
+                    desc.size(0) == num_layers() && desc.size(2) == kvtq::kDecodeFields,
+                "kvtq: set_layers wants a CPU int64 [", num_layers(), ", streams, ", kvtq::kDecodeFields,
+                "] descriptor");
+    KVTQ_CHECK((int64_t)dst0.size() == num_layers() && (int64_t)dst1.size() == num_layers(),
+                "kvtq: set_layers wants one device tensor per layer and buffer");
+    const int64_t* c = cpu_fields(cfg, kCfgFields, "decode cfg");
+    std::vector<kvtq::DecodeArgs> a;
+    const int dt = dtype_code(dst0[0]);
+    for (int64_t l = 0; l < num_layers(); ++l) {
+      KVTQ_CHECK(dst0[l].device() == staging.device() && dtype_code(dst0[l]) == dt,
+                  "kvtq: every layer's device buffers must be on the staging GPU, of one dtype");
+      a.push_back(layer_args(desc.data_ptr<int64_t>() + l * desc.size(1) * kvtq::kDecodeFields, desc.size(1), c,
+                             dst0[l], dst1[l], err_word));
+    }
+    const c10::cuda::CUDAGuard guard(staging.device());
+    close_stopped_load(c10::cuda::getCurrentCUDAStream().stream());
+    args = std::move(a);
+    dtype = dt;
+  }
+
+  // A load whose later layers never came (SGLang's layer cap): its enqueued decodes, everything on `cur`
+  // so far, still read the slots, so the next load's copies wait for them.
+  void close_stopped_load(cudaStream_t cur) {
+    if (next < 0) return;
+    KVTQ_CUDA_OK(cudaEventRecord(done, cur));
+    have_done = true;
+    next = -1;
+    rows = at::Tensor();
+  }
+
+  // The copies of group g into its slot, after the decodes that last read that slot in this load.
+  void enqueue_group(int64_t g) {
+    const int64_t slot = g % slots;
+    if (g >= slots) KVTQ_CUDA_OK(cudaStreamWaitEvent(stream, decoded[g - slots], 0));
+    enqueue_page_copies(host_pages.data_ptr<uint8_t>(), (size_t)host_pages.stride(0), ids.data(), n,
+                        staging.data_ptr<uint8_t>() + slot * n * pitch, (size_t)pitch,
+                        copies.data() + g * copy_rows * 3, copy_rows, stream);
+    KVTQ_CUDA_OK(cudaEventRecord(staged[g], stream));
+  }
+
+  // A load of cpu_ids (CPU int64, n <= max_pages) into the device rows `rows_` (CUDA int64 [n * page_size]).
+  // Returns the number of group slots it uses. Everything is checked before anything is enqueued.
+  int64_t begin(const at::Tensor& cpu_ids, const at::Tensor& rows_) {
+    const std::lock_guard<std::mutex> lock(mu);
+    KVTQ_CHECK(stream != nullptr, "kvtq: staged load on a released ring");
+    KVTQ_CHECK(!args.empty(), "kvtq: staged load before set_layers");
+    KVTQ_CHECK(cpu_ids.device().is_cpu() && cpu_ids.scalar_type() == at::kLong && cpu_ids.is_contiguous(),
+                "kvtq: host page ids must be a contiguous CPU int64 tensor");
+    const int64_t m = cpu_ids.numel();
+    KVTQ_CHECK(m >= 1 && m <= max_pages, "kvtq: a staged load of ", m, " pages (the ring takes 1..", max_pages, ")");
+    const int64_t* p = cpu_ids.data_ptr<int64_t>();
+    const int64_t num = host_pages.size(0);
+    for (int64_t j = 0; j < m; ++j)
+      KVTQ_CHECK(p[j] >= 0 && p[j] < num, "kvtq: host page id ", p[j], " out of range [0, ", num, ")");
+    check_index(rows_, "token_index");
+    KVTQ_CHECK(rows_.device() == staging.device() && rows_.numel() == m * args[0].page_size,
+                "kvtq: token_index must hold page_size rows per page, on the staging GPU");
+    const c10::cuda::CUDAGuard guard(staging.device());
+    const cudaStream_t cur = c10::cuda::getCurrentCUDAStream().stream();
+    close_stopped_load(cur);
+    if (have_done) KVTQ_CUDA_OK(cudaStreamWaitEvent(stream, done, 0));
+    const int64_t G = (int64_t)group_first.size();
+    ids.assign(p, p + m);
+    n = m;
+    rows = rows_;
+    slots = std::min<int64_t>(G, staging.numel() / (m * pitch));
+    next = 0;
+    for (int64_t g = 0; g < slots; ++g) enqueue_group(g);
+    return slots;
+  }
+
+  bool expects(int64_t layer) const { return next >= 0 && layer == next; }
+
+  // Decode `layer` (the next one of the load in flight) on the caller's current stream.
+  void layer(int64_t l) {
+    const std::lock_guard<std::mutex> lock(mu);
+    KVTQ_CHECK(next >= 0 && l == next, "kvtq: the staged load expected layer ", next, ", got ", l);
+    const c10::cuda::CUDAGuard guard(staging.device());
+    const cudaStream_t cur = c10::cuda::getCurrentCUDAStream().stream();
+    const int64_t g = group_of[l];
+    if (l == group_first[g]) KVTQ_CUDA_OK(cudaStreamWaitEvent(cur, staged[g], 0));
+    kvtq::DecodeArgs a = args[l];
+    a.pages = staging.data_ptr<uint8_t>() + (g % slots) * n * pitch;
+    a.page_stride = pitch;
+    a.num_pages = n;
+    a.page_ids = local_ids.data_ptr<int64_t>();
+    a.token_index = rows.data_ptr<int64_t>();
+    a.n_pages = (int32_t)n;
+    a.plane_src = nullptr;
+    KVTQ_CUDA_OK(kvtq::launch_decode(a, dtype, 0, cur));
+    if (l == group_last[g]) {
+      KVTQ_CUDA_OK(cudaEventRecord(decoded[g], cur));
+      if (g + slots < (int64_t)group_first.size()) enqueue_group(g + slots);
+    }
+    next = l + 1;
+    if (next == num_layers()) {
+      KVTQ_CUDA_OK(cudaEventRecord(done, cur));
+      have_done = true;
+      next = -1;
+      rows = at::Tensor();
+    }
+  }
+
+  // Waits for the ring's copies, then destroys its stream and events (idempotent).
+  void release() {
+    const std::lock_guard<std::mutex> lock(mu);
+    if (stream == nullptr) return;
+    const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device);
+    (void)cudaStreamSynchronize(stream);
+    for (auto* v : {&staged, &decoded})
+      for (cudaEvent_t& e : *v) {
+        (void)cudaEventDestroy(e);
+        e = nullptr;
+      }
+    (void)cudaEventDestroy(done);
+    done = nullptr;
+    (void)cudaStreamDestroy(stream);
+    stream = nullptr;
+    next = -1;
+    rows = at::Tensor();
+    (void)cudaGetLastError();
+  }
+  bool live() const { return stream != nullptr; }
+  ~StagedRing() override {
+    try {
+      release();
+    } catch (...) {
+    }
+  }
+};
+
 }  // namespace
 
 TORCH_LIBRARY(kvtq, m) {
@@ -602,6 +833,14 @@ TORCH_LIBRARY(kvtq, m) {
       .def(torch::init<int64_t>())
       .def("release", &BackupStream::release)
       .def("live", &BackupStream::live);
+  m.class_<StagedRing>("StagedRing")
+      .def(torch::init<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t>())
+      .def("set_layers", &StagedRing::set_layers)
+      .def("begin", &StagedRing::begin)
+      .def("expects", &StagedRing::expects)
+      .def("layer", &StagedRing::layer)
+      .def("release", &StagedRing::release)
+      .def("live", &StagedRing::live);
   m.def("abi_stamp() -> str", &abi_stamp);
   m.def("limits() -> Dict(str, int)", &limits);
   m.def("mapped_pointer(Tensor t) -> int", &mapped_pointer);
