@@ -3,7 +3,8 @@
 Every loaded device row is compared bit for bit with the reference decode of the same host pages (computed on
 CPU copies, without CUDA), for uniform, mixed-precision and MLA layouts, host pages in runs and scattered
 (2-D copies and the batched submission), layer groups that do and do not divide the layer count, loads that
-reuse both staging slots across calls, a load that stops early, and ids the host checks reject.
+reuse the staging slots across calls, loads that fit the staging area whole and loads that cycle two slots,
+a layer tensor replaced between loads, a load that stops early, and ids the host checks reject.
 """
 
 from __future__ import annotations
@@ -165,6 +166,68 @@ def test_bad_cpu_ids_raise_before_anything_is_enqueued():
     rig.expect([7, 6, 5], rows2, want)
     assert_rows_equal(rig.dev, want, "a load after rejected ids")
     rig.codec.shutdown()
+
+
+@pytest.mark.parametrize("n", [3, 5, 12])
+def test_slots_follow_the_batch_size(n):
+    """Staging for two groups of 12 pages holds every group of a 3-page load (all copies in flight from layer 0),
+    4 of 7 groups at 5 pages and 2 at 12: each exact."""
+    cfg, shape, ps = CASES["KV4"]  # 28 layers
+    rig = StagedRig(cfg, shape, ps, 16, seed=11 + n, group=4, max_pages=12)
+    want = rig.poison_device()
+    host_ids = torch.randperm(16, generator=rig.gen)[:n].tolist()
+    rows = rig.load(host_ids, list(range(2, 2 + n)))
+    assert rig.codec.staged.slots == min(7, 2 * 12 // n)
+    torch.cuda.synchronize()
+    rig.expect(host_ids, rows, want)
+    assert_rows_equal(rig.dev, want, f"a staged load of {n} pages")
+    rig.codec.shutdown()
+
+
+def test_a_replaced_layer_tensor_is_followed_by_the_next_staged_load():
+    """The ring's decode arguments hold the layer tensors' addresses: a tensor replaced in the owner's list
+    between loads is written by the next load, and the old one is left alone."""
+    cfg, shape, ps = CASES["KV8"]
+    rig = StagedRig(cfg, shape, ps, 12, seed=21, group=3, max_pages=8)
+    want = rig.poison_device()
+    rows = rig.load([0, 1, 2], [0, 1, 2])
+    torch.cuda.synchronize()
+    rig.expect([0, 1, 2], rows, want)
+    old = rig.dev[1][5]
+    rig.dev[1][5] = torch.full_like(old, 7.0)  # V of layer 5: a new tensor, poisoned like the rest
+    kept = old.clone()
+    gen = rig.codec.pointer_rebuilds
+    rows = rig.load([9, 4, 7, 8], [3, 4, 5, 6])
+    torch.cuda.synchronize()
+    assert rig.codec.pointer_rebuilds == gen + 1
+    rig.expect([9, 4, 7, 8], rows, want)
+    assert_rows_equal(rig.dev, want, "loads around a replaced layer tensor")
+    assert torch.equal(old, kept), "the replaced tensor was written"
+    rig.codec.shutdown()
+
+
+def test_the_ring_checks_its_arguments():
+    cfg, shape, ps = CASES["KV4"]
+    rig = StagedRig(cfg, shape, ps, 8, seed=2, group=4, max_pages=4)
+    assert rig.codec.staged.fits(4)
+    ring = rig.codec.staged.ring
+    rows = page_rows([0, 1], ps).cuda()
+    with pytest.raises(RuntimeError, match="before set_layers"):
+        ring.begin(torch.tensor([0, 1]), rows)
+    rig.load([0, 1], [0, 1])  # binds the layers
+    with pytest.raises(RuntimeError, match="a staged load of 5 pages"):
+        ring.begin(torch.arange(5), page_rows(range(5), ps).cuda())
+    with pytest.raises(RuntimeError, match="token_index must hold page_size rows per page"):
+        ring.begin(torch.tensor([0, 1]), rows[:-1].contiguous())
+    with pytest.raises(RuntimeError, match="expected layer -1, got 3"):
+        ring.layer(3)
+    ring.begin(torch.tensor([2, 3]), rows)
+    with pytest.raises(RuntimeError, match="expected layer 0, got 1"):
+        ring.layer(1)
+    rig.codec.shutdown()
+    assert not ring.live()
+    with pytest.raises(RuntimeError, match="released ring"):
+        ring.begin(torch.tensor([0, 1]), rows)
 
 
 def test_stage_copies_checks_its_arguments():

@@ -404,8 +404,8 @@ class NativeCodec(PageCodec):
         # mid-size loads through the copy engine (None: defaults and KVTQ_LOAD_* variables; 0 pages: off)
         self.staged = StagedLoad(layout, self.plan, host_pages, device, self.err, group_layers=staged_group,
                                  max_pages=staged_pages, min_pages=staged_min_pages)
-        # a staged load's index tensors as passed (its identity) and its GPU rows
-        self._staged_key: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # a staged load's index tensors as passed (its identity)
+        self._staged_key: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- pointer tables: the owner's, verified once; rebuilt when a layer tensor is replaced --
 
@@ -488,8 +488,7 @@ class NativeCodec(PageCodec):
         if self._staged_key is not None:
             if (layer > 0 and page_ids is self._staged_key[0] and device_rows is self._staged_key[1]
                     and self.staged.expects(layer)):
-                d = self.device_kv.layer(layer)
-                self.staged.layer(layer, self._staged_key[2], d[0], d[-1])
+                self.staged.layer(layer)  # one call into C++: the ring holds the load's arguments
                 return
             self._staged_key = None
         if self._fused_ids is not None:
@@ -509,10 +508,10 @@ class NativeCodec(PageCodec):
                 raise ValueError(f"{host_ids.numel()} cpu_page_ids for a load of {ids.numel()} pages")
             if not rows.is_contiguous():
                 rows = rows.contiguous()
-            self.staged.begin(host_ids)
-            d = self.device_kv.layer(0)
-            self.staged.layer(0, rows, d[0], d[-1])
-            self._staged_key = (page_ids, device_rows, rows)
+            self._pointers()  # a replaced layer tensor bumps the generation: the ring rebuilds its arguments
+            self.staged.begin(host_ids, rows, self.pointer_rebuilds,
+                              lambda: self.device_kv.buffers()[: self._nbuf])
+            self._staged_key = (page_ids, device_rows)
             return
         if layer == 0 and 0 < ids.numel() <= self.fuse_pages:
             self._pointers()  # a replaced layer tensor rebuilds the table first
