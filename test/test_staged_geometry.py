@@ -52,3 +52,41 @@ def test_pitch_is_the_largest_group():
     assert StagedGeometry(lay, 4).pitch == 4 * per_layer
     assert StagedGeometry(lay, 5).pitch == 5 * per_layer  # 28 = 5 * 5 + 3: the last group is smaller
     assert len(StagedGeometry(lay, 5).groups) == 6
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 5])
+@pytest.mark.parametrize("cfg", [QuantConfig(elastic=True), QuantConfig(nbits_key=8, nbits_value=4, elastic=True),
+                                 QuantConfig(layer_bits={i: LayerBits(*[(8, 8), (4, 2), (2, 4), (8, 4), (4, 4)][i])
+                                                         for i in range(5)}, elastic=True)],
+                         ids=["KV4", "K8V4", "table"])
+def test_plane_copies_put_every_refinement_at_its_staged_offset(cfg, group):
+    """Elastic pools: a staging row also takes the group's refinement codes of each stream, after the page's
+    chunks, without overlapping them; every layer's codes land where `plane_offsets` says."""
+    from kvtuner_hicache.quant.elastic_pages import RefinementLayout
+
+    lay = PageLayout(cfg, KVShape.mha(5, 2, 128), 64)
+    rl = RefinementLayout(lay)
+    geo = StagedGeometry(lay, group, rl)
+    planes = {s: torch.randint(0, 256, (n,), dtype=torch.uint8) for s, n in rl.plane_bytes.items()}
+    for g, (a, b) in enumerate(geo.groups):
+        row = torch.zeros(geo.pitch, dtype=torch.uint8)
+        used = torch.zeros(geo.pitch, dtype=torch.bool)
+        for _, nbytes, dst in geo.copies[g]:
+            used[dst:dst + nbytes] = True
+        for s, (src, nbytes, dst) in enumerate(geo.plane_copies[g]):
+            if nbytes == 0:
+                assert all(rl.chunk(s, layer) is None for layer in range(a, b))
+                continue
+            assert dst % ALIGN == 0 and dst + nbytes <= geo.pitch and not used[dst:dst + nbytes].any()
+            used[dst:dst + nbytes] = True
+            row[dst:dst + nbytes] = planes[s][src:src + nbytes]
+        for layer in range(a, b):
+            for s in range(2):
+                c = rl.chunk(s, layer)
+                if c is None:
+                    continue
+                off = geo.plane_offsets[layer][s]
+                assert off % ALIGN == 0
+                assert torch.equal(row[off:off + c.nbytes], planes[s][c.offset:c.offset + c.nbytes]), (layer, s)
+    fixed = StagedGeometry(lay, group)  # fixed pools reserve nothing for planes
+    assert all(nbytes == 0 for rows in fixed.plane_copies for _, nbytes, _ in rows) and fixed.pitch <= geo.pitch

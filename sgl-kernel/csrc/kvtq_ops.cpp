@@ -386,6 +386,28 @@ std::vector<std::pair<int64_t, int64_t>> id_runs(const int64_t* ids, int64_t n) 
 // Above this many runs per copy, one batched submission beats a 2-D copy per run (driver call cost).
 constexpr size_t kMaxRunsFor2D = 8;
 
+// Host -> device copies of a list of byte ranges on `st`: one cudaMemcpyBatchAsync (CUDA >= 12.8), else one
+// cudaMemcpyAsync each. Arguments are checked by the callers.
+void enqueue_copy_list(std::vector<void*>& dsts, std::vector<const void*>& srcs, std::vector<size_t>& sizes,
+                       cudaStream_t st) {
+  if (dsts.empty()) return;
+#if CUDART_VERSION >= 12080
+  cudaMemcpyAttributes attr{};
+  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  size_t attr_idx = 0;
+#if CUDART_VERSION >= 13000
+  KVTQ_CUDA_OK(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr, &attr_idx, 1, st));
+#else
+  size_t fail_idx = 0;
+  KVTQ_CUDA_OK(cudaMemcpyBatchAsync(dsts.data(), const_cast<void**>(srcs.data()), sizes.data(), dsts.size(), &attr,
+                                    &attr_idx, 1, &fail_idx, st));
+#endif
+#else
+  for (size_t e = 0; e < dsts.size(); ++e)
+    KVTQ_CUDA_OK(cudaMemcpyAsync(dsts[e], srcs[e], sizes[e], cudaMemcpyHostToDevice, st));
+#endif
+}
+
 // For every page j < n and every copy row i < k of c = [k][3] (src_off, nbytes, dst_off): host page ids[j]
 // (at hbase + ids[j] * spitch) bytes [src_off, src_off + nbytes) -> staging row j (at sbase + j * dpitch)
 // at dst_off, enqueued on `st`. Consecutive ids go as one 2-D copy per row and run; scattered ones as one
@@ -407,16 +429,7 @@ void enqueue_page_copies(const uint8_t* hbase, size_t spitch, const int64_t* ids
         srcs[e] = hbase + ids[j] * spitch + c[3 * i];
         sizes[e] = (size_t)c[3 * i + 1];
       }
-    cudaMemcpyAttributes attr{};
-    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-    size_t attr_idx = 0;
-#if CUDART_VERSION >= 13000
-    KVTQ_CUDA_OK(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), m, &attr, &attr_idx, 1, st));
-#else
-    size_t fail_idx = 0;
-    KVTQ_CUDA_OK(cudaMemcpyBatchAsync(dsts.data(), const_cast<void**>(srcs.data()), sizes.data(), m, &attr, &attr_idx,
-                                      1, &fail_idx, st));
-#endif
+    enqueue_copy_list(dsts, srcs, sizes, st);
     return;
   }
 #endif
@@ -617,6 +630,9 @@ void decode_layers(const at::Tensor& table, const at::Tensor& info, const at::Te
 // first copies wait for the previous load's last decode (or for everything its caller had enqueued when it
 // stopped early). Host pages are read asynchronously: the owner keeps them in place until the caller's
 // stream has run the load.
+// Elastic loads: with `planes` (CPU int64 [2, n], a page's refinement-plane byte offset in the host buffer per
+// stream, -1: none), each group's copies also bring the group's refinement codes of every page that has
+// them into the staging row (plane_copies: where), and the decodes read them from there.
 struct StagedRing : torch::CustomClassHolder {
   int64_t device = -1;
   cudaStream_t stream = nullptr;
@@ -626,21 +642,26 @@ struct StagedRing : torch::CustomClassHolder {
   at::Tensor staging, host_pages, local_ids;
   std::vector<int64_t> copies;                // [G][k][3]: (src_off, nbytes, dst_off) per stream of a group
   int64_t copy_rows = 0;                      // k
+  std::vector<int64_t> plane_copies;          // [G][2][3]: (offset in the stream's plane, nbytes, dst_off)
+  int64_t plane_end[2] = {0, 0};              // bytes of each stream's plane that a load copies (0: none)
+  at::Tensor plane_dev;                       // CUDA int64 [2 * max_pages]: the decodes' plane offsets
   std::vector<int32_t> group_of, group_first, group_last;
   int64_t pitch = 0, max_pages = 0;
   std::vector<kvtq::DecodeArgs> args;         // per layer; the index fields are filled per load
   int dtype = kvtq::kBF16;
   // the load in flight
   std::vector<int64_t> ids;
+  std::vector<int64_t> plane_offs;  // [2][n] host offsets of the load's planes (empty: none)
   at::Tensor rows;
   int64_t n = 0, slots = 0;
   int64_t next = -1;  // the layer it expects next; -1: none in flight
   std::mutex mu;
 
   // staging: CUDA uint8 (any shape, contiguous); host_pages: pinned CPU uint8 [num_pages, page_bytes];
-  // copies: CPU int64 [G, k, 3]; group_first: CPU int64 [G + 1], the first layer of each group and L.
+  // copies: CPU int64 [G, k, 3]; group_first: CPU int64 [G + 1], the first layer of each group and L;
+  // plane_copies_: CPU int64 [G, 2, 3] (all nbytes 0 for a pool without refinement planes).
   StagedRing(int64_t dev, const at::Tensor& staging_, const at::Tensor& host_pages_, const at::Tensor& copies_,
-             const at::Tensor& group_first_, int64_t pitch_, int64_t max_pages_)
+             const at::Tensor& group_first_, const at::Tensor& plane_copies_, int64_t pitch_, int64_t max_pages_)
       : device(dev), staging(staging_), host_pages(host_pages_), pitch(pitch_), max_pages(max_pages_) {
     KVTQ_CHECK(staging.is_cuda() && staging.device().index() == dev && staging.scalar_type() == at::kByte &&
                     staging.is_contiguous() && aligned16(staging.data_ptr()),
@@ -666,6 +687,17 @@ struct StagedRing : torch::CustomClassHolder {
                       c[3 * i] + c[3 * i + 1] <= host_pages.size(1) && c[3 * i + 2] + c[3 * i + 1] <= pitch,
                   "kvtq: ring copy row ", i, " outside a host page of ", host_pages.size(1), " B or a row of ", pitch,
                   " B");
+    KVTQ_CHECK(plane_copies_.device().is_cpu() && plane_copies_.scalar_type() == at::kLong &&
+                    plane_copies_.is_contiguous() && plane_copies_.dim() == 3 && plane_copies_.size(0) == G &&
+                    plane_copies_.size(1) == 2 && plane_copies_.size(2) == 3,
+                "kvtq: ring plane_copies must be a contiguous CPU int64 [groups, 2, 3] tensor");
+    const int64_t* pc = plane_copies_.data_ptr<int64_t>();
+    plane_copies.assign(pc, pc + plane_copies_.numel());
+    for (int64_t i = 0; i < G * 2; ++i) {
+      KVTQ_CHECK(pc[3 * i] >= 0 && pc[3 * i + 1] >= 0 && pc[3 * i + 2] >= 0 && pc[3 * i + 2] + pc[3 * i + 1] <= pitch,
+                  "kvtq: ring plane copy row ", i, " outside a row of ", pitch, " B");
+      if (pc[3 * i + 1] > 0) plane_end[i % 2] = std::max(plane_end[i % 2], pc[3 * i] + pc[3 * i + 1]);
+    }
     const int64_t* f = group_first_.data_ptr<int64_t>();
     KVTQ_CHECK(f[0] == 0, "kvtq: ring groups must start at layer 0");
     for (int64_t g = 0; g < G; ++g) {
@@ -676,6 +708,8 @@ struct StagedRing : torch::CustomClassHolder {
     }
     const c10::cuda::CUDAGuard guard((c10::DeviceIndex)dev);
     local_ids = at::arange(max_pages, at::TensorOptions().dtype(at::kLong).device(staging.device()));
+    if (plane_end[0] > 0 || plane_end[1] > 0)
+      plane_dev = at::empty({2 * max_pages}, at::TensorOptions().dtype(at::kLong).device(staging.device()));
     KVTQ_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     staged.assign(G, nullptr);
     decoded.assign(G, nullptr);
@@ -729,15 +763,34 @@ struct StagedRing : torch::CustomClassHolder {
   void enqueue_group(int64_t g) {
     const int64_t slot = g % slots;
     if (g >= slots) KVTQ_CUDA_OK(cudaStreamWaitEvent(stream, decoded[g - slots], 0));
-    enqueue_page_copies(host_pages.data_ptr<uint8_t>(), (size_t)host_pages.stride(0), ids.data(), n,
-                        staging.data_ptr<uint8_t>() + slot * n * pitch, (size_t)pitch,
+    uint8_t* base = staging.data_ptr<uint8_t>() + slot * n * pitch;
+    const uint8_t* hbase = host_pages.data_ptr<uint8_t>();
+    enqueue_page_copies(hbase, (size_t)host_pages.stride(0), ids.data(), n, base, (size_t)pitch,
                         copies.data() + g * copy_rows * 3, copy_rows, stream);
+    if (!plane_offs.empty()) {  // the group's refinement codes of every page that has them
+      std::vector<void*> dsts;
+      std::vector<const void*> srcs;
+      std::vector<size_t> sizes;
+      for (int st = 0; st < 2; ++st) {
+        const int64_t* pc = plane_copies.data() + (g * 2 + st) * 3;
+        if (pc[1] == 0) continue;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t off = plane_offs[st * n + j];
+          if (off < 0) continue;
+          dsts.push_back(base + j * pitch + pc[2]);
+          srcs.push_back(hbase + off + pc[0]);
+          sizes.push_back((size_t)pc[1]);
+        }
+      }
+      enqueue_copy_list(dsts, srcs, sizes, stream);
+    }
     KVTQ_CUDA_OK(cudaEventRecord(staged[g], stream));
   }
 
-  // A load of cpu_ids (CPU int64, n <= max_pages) into the device rows `rows_` (CUDA int64 [n * page_size]).
-  // Returns the number of group slots it uses. Everything is checked before anything is enqueued.
-  int64_t begin(const at::Tensor& cpu_ids, const at::Tensor& rows_) {
+  // A load of cpu_ids (CPU int64, n <= max_pages) into the device rows `rows_` (CUDA int64 [n * page_size]),
+  // with the pages' refinement planes where `planes` (CPU int64 [2, n]) gives them. Returns the number of
+  // group slots it uses. Everything is checked before anything is enqueued.
+  int64_t begin(const at::Tensor& cpu_ids, const at::Tensor& rows_, const c10::optional<at::Tensor>& planes) {
     const std::lock_guard<std::mutex> lock(mu);
     KVTQ_CHECK(stream != nullptr, "kvtq: staged load on a released ring");
     KVTQ_CHECK(!args.empty(), "kvtq: staged load before set_layers");
@@ -752,11 +805,35 @@ struct StagedRing : torch::CustomClassHolder {
     check_index(rows_, "token_index");
     KVTQ_CHECK(rows_.device() == staging.device() && rows_.numel() == m * args[0].page_size,
                 "kvtq: token_index must hold page_size rows per page, on the staging GPU");
+    std::vector<int64_t> poffs, pdev;
+    if (planes.has_value()) {
+      const at::Tensor& pl = *planes;
+      KVTQ_CHECK(pl.device().is_cpu() && pl.scalar_type() == at::kLong && pl.is_contiguous() && pl.dim() == 2 &&
+                      pl.size(0) == 2 && pl.size(1) == m,
+                  "kvtq: planes must be a contiguous CPU int64 [2, ", m, "] tensor");
+      const int64_t* q = pl.data_ptr<int64_t>();
+      const int64_t host_bytes = num * host_pages.stride(0);
+      poffs.assign(q, q + 2 * m);
+      pdev.assign(2 * m, -1);
+      for (int st = 0; st < 2; ++st)
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t off = q[st * m + j];
+          if (off < 0) continue;
+          KVTQ_CHECK(plane_end[st] > 0, "kvtq: planes give stream ", st, " a refinement plane; this ring has none");
+          KVTQ_CHECK(off <= host_bytes - plane_end[st], "kvtq: refinement plane offset ", off, " + ", plane_end[st],
+                      " B outside the host buffer (", host_bytes, " B)");
+          pdev[st * m + j] = j * pitch;  // the decodes find the codes at plane_off of the page's staging row
+        }
+    }
     const c10::cuda::CUDAGuard guard(staging.device());
     const cudaStream_t cur = c10::cuda::getCurrentCUDAStream().stream();
     close_stopped_load(cur);
     if (have_done) KVTQ_CUDA_OK(cudaStreamWaitEvent(stream, done, 0));
     const int64_t G = (int64_t)group_first.size();
+    if (!poffs.empty())  // pageable source: staged by the driver before the call returns
+      KVTQ_CUDA_OK(cudaMemcpyAsync(plane_dev.data_ptr<int64_t>(), pdev.data(), pdev.size() * sizeof(int64_t),
+                                   cudaMemcpyHostToDevice, cur));
+    plane_offs = std::move(poffs);
     ids.assign(p, p + m);
     n = m;
     rows = rows_;
@@ -783,7 +860,7 @@ struct StagedRing : torch::CustomClassHolder {
     a.page_ids = local_ids.data_ptr<int64_t>();
     a.token_index = rows.data_ptr<int64_t>();
     a.n_pages = (int32_t)n;
-    a.plane_src = nullptr;
+    a.plane_src = plane_offs.empty() ? nullptr : plane_dev.data_ptr<int64_t>();
     KVTQ_CUDA_OK(kvtq::launch_decode(a, dtype, 0, cur));
     if (l == group_last[g]) {
       KVTQ_CUDA_OK(cudaEventRecord(decoded[g], cur));
@@ -834,7 +911,7 @@ TORCH_LIBRARY(kvtq, m) {
       .def("release", &BackupStream::release)
       .def("live", &BackupStream::live);
   m.class_<StagedRing>("StagedRing")
-      .def(torch::init<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t>())
+      .def(torch::init<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t>())
       .def("set_layers", &StagedRing::set_layers)
       .def("begin", &StagedRing::begin)
       .def("expects", &StagedRing::expects)

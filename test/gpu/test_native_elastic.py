@@ -128,6 +128,48 @@ def test_backup_writes_the_reference_planes_and_load_decodes_them(nat, case, pat
 
 
 @gpu
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("pattern", ["all", "mixed", "none"])
+@pytest.mark.parametrize("case", ["K4cV4t", "K8cV4t", "K4tV2c-g32", "table"])
+def test_staged_loads_bring_the_planes_along(nat, case, pattern, group):  # noqa: F811
+    """An elastic pool's staged load (copy engine into GPU staging, kernel 0.5.0's StagedRing) copies each
+    group's refinement codes beside the pages and decodes them from there: bit for bit the reference's top
+    decode where a page has a plane and its floor where it has none, with layer groups that do and do not
+    divide the layer count, and again (planes moved) on a second load through the same ring."""
+    cfgs = {
+        "K4cV4t": QuantConfig(elastic=True),
+        "K8cV4t": QuantConfig(nbits_key=8, nbits_value=4, elastic=True),  # keys have no plane
+        "K4tV2c-g32": QuantConfig(nbits_key=4, nbits_value=2, axis_key=0, axis_value=1, q_group_size=32, elastic=True),
+        "table": QuantConfig(layer_bits={0: LayerBits(8, 8), 1: LayerBits(4, 2), 2: LayerBits(2, 4), 3: LayerBits(8, 4),
+                                         4: LayerBits(4, 4)}, elastic=True),
+    }
+    cfg = cfgs[case]
+    rig = Rig(cfg, KVShape.mha(5, 4, 128), 64, n_pages=6, seed=len(case) * 5 + len(pattern) + group)
+    planes = rig.planes(pattern)
+    _, _, hbuf, rbuf = _backup_both(rig, planes)
+    assert torch.equal(hbuf, rbuf)
+    dev_out, cpu_out = make_pool(rig.layout, rig.dev_rows, torch.bfloat16, "normal", 7)
+    codec = NativeCodec(rig.layout, DeviceKV.from_lists(dev_out), hbuf[:, : rig.layout.page_bytes],
+                        torch.device("cuda"), staging_pages=1, fuse_pages=0, staged_pages=8, staged_group=group,
+                        staged_min_pages=1)
+    assert codec.staged.takes_planes
+    ref = ReferenceCodec(rig.layout, DeviceKV.from_lists(cpu_out), rbuf[:, : rig.layout.page_bytes])
+    for attempt, sub in enumerate(([0, 1, 2, 3, 4, 5], [4, 1, 5])):
+        ids = rig.host_ids[sub]
+        p = planes[:, sub].contiguous()
+        if attempt == 1:  # each page gets its neighbour's planes: offsets the first load did not use
+            p = p.roll(1, dims=1).contiguous()
+        dst = page_rows([rig.slots[i] for i in reversed(sub)], rig.layout.page_size)
+        for layer in range(rig.layout.num_layers):
+            codec.load_layer(layer, ids.cuda(), dst.cuda(), p, cpu_page_ids=ids)
+            ref.load_layer(layer, ids, dst, p)
+        torch.cuda.synchronize()
+        codec.check()
+        assert_rows_equal(dev_out, cpu_out, f"{case}/{pattern}/group {group}: staged load {attempt}")
+    codec.shutdown()
+
+
+@gpu
 def test_top_load_is_more_accurate_than_the_floor(nat):  # noqa: F811
     """The plane changes what is loaded (not a no-op): closer to the source than the floor decode."""
     rig = Rig(QuantConfig(), KVShape.mha(2, 4, 128), 64, n_pages=4, seed=3, kind="normal")

@@ -403,7 +403,8 @@ class NativeCodec(PageCodec):
         self._refresh_pointers()
         # mid-size loads through the copy engine (None: defaults and KVTQ_LOAD_* variables; 0 pages: off)
         self.staged = StagedLoad(layout, self.plan, host_pages, device, self.err, group_layers=staged_group,
-                                 max_pages=staged_pages, min_pages=staged_min_pages)
+                                 max_pages=staged_pages, min_pages=staged_min_pages,
+                                 refinement=self.refinement if layout.cfg.elastic else None)
         # a staged load's index tensors as passed (its identity)
         self._staged_key: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -502,7 +503,8 @@ class NativeCodec(PageCodec):
             ids = self._host_ids(ids).to(self.device, non_blocking=True)
         if not rows.is_cuda:
             rows = rows.to(device=self.device, dtype=torch.int64)
-        if layer == 0 and planes is None and cpu_page_ids is not None and self.staged.fits(ids.numel()):
+        if (layer == 0 and cpu_page_ids is not None and (planes is None or self.staged.takes_planes)
+                and self.staged.fits(ids.numel())):
             host_ids = self._host_ids(cpu_page_ids)  # range-checked before anything is enqueued
             if host_ids.numel() != ids.numel():
                 raise ValueError(f"{host_ids.numel()} cpu_page_ids for a load of {ids.numel()} pages")
@@ -510,7 +512,7 @@ class NativeCodec(PageCodec):
                 rows = rows.contiguous()
             self._pointers()  # a replaced layer tensor bumps the generation: the ring rebuilds its arguments
             self.staged.begin(host_ids, rows, self.pointer_rebuilds,
-                              lambda: self.device_kv.buffers()[: self._nbuf])
+                              lambda: self.device_kv.buffers()[: self._nbuf], self._planes(planes, ids.numel()))
             self._staged_key = (page_ids, device_rows)
             return
         if layer == 0 and 0 < ids.numel() <= self.fuse_pages:

@@ -49,6 +49,7 @@ DEFAULT_GROUP_LAYERS = 4
 DEFAULT_MAX_PAGES = 256
 DEFAULT_MIN_PAGES = 32
 _DESC_OFFSET = 0  # field 0 of a decode descriptor row: the chunk's byte offset in the (staged) page
+_DESC_PLANE_OFFSET = 15  # field 15 (kvtq_kernels.h DecodeStream.plane_off): refinement codes in the plane
 
 
 def _env_int(name: str, default: int) -> int:
@@ -64,35 +65,64 @@ class StagedGeometry:
     `groups`: [first, end) layer ranges of `group_layers` layers; `copies[g]`: one row (src_off, nbytes,
     dst_off) per stream, the stream's chunks of the group's layers (contiguous in a page: docs/page-format.md)
     into a staging row; `offsets[layer][stream]`: the chunk's byte offset in its group's staging row;
-    `pitch`: the staging row size (the largest group, streams 128-byte aligned).
+    `pitch`: the staging row size (the largest group, areas 128-byte aligned).
+
+    With `refinement` (elastic pools), a staging row also has room for the group's refinement codes of every
+    stream after the page's chunks: `plane_copies[g][s]` = (offset in the stream's plane, nbytes, dst_off)
+    (nbytes 0: the group has no refinable chunk of stream s), and `plane_offsets[layer][s]` = where that
+    layer's refinement codes of stream s sit in the staging row (0 for a chunk without them).
     """
 
-    def __init__(self, layout: PageLayout, group_layers: int):
+    def __init__(self, layout: PageLayout, group_layers: int, refinement: Any = None):
         L = layout.num_layers
+        S = len(layout.streams)
         g = max(1, group_layers)
         self.groups = [(a, min(L, a + g)) for a in range(0, L, g)]
         self.group_of = [a // g for a in range(L)]
         self.copies: list[list[list[int]]] = []
-        self.offsets: list[list[int]] = [[0] * len(layout.streams) for _ in range(L)]
+        self.plane_copies: list[list[list[int]]] = []
+        self.offsets: list[list[int]] = [[0] * S for _ in range(L)]
+        self.plane_offsets: list[list[int]] = [[0] * S for _ in range(L)]
         self.pitch = 0
         for a, b in self.groups:
             rows, dst = [], 0
-            for s in range(len(layout.streams)):
+            for s in range(S):
                 first, last = layout.chunk(s, a), layout.chunk(s, b - 1)
                 nbytes = last.offset + last.nbytes - first.offset
                 rows.append([first.offset, nbytes, dst])
                 for layer in range(a, b):
                     self.offsets[layer][s] = dst + layout.chunk(s, layer).offset - first.offset
-                dst += -(-nbytes // ALIGN) * ALIGN
+                dst += _aligned(nbytes)
             self.copies.append(rows)
+            planes = []
+            for s in range(S):
+                rcs = [c for layer in range(a, b) if refinement is not None
+                       and (c := refinement.chunk(s, layer)) is not None]
+                if not rcs:
+                    planes.append([0, 0, 0])
+                    continue
+                first_off = rcs[0].offset
+                nbytes = rcs[-1].offset + rcs[-1].nbytes - first_off
+                planes.append([first_off, nbytes, dst])
+                for c in rcs:
+                    self.plane_offsets[c.layer][s] = dst + c.offset - first_off
+                dst += _aligned(nbytes)
+            self.plane_copies.append(planes)
             self.pitch = max(self.pitch, dst)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 class StagedLoad:
     """Copy-engine staging of a load's pages through the native StagedRing (module docstring)."""
 
     def __init__(self, layout: PageLayout, plan: Any, host_pages: torch.Tensor, device: torch.device, err: Any, *,
-                 group_layers: int | None = None, max_pages: int | None = None, min_pages: int | None = None):
+                 group_layers: int | None = None, max_pages: int | None = None, min_pages: int | None = None,
+                 refinement: Any = None):
+        """`refinement`: the RefinementLayout of an elastic pool (staging rows then hold the refinement codes
+        of a group too, and loads that pass planes are staged); None for fixed pools."""
         from kvtuner_hicache.quant import native  # the library is loaded (the caller is a NativeCodec)
 
         self.layout = layout
@@ -105,15 +135,19 @@ class StagedLoad:
                                                                                   DEFAULT_MAX_PAGES))
         self.min_pages = max(1, min_pages if min_pages is not None else _env_int("KVTQ_LOAD_STAGED_MIN",
                                                                                   DEFAULT_MIN_PAGES))
-        geo = StagedGeometry(layout, g)
+        geo = StagedGeometry(layout, g, refinement)
         self.groups, self.group_of, self.pitch = geo.groups, geo.group_of, geo.pitch
+        self.takes_planes = refinement is not None and bool(refinement.streams)
         self.copies = torch.tensor(geo.copies, dtype=torch.int64)  # [groups, streams, 3]
+        pc = [(rows + [[0, 0, 0]] * 2)[:2] for rows in geo.plane_copies]  # two stream rows, as planes have
+        self.plane_copies = torch.tensor(pc, dtype=torch.int64).reshape(len(geo.groups), 2, 3)
         self.group_first = torch.tensor([a for a, _ in geo.groups] + [L], dtype=torch.int64)
         desc = []  # the decode descriptors of each layer with the chunk offsets of its staging row
         for layer in range(L):
             d = plan.dec_desc[layer].clone()
             for s, off in enumerate(geo.offsets[layer]):
                 d[s, _DESC_OFFSET] = off
+                d[s, _DESC_PLANE_OFFSET] = geo.plane_offsets[layer][s]
             desc.append(d)
         self.desc = torch.stack(desc) if desc else None  # [L, streams, fields]
         self.enabled = self.max_pages >= self.min_pages and L > 0
@@ -147,21 +181,24 @@ class StagedLoad:
             return False
         idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.ring = torch.classes.kvtq.StagedRing(idx, self.staging, self.host_pages, self.copies, self.group_first,
-                                                  self.pitch, self.max_pages)
+                                                  self.plane_copies, self.pitch, self.max_pages)
         self._layer = self.ring.layer  # bound once: the per-layer call is this one method
         return True
 
     def describe(self) -> str:
         if not self.enabled:
             return "staged loads off"
-        return (f"staged loads of {self.min_pages}-{self.max_pages} pages, {self.groups[0][1]} layers per copy, "
+        return (f"staged loads of {self.min_pages}-{self.max_pages} pages, {self.groups[0][1]} layers per copy"
+                f"{' with refinement planes' if self.takes_planes else ''}, "
                 f"{self.staging_bytes / 2**20:.0f} MiB of GPU staging")
 
     def begin(self, cpu_page_ids: torch.Tensor, device_rows: torch.Tensor, generation: int,
-              buffers: Any) -> None:
+              buffers: Any, planes: torch.Tensor | None = None) -> None:
         """Layer 0 of a load: host page ids (CPU int64) of `fits` size, its device rows (CUDA int64), and the
         generation of the owner's layer tensors; `buffers()` returns them ([layer tensors] per buffer) when
-        the ring's decode arguments must be rebuilt. Enqueues the copies the staging holds, then layer 0."""
+        the ring's decode arguments must be rebuilt. `planes`: the load's refinement-plane offsets (CPU int64
+        [2, n], checked by the caller; only where `takes_planes`). Enqueues the copies the staging holds, then
+        layer 0."""
         assert self.ring is not None, "begin() after fits()"
         if generation != self._bound:
             bufs = buffers()
@@ -169,7 +206,7 @@ class StagedLoad:
                                                 self.layout, self._plan, 0, self.err, row_bytes=self.pitch)
             self.ring.set_layers(self.desc, stage_cfg, list(bufs[0]), list(bufs[-1]), self.err.word)
             self._bound = generation
-        self.slots = self.ring.begin(cpu_page_ids, device_rows)
+        self.slots = self.ring.begin(cpu_page_ids, device_rows, planes)
         self._next = 0
         self.layer(0)
 
