@@ -22,7 +22,9 @@ config (quant/codec.py) over the installed kernel wheel:
               (planes in other rows, two per row): load at the top (every page both planes; record
               `load-elastic`, state `top`) against fixed KV8 pages, at the floor (planes argument of -1 only)
               and with no planes argument against fixed KV4, half the pages at the top; backup with every plane
-              (`backup-elastic`) against fixed KV8 and KV4. Fixed pages are timed again beside them, same method.
+              (`backup-elastic`) against fixed KV8 and KV4. Fixed pages are timed again beside them, same method:
+              loads pass the CPU page ids as the pools do, so 32-256 pages go staged (since kernel 0.5.0 with
+              the planes copied beside the pages), fewer in one launch.
   dequantize  load_layer x L from pages in GPU memory only (no PCIe, unbounded grid).
 
 bf16 baselines, timed in the same run:
@@ -58,6 +60,7 @@ Usage: PYTHONPATH=python python3 benchmark/bench_transfer.py [--json docs/result
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -489,7 +492,8 @@ def _elastic_at(n: int, *, shape_name, L, ps, maxp, stride, half, kv, floor, kv8
     none = torch.full_like(top, -1)
     halfway = top.clone()
     halfway[:, 1::2] = -1
-    el = NativeCodec(floor, kv, buf[:, : floor.page_bytes], dev, staging_pages=min(n, STAGING_PAGES))
+    elastic = PageLayout(dataclasses.replace(floor.cfg, elastic=True), floor.shape, ps)  # staging holds planes too
+    el = NativeCodec(elastic, kv, buf[:, : floor.page_bytes], dev, staging_pages=min(n, STAGING_PAGES))
     f8 = NativeCodec(kv8, kv, buf8, dev, staging_pages=min(n, STAGING_PAGES))
     f4 = NativeCodec(floor, kv, buf[:, : floor.page_bytes], dev, staging_pages=min(n, STAGING_PAGES))
     el.backup(ids, tidx, top)
@@ -498,8 +502,8 @@ def _elastic_at(n: int, *, shape_name, L, ps, maxp, stride, half, kv, floor, kv8
 
     def load(codec, planes):
         def run():
-            for layer in range(L):
-                codec.load_layer(layer, ids_dev, tidx, planes)
+            for layer in range(L):  # with the CPU ids, as the pools pass them: 32-256 pages go staged
+                codec.load_layer(layer, ids_dev, tidx, planes, cpu_page_ids=ids)
         return run
 
     cases = [("top", load(el, top), "KV8", load(f8, None)), ("floor", load(el, none), "KV4", load(f4, None)),
