@@ -270,6 +270,18 @@ struct BackupStream : torch::CustomClassHolder {
   }
 };
 
+// Runs of consecutive host page ids: (first position in the batch, length).
+std::vector<std::pair<int64_t, int64_t>> id_runs(const int64_t* ids, int64_t n) {
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  for (int64_t j = 0; j < n;) {
+    int64_t r = 1;
+    while (j + r < n && ids[j + r] == ids[j] + r) ++r;
+    runs.emplace_back(j, r);
+    j += r;
+  }
+  return runs;
+}
+
 // staging[0:count] -> host_pages[ids[j]], one 2-D cudaMemcpyAsync per run of consecutive host page ids
 // (ids checked by the caller).
 void copy_runs(const at::Tensor& staging, int64_t count, const at::Tensor& host_pages, const int64_t* ids,
@@ -278,13 +290,9 @@ void copy_runs(const at::Tensor& staging, int64_t count, const at::Tensor& host_
   const size_t dpitch = (size_t)host_pages.stride(0), spitch = (size_t)staging.stride(0);
   uint8_t* hbase = host_pages.data_ptr<uint8_t>();
   const uint8_t* sbase = staging.data_ptr<uint8_t>();
-  for (int64_t j = 0; j < count;) {
-    int64_t run = 1;
-    while (j + run < count && ids[j + run] == ids[j] + run) ++run;
+  for (const auto& [j, run] : id_runs(ids, count))
     KVTQ_CUDA_OK(cudaMemcpy2DAsync(hbase + ids[j] * dpitch, dpitch, sbase + j * spitch, spitch, (size_t)pb, (size_t)run,
                                    cudaMemcpyDeviceToHost, stream));
-    j += run;
-  }
 }
 
 // Pages per encode launch of a backup of n pages through `cap` staging pages (cap >= 2, n >= 2).
@@ -370,18 +378,6 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
 }
 
 // ---- staged load: pinned host pages -> GPU staging by the copy engine ------------------------------
-
-// Runs of consecutive host page ids: (first position in the batch, length).
-std::vector<std::pair<int64_t, int64_t>> id_runs(const int64_t* ids, int64_t n) {
-  std::vector<std::pair<int64_t, int64_t>> runs;
-  for (int64_t j = 0; j < n;) {
-    int64_t r = 1;
-    while (j + r < n && ids[j + r] == ids[j] + r) ++r;
-    runs.emplace_back(j, r);
-    j += r;
-  }
-  return runs;
-}
 
 // Above this many runs per copy, one batched submission beats a 2-D copy per run (driver call cost).
 constexpr size_t kMaxRunsFor2D = 8;
