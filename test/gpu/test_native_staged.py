@@ -195,6 +195,7 @@ def test_a_replaced_layer_tensor_is_followed_by_the_next_staged_load():
     rig.expect([0, 1, 2], rows, want)
     old = rig.dev[1][5]
     rig.dev[1][5] = torch.full_like(old, 7.0)  # V of layer 5: a new tensor, poisoned like the rest
+    want[1][5] = torch.full_like(want[1][5], 7.0)  # the first load's rows went to the old tensor
     kept = old.clone()
     gen = rig.codec.pointer_rebuilds
     rows = rig.load([9, 4, 7, 8], [3, 4, 5, 6])
@@ -213,21 +214,21 @@ def test_the_ring_checks_its_arguments():
     ring = rig.codec.staged.ring
     rows = page_rows([0, 1], ps).cuda()
     with pytest.raises(RuntimeError, match="before set_layers"):
-        ring.begin(torch.tensor([0, 1]), rows)
+        ring.begin(torch.tensor([0, 1]), rows, None)
     rig.load([0, 1], [0, 1])  # binds the layers
     with pytest.raises(RuntimeError, match="a staged load of 5 pages"):
-        ring.begin(torch.arange(5), page_rows(range(5), ps).cuda())
+        ring.begin(torch.arange(5), page_rows(range(5), ps).cuda(), None)
     with pytest.raises(RuntimeError, match="token_index must hold page_size rows per page"):
-        ring.begin(torch.tensor([0, 1]), rows[:-1].contiguous())
+        ring.begin(torch.tensor([0, 1]), rows[:-1].contiguous(), None)
     with pytest.raises(RuntimeError, match="expected layer -1, got 3"):
         ring.layer(3)
-    ring.begin(torch.tensor([2, 3]), rows)
+    ring.begin(torch.tensor([2, 3]), rows, None)
     with pytest.raises(RuntimeError, match="expected layer 0, got 1"):
         ring.layer(1)
     rig.codec.shutdown()
     assert not ring.live()
     with pytest.raises(RuntimeError, match="released ring"):
-        ring.begin(torch.tensor([0, 1]), rows)
+        ring.begin(torch.tensor([0, 1]), rows, None)
 
 
 def test_stage_copies_checks_its_arguments():
