@@ -13,8 +13,9 @@ config (quant/codec.py) over the installed kernel wheel:
               decoded from there (`staged`, quant/staged_load.py; `time_ms_staged_scattered_pages` with host
               pages in no order); larger ones decode zero-copy from pinned memory per layer (`per-layer`). The
               zero-copy per-layer launches of the same load are timed beside it (`time_ms_per_layer_launches`).
-  load-staged KV4, KV8 (`--staged-sweep`): the staged load with 1, 2, 4 and 7 layers per copy group, the
-              measurement that the default group (staged_load.DEFAULT_GROUP_LAYERS) comes from.
+  load-staged KV4, KV8 (`--staged-sweep`): the staged load with 1, 2, 4, 7, 14 and 28 layers per copy group
+              (staging for two groups of the batch, so at most two groups in flight), the measurement that the
+              default group (staged_load.DEFAULT_GROUP_LAYERS) comes from.
   load-fused  KV4 only: the one-launch load at every batch size and grid share (`--fused-sweep`), the
               measurement that FUSE_PAGES and FUSED_BLOCKS_PER_LAYER come from.
   quantize    native.encode_pages from device rows into GPU memory only (no PCIe).
@@ -425,7 +426,8 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
             records.append(rec)
             cf.shutdown()
     if staged_sweep and name in ("KV4", "KV8") and n >= 16:
-        for group in (1, 2, 4, 7):
+        # 14 and 28 layers: two groups and one (the whole stream of a page per copy row, nearest one DMA)
+        for group in (1, 2, 4, 7, 14, 28):
             cs = NativeCodec(lay, kv, hostq, dev, staging_pages=1, fuse_pages=0, staged_pages=n, staged_group=group,
                              staged_min_pages=1)
 
