@@ -381,6 +381,10 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
 
 // Above this many runs per copy, one batched submission beats a 2-D copy per run (driver call cost).
 constexpr size_t kMaxRunsFor2D = 8;
+// Up to this many pages the ring submits even consecutive pages as one batch per group: run 12 (H100) timed the
+// staged load of scattered pages (batched) faster than that of one run (a 2-D copy per stream and group) at 32-128
+// pages (KV4 64 pages 1.565 against 1.756 ms, KV8 2.556 against 2.762) and 3 % slower at 256.
+constexpr int64_t kRingBatchMaxPages = 128;
 
 // Host -> device copies of a list of byte ranges on `st`: one cudaMemcpyBatchAsync (CUDA >= 12.8), else one
 // cudaMemcpyAsync each. Arguments are checked by the callers.
@@ -406,14 +410,14 @@ void enqueue_copy_list(std::vector<void*>& dsts, std::vector<const void*>& srcs,
 
 // For every page j < n and every copy row i < k of c = [k][3] (src_off, nbytes, dst_off): host page ids[j]
 // (at hbase + ids[j] * spitch) bytes [src_off, src_off + nbytes) -> staging row j (at sbase + j * dpitch)
-// at dst_off, enqueued on `st`. Consecutive ids go as one 2-D copy per row and run; scattered ones as one
-// cudaMemcpyBatchAsync (CUDA >= 12.8). Arguments are checked by the callers.
+// at dst_off, enqueued on `st`. Consecutive ids go as one 2-D copy per row and run; scattered ones (or all, with
+// `batch`) as one cudaMemcpyBatchAsync (CUDA >= 12.8). Arguments are checked by the callers.
 void enqueue_page_copies(const uint8_t* hbase, size_t spitch, const int64_t* ids, int64_t n, uint8_t* sbase,
-                         size_t dpitch, const int64_t* c, int64_t k, cudaStream_t st) {
+                         size_t dpitch, const int64_t* c, int64_t k, cudaStream_t st, bool batch = false) {
   if (n == 0 || k == 0) return;
   const auto runs = id_runs(ids, n);
 #if CUDART_VERSION >= 12080
-  if (runs.size() > kMaxRunsFor2D) {
+  if (batch || runs.size() > kMaxRunsFor2D) {
     const size_t m = (size_t)(n * k);
     std::vector<void*> dsts(m);
     std::vector<const void*> srcs(m);
@@ -762,7 +766,7 @@ struct StagedRing : torch::CustomClassHolder {
     uint8_t* base = staging.data_ptr<uint8_t>() + slot * n * pitch;
     const uint8_t* hbase = host_pages.data_ptr<uint8_t>();
     enqueue_page_copies(hbase, (size_t)host_pages.stride(0), ids.data(), n, base, (size_t)pitch,
-                        copies.data() + g * copy_rows * 3, copy_rows, stream);
+                        copies.data() + g * copy_rows * 3, copy_rows, stream, n <= kRingBatchMaxPages);
     if (!plane_offs.empty()) {  // the group's refinement codes of every page that has them
       std::vector<void*> dsts;
       std::vector<const void*> srcs;
