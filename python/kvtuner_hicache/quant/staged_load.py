@@ -29,8 +29,8 @@ owner's layer tensors: `generation` changes when one is replaced, and `begin` re
 
 Memory: 2 x `max_pages` x (bytes of the largest group of one page) of GPU memory, allocated by the first
 staged load (none if it does not fit: a WARNING, and loads stay zero-copy).
-Environment: KVTQ_LOAD_GROUP (layers per copy group, default 4: run 12 timed 1-28 and found 4 fastest or
-within 0.4 % of it at 32-256 pages), KVTQ_LOAD_STAGING_PAGES (the largest staged batch; staging holds two
+Environment: KVTQ_LOAD_GROUP (layers per copy group, default 4: in run 12's sweep of 1-28 it was the
+fastest or within 0.7 % of it at 64-256 pages; 7 was 4 % faster for KV4 at 32), KVTQ_LOAD_STAGING_PAGES (the largest staged batch; staging holds two
 groups of it; default 256; 0 turns staged loads off), KVTQ_LOAD_STAGED_MIN (smallest batch, default 32).
 """
 
