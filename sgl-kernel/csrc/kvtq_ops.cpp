@@ -843,8 +843,6 @@ struct StagedRing : torch::CustomClassHolder {
     return slots;
   }
 
-  bool expects(int64_t layer) const { return next >= 0 && layer == next; }
-
   // Decode `layer` (the next one of the load in flight) on the caller's current stream.
   void layer(int64_t l) {
     const std::lock_guard<std::mutex> lock(mu);
@@ -914,7 +912,6 @@ TORCH_LIBRARY(kvtq, m) {
       .def(torch::init<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t>())
       .def("set_layers", &StagedRing::set_layers)
       .def("begin", &StagedRing::begin)
-      .def("expects", &StagedRing::expects)
       .def("layer", &StagedRing::layer)
       .def("release", &StagedRing::release)
       .def("live", &StagedRing::live);

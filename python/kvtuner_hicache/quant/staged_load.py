@@ -30,8 +30,9 @@ owner's layer tensors: `generation` changes when one is replaced, and `begin` re
 Memory: 2 x `max_pages` x (bytes of the largest group of one page) of GPU memory, allocated by the first
 staged load (none if it does not fit: a WARNING, and loads stay zero-copy).
 Environment: KVTQ_LOAD_GROUP (layers per copy group, default 4: in run 12's sweep of 1-28 it was the
-fastest or within 0.7 % of it at 64-256 pages; 7 was 4 % faster for KV4 at 32), KVTQ_LOAD_STAGING_PAGES (the largest staged batch; staging holds two
-groups of it; default 256; 0 turns staged loads off), KVTQ_LOAD_STAGED_MIN (smallest batch, default 32).
+fastest or within 0.7 % of it at 64-256 pages; 7 was 4 % faster for KV4 at 32), KVTQ_LOAD_STAGING_PAGES
+(the largest staged batch; staging holds two groups of it; default 256; 0 turns staged loads off),
+KVTQ_LOAD_STAGED_MIN (smallest batch, default 32).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class StagedLoad:
         self.min_pages = max(1, min_pages if min_pages is not None else _env_int("KVTQ_LOAD_STAGED_MIN",
                                                                                   DEFAULT_MIN_PAGES))
         geo = StagedGeometry(layout, g, refinement)
-        self.groups, self.group_of, self.pitch = geo.groups, geo.group_of, geo.pitch
+        self.groups, self.pitch = geo.groups, geo.pitch
         self.takes_planes = refinement is not None and bool(refinement.streams)
         self.copies = torch.tensor(geo.copies, dtype=torch.int64)  # [groups, streams, 3]
         pc = [(rows + [[0, 0, 0]] * 2)[:2] for rows in geo.plane_copies]  # two stream rows, as planes have
