@@ -222,18 +222,22 @@ __device__ __forceinline__ uint8_t* plane_out(const EncodeArgs& A, const ChunkDe
 
 // ---- encode -------------------------------------------------------------------------------------
 
-struct EncShared {
+// Shared memory of one encode block, per axis (so a per-token block does not reserve the per-channel
+// reduction's 16 KiB, which would cap its occupancy).
+struct Axis0Shared {  // per-token groups of more than 256 elements span warps
+  float w_min[kEncItemsPerThread][kThreads / 32];
+  float w_max[kEncItemsPerThread][kThreads / 32];
+};
+struct Axis1Shared {  // per-channel column min/max across the block's rows, then each column's parameters
   float red_min[kThreads * 8];
   float red_max[kThreads * 8];
   float s_s[kThreads];
   float s_m[kThreads];
   float s_i[kThreads];
-  float w_min[kEncItemsPerThread][kThreads / 32];
-  float w_max[kEncItemsPerThread][kThreads / 32];
 };
 
 // Groups smaller than one 8-element item (G = 2 or 4), fully unrolled.
-template <int GS>
+template <int GS, int BITS>
 __device__ __forceinline__ void small_groups(const float v[8], uint32_t code[8], uint32_t* rcode, uint8_t* chunk,
                                              const ChunkDesc& c, int i, bool asym) {
 #pragma unroll
@@ -241,21 +245,21 @@ __device__ __forceinline__ void small_groups(const float v[8], uint32_t code[8],
     float mn = v[g0], mx = v[g0];
 #pragma unroll
     for (int e = 1; e < GS; ++e) { mn = fminf(mn, v[g0 + e]); mx = fmaxf(mx, v[g0 + e]); }
-    const QP q = make_qp(mn, mx, c.bits, asym);
+    const QP q = make_qp(mn, mx, BITS, asym);
     put_meta(chunk, c, ((int64_t)i * 8 + g0) / GS, q);
 #pragma unroll
-    for (int e = 0; e < GS; ++e) code[g0 + e] = quant(v[g0 + e], q, c.bits, asym);
+    for (int e = 0; e < GS; ++e) code[g0 + e] = quant(v[g0 + e], q, BITS, asym);
     if (rcode != nullptr) {
 #pragma unroll
-      for (int e = 0; e < GS; ++e) rcode[g0 + e] = refine_code(v[g0 + e], q, code[g0 + e], c.bits);
+      for (int e = 0; e < GS; ++e) rcode[g0 + e] = refine_code(v[g0 + e], q, code[g0 + e], BITS);
     }
   }
 }
 
 // Per-token groups (axis 0): group = G consecutive elements of one (token, head).
 // Unit = kEncItemsPerUnit consecutive 8-element items of the chunk's [page_size, width] plane.
-template <typename T, bool PLANES>
-__device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDesc& c, int p, int u, uint8_t* chunk, EncShared& sh) {
+template <typename T, bool PLANES, int BITS>
+__device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDesc& c, int p, int u, uint8_t* chunk, Axis0Shared& sh) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int W8 = c.width >> 3;
   const int items = A.page_size * W8;
@@ -264,7 +268,8 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
   const int64_t hs = c.buffer ? A.head_stride[1] : A.head_stride[0];
   const int64_t nrows = c.buffer ? A.rows[1] : A.rows[0];
   const int64_t* tok = A.token_index + (int64_t)p * A.page_size;
-  const int G = c.group, bits = c.bits;
+  const int G = c.group;
+  constexpr int bits = BITS;
   const bool asym = c.asym != 0;
   uint8_t* rplane = PLANES ? plane_out(A, c, p) : nullptr;
 
@@ -325,8 +330,8 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
     } else if (valid) {  // G in {2, 4}: 8 / G whole groups per item
       uint32_t r[8];
       uint32_t* rp = rplane != nullptr ? r : nullptr;
-      if (G == 4) small_groups<4>(v, code, rp, chunk, c, i, asym);
-      else small_groups<2>(v, code, rp, chunk, c, i, asym);
+      if (G == 4) small_groups<4, BITS>(v, code, rp, chunk, c, i, asym);
+      else small_groups<2, BITS>(v, code, rp, chunk, c, i, asym);
       store_codes8(chunk + (int64_t)i * bits, code, bits);
       if (rp != nullptr) store_codes8(rplane + (int64_t)i * bits, r, bits);
     }
@@ -336,14 +341,15 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
 // Per-channel groups (axis 1): group = G consecutive tokens of one (head, channel).
 // Unit = (token tile of G tokens, block of kc 8-column items). Thread (kc_i, tr) holds rows
 // tr, tr + TR, ... of its 8 columns; column min/max are reduced through shared memory.
-template <typename T, bool PLANES>
-__device__ __forceinline__ void encode_axis1(const EncodeArgs& A, const ChunkDesc& c, int p, int u, uint8_t* chunk, EncShared& sh) {
+template <typename T, bool PLANES, int BITS>
+__device__ __forceinline__ void encode_axis1(const EncodeArgs& A, const ChunkDesc& c, int p, int u, uint8_t* chunk, Axis1Shared& sh) {
   const int tid = threadIdx.x;
   const int KC = c.kc;
   const int TR = kThreads / KC;
   const int kci = tid & (KC - 1);
   const int tr = tid / KC;
-  const int G = c.group, bits = c.bits;
+  const int G = c.group;
+  constexpr int bits = BITS;
   const int W8 = c.width >> 3;
   const bool asym = c.asym != 0;
   const int tile = u / c.ncb;
@@ -440,15 +446,27 @@ __device__ __forceinline__ void zero_range(uint8_t* base, int a, int b) {
   for (int x = a + (int)threadIdx.x; x < b; x += kThreads) base[x] = 0;
 }
 
-// PLANES: the launch writes refinement planes (a separate instantiation, so that the fixed-page encode keeps
-// its register budget and occupancy).
-template <typename T, bool PLANES>
-__global__ void __launch_bounds__(kThreads) encode_kernel(const __grid_constant__ EncodeArgs A) {
-  __shared__ __align__(16) EncShared sh;
-  const int ua = blockIdx.x;
+// One instantiation per (axis, bits) class: a launch covers the units of one class only (the plan orders the
+// unit table by class; EncodeArgs.spans), so each kernel holds one path, with the bit width a constant. One
+// kernel with every path inline spent half its stall cycles on instruction fetch and took the registers of
+// its largest path. PLANES: the launch writes refinement planes (a separate instantiation, so that the
+// fixed-page encode keeps its register budget and occupancy).
+// Resident blocks per SM that each encode class is compiled for (registers per thread <= 64K / (256 * n)).
+// Checked with scripts/kernel_resources.sh: no spills at these (the plane-writing per-channel path would
+// spill at 3, so it keeps 2).
+template <bool PLANES, int AXIS>
+constexpr int kEncMinBlocks = AXIS == 0 ? (PLANES ? 3 : 4) : (PLANES ? 2 : 3);
+
+template <typename T, bool PLANES, int AXIS, int BITS>
+__global__ void __launch_bounds__(kThreads, kEncMinBlocks<PLANES, AXIS>) encode_kernel(const __grid_constant__ EncodeArgs A) {
+  const int ua = A.unit_base + blockIdx.x;  // unit within the page
   const int pl = blockIdx.y;             // page within this launch
   const int p = A.page_base + pl;        // page within the batch
   const ChunkDesc c = A.chunks[A.unit_chunk[ua]];
+  if (c.axis != AXIS || c.bits != BITS) {  // a unit table out of class order: write nothing, report it
+    if (threadIdx.x == 0) report_error(A.err, kErrEncodeClass, ua, A.units_per_page);
+    return;
+  }
   const int u = ua - c.unit_start;
   uint8_t* page = A.out + (int64_t)p * A.out_stride;
   uint8_t* chunk = page + c.offset;
@@ -460,8 +478,13 @@ __global__ void __launch_bounds__(kThreads) encode_kernel(const __grid_constant_
     zero_range(chunk, c.scale_off + ng2, c.asym ? c.min_off : c.nbytes);
     if (c.asym) zero_range(chunk, c.min_off + ng2, c.nbytes);
   }
-  if (c.axis == 0) encode_axis0<T, PLANES>(A, c, p, u, chunk, sh);
-  else encode_axis1<T, PLANES>(A, c, p, u, chunk, sh);
+  if constexpr (AXIS == 0) {
+    __shared__ Axis0Shared sh;
+    encode_axis0<T, PLANES, BITS>(A, c, p, u, chunk, sh);
+  } else {
+    __shared__ __align__(16) Axis1Shared sh;
+    encode_axis1<T, PLANES, BITS>(A, c, p, u, chunk, sh);
+  }
 }
 
 // ---- decode -------------------------------------------------------------------------------------
@@ -754,23 +777,41 @@ cudaError_t launch(K kernel, dim3 grid, size_t smem, cudaStream_t stream, Args..
   return cudaGetLastError();
 }
 
+template <typename T, bool PLANES>
+cudaError_t launch_encode_class(const EncodeArgs& b, int axis, int bits, dim3 grid, cudaStream_t stream) {
+  switch (axis * 16 + bits) {
+    case 2: encode_kernel<T, PLANES, 0, 2><<<grid, kThreads, 0, stream>>>(b); break;
+    case 4: encode_kernel<T, PLANES, 0, 4><<<grid, kThreads, 0, stream>>>(b); break;
+    case 8: encode_kernel<T, PLANES, 0, 8><<<grid, kThreads, 0, stream>>>(b); break;
+    case 18: encode_kernel<T, PLANES, 1, 2><<<grid, kThreads, 0, stream>>>(b); break;
+    case 20: encode_kernel<T, PLANES, 1, 4><<<grid, kThreads, 0, stream>>>(b); break;
+    case 24: encode_kernel<T, PLANES, 1, 8><<<grid, kThreads, 0, stream>>>(b); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t launch_encode(const EncodeArgs& a, int dtype, cudaStream_t stream) {
   if (a.n_pages <= 0 || a.units_per_page <= 0) return cudaSuccess;
   constexpr int kMaxY = 65535;
+  const bool planes = a.plane_base != nullptr;
   for (int base = 0; base < a.n_pages; base += kMaxY) {
-    EncodeArgs b = a;
-    b.page_base = base;
     const int n = (a.n_pages - base) < kMaxY ? (a.n_pages - base) : kMaxY;
-    const dim3 grid((unsigned)a.units_per_page, (unsigned)n);
-    const bool planes = b.plane_base != nullptr;
-    if (dtype == kBF16 && planes) encode_kernel<__nv_bfloat16, true><<<grid, kThreads, 0, stream>>>(b);
-    else if (dtype == kBF16) encode_kernel<__nv_bfloat16, false><<<grid, kThreads, 0, stream>>>(b);
-    else if (planes) encode_kernel<__half, true><<<grid, kThreads, 0, stream>>>(b);
-    else encode_kernel<__half, false><<<grid, kThreads, 0, stream>>>(b);
-    const cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
+    for (int k = 0; k < a.n_spans; ++k) {
+      const EncodeSpan& sp = a.spans[k];
+      EncodeArgs b = a;
+      b.page_base = base;
+      b.unit_base = sp.unit_begin;
+      const dim3 grid((unsigned)sp.units, (unsigned)n);
+      cudaError_t e;
+      if (dtype == kBF16) e = planes ? launch_encode_class<__nv_bfloat16, true>(b, sp.axis, sp.bits, grid, stream)
+                                     : launch_encode_class<__nv_bfloat16, false>(b, sp.axis, sp.bits, grid, stream);
+      else e = planes ? launch_encode_class<__half, true>(b, sp.axis, sp.bits, grid, stream)
+                      : launch_encode_class<__half, false>(b, sp.axis, sp.bits, grid, stream);
+      if (e != cudaSuccess) return e;
+    }
   }
   return cudaSuccess;
 }

@@ -23,7 +23,8 @@ constexpr int kDecMaxMeta = kThreads * kDecMetaWordsPerThread * 8;         // fp
 // memory, so that the host reads it without a copy): [code, value, bound, 0], `code` written last.
 // A kernel that meets a bad index skips that access (nothing is read or written out of bounds).
 enum ErrorCode : int {
-  kErrNone = 0, kErrEncodeRow = 1, kErrDecodePage = 2, kErrDecodeRow = 3, kErrEncodePlane = 4, kErrDecodePlane = 5
+  kErrNone = 0, kErrEncodeRow = 1, kErrDecodePage = 2, kErrDecodeRow = 3, kErrEncodePlane = 4, kErrDecodePlane = 5,
+  kErrEncodeClass = 6  // a unit whose chunk is not of its launch's (axis, bits) class (value: the unit)
 };
 struct ErrorSink {
   int32_t* word;
@@ -53,6 +54,12 @@ struct ChunkDesc {
 constexpr int kChunkFields = 22;
 static_assert(sizeof(ChunkDesc) == kChunkFields * 4, "ChunkDesc must be packed int32");
 
+// A contiguous range of a page's encode units whose chunks share one (axis, bits) class: one launch each.
+struct EncodeSpan {
+  int32_t unit_begin, units, axis, bits;
+};
+constexpr int kMaxEncodeSpans = 8;  // (axis, bits) classes: 2 x 3 in use
+
 struct EncodeArgs {
   const ChunkDesc* chunks;      // device
   const int32_t* unit_chunk;    // device, [units_per_page]: unit -> chunk
@@ -72,6 +79,9 @@ struct EncodeArgs {
   const int64_t* plane_dst;
   int64_t plane_n, plane_bound;
   int32_t num_layers, page_size, units_per_page, n_pages, page_base;
+  int32_t unit_base;            // first unit of this launch's span (set by launch_encode)
+  int32_t n_spans;
+  EncodeSpan spans[kMaxEncodeSpans];  // cover [0, units_per_page) in order (checked on the host)
 };
 
 // One stream of one layer, as the decoder needs it. Python builds an int64 tensor

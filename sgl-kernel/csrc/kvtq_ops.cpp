@@ -61,7 +61,9 @@ namespace {
 // Field order of the CPU int64 `geom` tensor of encode/backup (quant/native.py builds it).
 enum Geom : int {
   kGeomLayers, kGeomPageSize, kGeomUnitsPerPage, kGeomDType, kGeomRowStride0, kGeomRowStride1,
-  kGeomHeadStride0, kGeomHeadStride1, kGeomRows0, kGeomRows1, kGeomErrReport, kGeomFields
+  kGeomHeadStride0, kGeomHeadStride1, kGeomRows0, kGeomRows1, kGeomErrReport,
+  kGeomNumSpans,  // then kMaxEncodeSpans x (unit_begin, units, axis, bits): the plan's launch classes
+  kGeomSpans, kGeomFields = kGeomSpans + 4 * kvtq::kMaxEncodeSpans
 };
 // Field order of the CPU int64 `cfg` tensor of decode (built once per pool).
 enum DecCfg : int {
@@ -86,6 +88,7 @@ c10::Dict<std::string, int64_t> limits() {
   d.insert("dec_max_code_bytes", kvtq::kDecMaxCodeBytes);
   d.insert("dec_max_meta", kvtq::kDecMaxMeta);
   d.insert("geom_fields", kGeomFields);
+  d.insert("enc_max_spans", kvtq::kMaxEncodeSpans);
   d.insert("cfg_fields", kCfgFields);
   d.insert("err_report_fields", 4);
   return d;
@@ -195,6 +198,18 @@ kvtq::EncodeArgs encode_args(const at::Tensor& chunks, const at::Tensor& unit_ch
   a.units_per_page = (int32_t)units_per_page;
   a.n_pages = (int32_t)(token_index.numel() / page_size);
   a.page_base = 0;
+  a.unit_base = 0;
+  a.n_spans = (int32_t)g[kGeomNumSpans];
+  KVTQ_CHECK(a.n_spans >= 1 && a.n_spans <= kvtq::kMaxEncodeSpans, "kvtq: bad encode span count ", a.n_spans);
+  int64_t next = 0;
+  for (int k = 0; k < a.n_spans; ++k) {  // spans tile [0, units_per_page) in order, one known class each
+    const int64_t* f = g + kGeomSpans + 4 * k;
+    KVTQ_CHECK(f[0] == next && f[1] > 0 && (f[2] == 0 || f[2] == 1) && (f[3] == 2 || f[3] == 4 || f[3] == 8),
+                "kvtq: bad encode span ", k, ": (", f[0], ", ", f[1], ", ", f[2], ", ", f[3], ")");
+    a.spans[k] = kvtq::EncodeSpan{(int32_t)f[0], (int32_t)f[1], (int32_t)f[2], (int32_t)f[3]};
+    next += f[1];
+  }
+  KVTQ_CHECK(next == units_per_page, "kvtq: encode spans cover ", next, " of ", units_per_page, " units");
   a.plane_dst = plane_offsets(plane_dst, a.n_pages, out.device(), "plane_dst");
   if (a.plane_dst != nullptr) {
     KVTQ_CHECK(plane_base != 0 && plane_bound > 0 && (plane_base & 15) == 0,

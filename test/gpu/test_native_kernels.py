@@ -250,6 +250,51 @@ def test_installed_wheel_and_exported_limits(nat):
     assert native.supports(big) is not None
 
 
+@gpu
+def test_encode_spans_group_the_units_by_class(nat):
+    """The unit table is ordered by (axis, bits) class and the spans tile it: one specialised launch each."""
+    lay = PageLayout(_mixed_cfg("llama"), KVShape.mha(32, 8, 128), 64)
+    plan = native.plan_for(lay)
+    classes = sorted({(r[3], r[2]) for r in plan.chunk_rows})
+    assert [(a, b) for _, _, a, b in plan.encode_spans] == classes
+    start = 0
+    for begin, units, axis, bits in plan.encode_spans:
+        assert begin == start
+        assert {(plan.chunk_rows[i][3], plan.chunk_rows[i][2]) for i in plan.unit_chunk[begin:begin + units]} == {(axis, bits)}
+        start += units
+    assert start == plan.units_per_page
+    for i, r in enumerate(plan.chunk_rows):  # each chunk's units are contiguous from its unit_start
+        assert plan.unit_chunk[r[17]:r[17] + r[16]] == [i] * r[16]
+
+
+@gpu
+@pytest.mark.parametrize("case", ["wrong-class", "gap"])
+def test_encode_refuses_spans_that_do_not_match_the_units(nat, monkeypatch, case):
+    """A span table that is not the plan's: a gap is refused on the host before anything is enqueued; a span
+    whose class is not its units' writes nothing there and is reported (the kernel's class check)."""
+    lay = PageLayout(QuantConfig(nbits_key=4, nbits_value=2, axis_key=1, axis_value=0), KVShape.mha(2, 2, 128), 64)
+    plan = native.plan_for(lay)
+    (b0, u0, a0, k0), (b1, u1, a1, k1) = plan.encode_spans
+    bad = [(b0, u0, a1, k1), (b1, u1, a0, k0)] if case == "wrong-class" else [(b0, u0 - 1, a0, k0), (b1, u1, a1, k1)]
+    monkeypatch.setattr(plan, "encode_spans", bad)
+    gen = torch.Generator().manual_seed(5)
+    bufs = [[make_values((128, 2, 128), "normal", torch.bfloat16, gen).cuda() for _ in range(2)] for _ in range(2)]
+    out = torch.full((2, lay.page_bytes), POISON, dtype=torch.uint8, device="cuda")
+    if case == "gap":
+        with pytest.raises(RuntimeError, match="bad encode span|encode spans cover"):
+            native.encode_pages(lay, bufs, torch.arange(128, device="cuda"), out)
+        return
+    native.encode_pages(lay, bufs, torch.arange(128, device="cuda"), out)
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match="encode unit"):
+        native._sink(torch.device("cuda", torch.cuda.current_device())).check()
+    monkeypatch.undo()
+    native.encode_pages(lay, bufs, torch.arange(128, device="cuda"), out)  # the context is intact
+    want = torch.empty(2, lay.page_bytes, dtype=torch.uint8)
+    reference.encode_pages(lay, [[t.cpu() for t in b] for b in bufs], torch.arange(128), want)
+    assert torch.equal(out.cpu(), want)
+
+
 # ---- GPU: the full config matrix --------------------------------------------------------------------
 
 BITS = [(2, 2), (4, 4), (8, 8), (8, 4), (4, 2), (2, 8)]

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 name = "native"  # label for logs
 
-KERNEL_VERSION = "0.5.0"  # the kvtuner-hicache-kernel version this package is written against
+KERNEL_VERSION = "0.6.0"  # the kvtuner-hicache-kernel version this package is written against
 ENV_JIT = "KVTQ_JIT_BUILD"
 SOURCES = ("kvtq_kernels.cu", "kvtq_ops.cpp", "kvtq_crc.cpp")
 HEADERS = ("kvtq_kernels.h", "kvtq_check.h")
@@ -204,7 +204,8 @@ def load_blocks() -> int:
 # ---- bad-index reports ---------------------------------------------------------------------------
 
 _ERRORS = {1: ("device row", "encode"), 2: ("host page id", "load"), 3: ("device row", "load"),
-           4: ("refinement plane offset", "backup"), 5: ("refinement plane offset", "load")}
+           4: ("refinement plane offset", "backup"), 5: ("refinement plane offset", "load"),
+           6: ("encode unit (out of its launch's class: a bad plan)", "encode")}
 
 
 class ErrorSink:
@@ -329,8 +330,7 @@ class Plan:
                 plane_stream, plane_off = (s, rc.offset) if rc is not None else (-1, 0)
                 rows.append([st.buffer, layer, c.bits, c.axis, c.group, int(c.asym), st.heads, st.dim, width,
                              st.col_offset, c.offset, c.scale_offset, c.min_offset, c.codes_bytes, c.num_groups,
-                             c.nbytes, units, len(unit_chunk), kc, ncb, plane_stream, plane_off])
-                unit_chunk += [len(rows) - 1] * units
+                             c.nbytes, units, 0, kc, ncb, plane_stream, plane_off])
                 min_off = c.min_offset if c.asym else c.scale_offset
                 for kind, limit in (("big", None), ("small", SMALL_UNIT_ELEMENTS)):
                     tu = _decode_unit_tokens(lim, ps, width, c.bits, c.axis, c.group, limit)
@@ -342,6 +342,20 @@ class Plan:
                                                   int(c.asym), st.heads, st.dim, width, st.col_offset, tu, ps // tu,
                                                   int(rc is not None), plane_off])
         assert all(len(r) == lim["chunk_fields"] for r in rows)
+        # The unit table in (axis, bits) class order: the kernel library launches one specialised encode
+        # kernel per class over its contiguous span of units (geometry() passes the spans).
+        spans: list[tuple[int, int, int, int]] = []
+        for i in sorted(range(len(rows)), key=lambda i: (rows[i][3], rows[i][2], i)):
+            r = rows[i]
+            r[17] = len(unit_chunk)  # unit_start
+            if spans and spans[-1][2:] == (r[3], r[2]):
+                b, u, a, bits = spans[-1]
+                spans[-1] = (b, u + r[16], a, bits)
+            else:
+                spans.append((len(unit_chunk), r[16], r[3], r[2]))
+            unit_chunk += [i] * r[16]
+        assert len(spans) <= lim["enc_max_spans"]
+        self.encode_spans = spans
         self.chunk_rows = rows
         self.unit_chunk = unit_chunk
         self.units_per_page = len(unit_chunk)
@@ -420,8 +434,10 @@ def validate_buffers(layout: PageLayout, buffers: Sequence[Sequence[torch.Tensor
 def geometry(layout: PageLayout, plan: Plan, rs: list[int], hs: list[int], rows: list[int], dtype: torch.dtype,
              err: ErrorSink) -> torch.Tensor:
     """The CPU int64 `geom` tensor of the encode/backup operators (field order: kvtq_ops.cpp Geom)."""
+    spans = [f for span in plan.encode_spans for f in span]
     g = [layout.num_layers, layout.page_size, plan.units_per_page, 0 if dtype == torch.bfloat16 else 1,
-         rs[0], rs[1], hs[0], hs[1], rows[0], rows[1], err.report_ptr]
+         rs[0], rs[1], hs[0], hs[1], rows[0], rows[1], err.report_ptr, len(plan.encode_spans)]
+    g += spans + [0] * (4 * limits()["enc_max_spans"] - len(spans))
     assert len(g) == limits()["geom_fields"]
     return torch.tensor(g, dtype=torch.int64)
 
