@@ -34,7 +34,7 @@ def test_layer_bytes_follow_the_page_format():
     assert b[(8, 8)] > b[(8, 4)] > b[(4, 4)] > b[(4, 2)] > b[(2, 2)]
     # codes are exactly bits/8 per element; the rest is per-group fp16 metadata
     assert b[(4, 4)] - b[(2, 2)] == 64 * 4 * 128 * 2 * (4 - 2) // 8
-    # 3-bit codes (reference codec only) cost exactly 3/8 byte per element too, and parse from --pairs
+    # 3-bit codes cost exactly 3/8 byte per element too, and parse from --pairs
     b3 = {p: layer_bytes(QuantConfig(), shape, 64, p) for p in [(3, 2), (3, 3)]}
     assert b3[(3, 2)] - b[(2, 2)] == 64 * 4 * 128 * (3 - 2) // 8 and b[(4, 2)] - b3[(3, 2)] == b3[(3, 2)] - b[(2, 2)]
     assert b3[(3, 3)] - b3[(3, 2)] == b3[(3, 2)] - b[(2, 2)]

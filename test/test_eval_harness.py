@@ -152,7 +152,7 @@ def test_quantized_part_is_the_page_format_round_trip() -> None:
 
 
 def test_three_bit_pages_sit_between_two_and_four_bits() -> None:
-    """3-bit codes (reference codec only): 3/4 of a 4-bit page's code bytes, and an error between KV2's and KV4's."""
+    """3-bit codes: 3/4 of a 4-bit page's code bytes, and an error between KV2's and KV4's."""
     shape, ps = KVShape.mha(3, 2, 64), 16
     kv = _kv()
     cfgs = {n: parse_config(n, ConfigContext(shape, ps)) for n in ("K2tV2t-a-g16", "K3tV3t-a-g16", "K4tV4t-a-g16")}

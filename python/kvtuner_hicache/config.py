@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ALLOWED_BITS = (2, 3, 4, 8)
-NATIVE_BITS = (2, 4, 8)  # what the CUDA kernels (kernel wheel 0.5.0) encode and decode; 3 is reference-only
+NATIVE_BITS = (2, 3, 4, 8)  # what the CUDA kernels encode and decode (3 since kernel wheel 0.7.0)
 AXIS_PER_TOKEN = 0  # groups run along head_dim inside one token and head
 AXIS_PER_CHANNEL = 1  # groups run along tokens inside one page, one (head, channel)
 

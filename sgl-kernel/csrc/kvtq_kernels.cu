@@ -146,9 +146,17 @@ __device__ __forceinline__ float refine_offset(uint32_t r) {
   return ((float)(int)(2 * r + 1) - (float)(1 << BITS)) * (1.f / (float)(2 << BITS));
 }
 
-// 8 codes -> `bits` bytes, element e at bit e * bits (little-endian inside the word).
+// 8 codes -> `bits` bytes, element e at bit e * bits (little-endian inside the word). 3-bit items are 3 bytes
+// at any byte offset, so they go as byte stores.
 __device__ __forceinline__ void store_codes8(uint8_t* dst, const uint32_t u[8], int bits) {
-  if (bits == 8) {
+  if (bits == 3) {
+    uint32_t w = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) w |= u[e] << (3 * e);
+    dst[0] = (uint8_t)w;
+    dst[1] = (uint8_t)(w >> 8);
+    dst[2] = (uint8_t)(w >> 16);
+  } else if (bits == 8) {
     uint2 w;
     w.x = u[0] | (u[1] << 8) | (u[2] << 16) | (u[3] << 24);
     w.y = u[4] | (u[5] << 8) | (u[6] << 16) | (u[7] << 24);
@@ -177,6 +185,10 @@ __device__ __forceinline__ void load_codes8(const uint8_t* src, uint32_t u[8]) {
     const uint32_t w = *reinterpret_cast<const uint32_t*>(src);
 #pragma unroll
     for (int e = 0; e < 8; ++e) u[e] = (w >> (4 * e)) & mask;
+  } else if constexpr (BITS == 3) {
+    const uint32_t w = (uint32_t)src[0] | ((uint32_t)src[1] << 8) | ((uint32_t)src[2] << 16);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) u[e] = (w >> (3 * e)) & mask;
   } else {
     const uint32_t w = *reinterpret_cast<const uint16_t*>(src);
 #pragma unroll
@@ -724,6 +736,7 @@ __device__ __forceinline__ void decode_units(const DecodeArgs& A, int first, int
     if (bits == 8) unit_emit<T, 8, false>(A, cur, s_codes, s_r, s_scale, s_min);
     else if (bits == 4 && ref) unit_emit<T, 4, PLANES>(A, cur, s_codes, s_r, s_scale, s_min);
     else if (bits == 4) unit_emit<T, 4, false>(A, cur, s_codes, s_r, s_scale, s_min);
+    else if (bits == 3) unit_emit<T, 3, false>(A, cur, s_codes, s_r, s_scale, s_min);  // never has planes
     else if (ref) unit_emit<T, 2, PLANES>(A, cur, s_codes, s_r, s_scale, s_min);
     else unit_emit<T, 2, false>(A, cur, s_codes, s_r, s_scale, s_min);
     if (next >= total) break;
@@ -781,9 +794,11 @@ template <typename T, bool PLANES>
 cudaError_t launch_encode_class(const EncodeArgs& b, int axis, int bits, dim3 grid, cudaStream_t stream) {
   switch (axis * 16 + bits) {
     case 2: encode_kernel<T, PLANES, 0, 2><<<grid, kThreads, 0, stream>>>(b); break;
+    case 3: encode_kernel<T, PLANES, 0, 3><<<grid, kThreads, 0, stream>>>(b); break;
     case 4: encode_kernel<T, PLANES, 0, 4><<<grid, kThreads, 0, stream>>>(b); break;
     case 8: encode_kernel<T, PLANES, 0, 8><<<grid, kThreads, 0, stream>>>(b); break;
     case 18: encode_kernel<T, PLANES, 1, 2><<<grid, kThreads, 0, stream>>>(b); break;
+    case 19: encode_kernel<T, PLANES, 1, 3><<<grid, kThreads, 0, stream>>>(b); break;
     case 20: encode_kernel<T, PLANES, 1, 4><<<grid, kThreads, 0, stream>>>(b); break;
     case 24: encode_kernel<T, PLANES, 1, 8><<<grid, kThreads, 0, stream>>>(b); break;
     default: return cudaErrorInvalidValue;

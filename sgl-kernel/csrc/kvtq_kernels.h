@@ -58,7 +58,7 @@ static_assert(sizeof(ChunkDesc) == kChunkFields * 4, "ChunkDesc must be packed i
 struct EncodeSpan {
   int32_t unit_begin, units, axis, bits;
 };
-constexpr int kMaxEncodeSpans = 8;  // (axis, bits) classes: 2 x 3 in use
+constexpr int kMaxEncodeSpans = 8;  // (axis, bits) classes: 2 x 4 in use
 
 struct EncodeArgs {
   const ChunkDesc* chunks;      // device

@@ -204,7 +204,7 @@ kvtq::EncodeArgs encode_args(const at::Tensor& chunks, const at::Tensor& unit_ch
   int64_t next = 0;
   for (int k = 0; k < a.n_spans; ++k) {  // spans tile [0, units_per_page) in order, one known class each
     const int64_t* f = g + kGeomSpans + 4 * k;
-    KVTQ_CHECK(f[0] == next && f[1] > 0 && (f[2] == 0 || f[2] == 1) && (f[3] == 2 || f[3] == 4 || f[3] == 8),
+    KVTQ_CHECK(f[0] == next && f[1] > 0 && (f[2] == 0 || f[2] == 1) && (f[3] == 2 || f[3] == 3 || f[3] == 4 || f[3] == 8),
                 "kvtq: bad encode span ", k, ": (", f[0], ", ", f[1], ", ", f[2], ", ", f[3], ")");
     a.spans[k] = kvtq::EncodeSpan{(int32_t)f[0], (int32_t)f[1], (int32_t)f[2], (int32_t)f[3]};
     next += f[1];

@@ -366,7 +366,7 @@ def _mixed_cfg(model: str) -> QuantConfig:
     if model == "qwen":
         return QuantConfig(layer_bits=load_layer_bits(REPO / "test" / "data" / "mixed_28_layers.yaml"), axis_key=1,
                            axis_value=0)
-    pairs = [(k, v) for k in (8, 4, 2) for v in (8, 4, 2)]
+    pairs = [(k, v) for k in (8, 4, 3, 2) for v in (8, 4, 3, 2)]  # every bit pair: 8 encode classes
     table = {layer: LayerBits(*pairs[layer % len(pairs)]) for layer in range(32)}
     return QuantConfig(layer_bits=table, axis_key=1, axis_value=0)
 
@@ -629,18 +629,27 @@ def test_cpu_out_and_unsupported_layout(nat):
 
 
 @gpu
-def test_three_bit_layouts_are_refused_by_the_kernels_with_the_reason(nat):
-    """3-bit codes run in the reference codec only: a pool of them on CUDA fails at start-up naming the
-    3 bits (never a silent reference fallback), and the reference still serves it when asked to."""
-    from kvtuner_hicache.quant.codec import NativeCodecUnavailable, ReferenceCodec, make_codec
+@pytest.mark.parametrize("case", ["K3cV3t", "K3cV2t-sym", "K4tV3t-g4", "K3tV3c-g32", "K8cV3t-fp16"])
+def test_three_bit_codes_run_natively(nat, case):
+    """3-bit codes (eight in three bytes, kernel 0.7.0): the native codec serves them, bit for bit against the
+    reference, through backup and load, symmetric and asymmetric, both axes, small groups, fp16."""
+    from kvtuner_hicache.quant.codec import make_codec
 
-    layout = PageLayout(QuantConfig(nbits_key=3, nbits_value=2), KVShape.mha(2, 2, 64), 64)
-    assert "3-bit codes have no CUDA kernel" in (native.supports(layout) or "")
+    cfgs = {
+        "K3cV3t": QuantConfig(nbits_key=3, nbits_value=3),
+        "K3cV2t-sym": QuantConfig(nbits_key=3, nbits_value=2, asym=False),
+        "K4tV3t-g4": QuantConfig(nbits_key=4, nbits_value=3, axis_key=0, axis_value=0, q_group_size=4),
+        "K3tV3c-g32": QuantConfig(nbits_key=3, nbits_value=3, axis_key=0, axis_value=1, q_group_size=32),
+        "K8cV3t-fp16": QuantConfig(nbits_key=8, nbits_value=3),
+    }
+    layout = PageLayout(cfgs[case], KVShape.mha(3, 4, 128), 64)
+    assert native.supports(layout) is None
     d2, _ = make_pool(layout, 4 * 64, torch.bfloat16, "special", 4)
     host = torch.zeros(2, layout.page_bytes, dtype=torch.uint8).pin_memory()
-    with pytest.raises(NativeCodecUnavailable, match="3-bit codes have no CUDA kernel"):
-        make_codec(layout, d2, host, DEV, allow_reference=False)
-    assert isinstance(make_codec(layout, d2, host, DEV, allow_reference=True), ReferenceCodec)
+    assert isinstance(make_codec(layout, d2, host, DEV, allow_reference=False), NativeCodec)
+    dtype = torch.float16 if case.endswith("fp16") else torch.bfloat16
+    for kind in ("normal", "special", "grid"):
+        roundtrip_check(cfgs[case], KVShape.mha(3, 4, 128), 64, dtype=dtype, kind=kind, n_pages=3, seed=len(case))
 
 
 @gpu

@@ -75,6 +75,7 @@ CASES = {
     "K4V2-sym-pertoken": (QuantConfig(nbits_key=4, nbits_value=2, asym=False, axis_key=0, q_group_size=32),
                           KVShape.mha(5, 2, 64, 128), 32),
     "MLA": (QuantConfig(nbits_key=8, nbits_value=4), KVShape.mla(6), 64),
+    "K3V2-3bit": (QuantConfig(nbits_key=3, nbits_value=2), KVShape.mha(6, 4, 128), 64),
 }
 
 

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 name = "native"  # label for logs
 
-KERNEL_VERSION = "0.6.0"  # the kvtuner-hicache-kernel version this package is written against
+KERNEL_VERSION = "0.7.0"  # the kvtuner-hicache-kernel version this package is written against
 ENV_JIT = "KVTQ_JIT_BUILD"
 SOURCES = ("kvtq_kernels.cu", "kvtq_ops.cpp", "kvtq_crc.cpp")
 HEADERS = ("kvtq_kernels.h", "kvtq_check.h")
@@ -294,8 +294,7 @@ class Plan:
                 c = layout.chunk(s, layer)
                 if c.bits not in NATIVE_BITS:
                     return (f"layer {layer} {st.name}: {c.bits}-bit codes have no CUDA kernel (kernel wheel "
-                            f"{KERNEL_VERSION} encodes and decodes {', '.join(map(str, NATIVE_BITS))} bits; 3-bit codes "
-                            "run in the reference codec only: the accuracy harness and the calibrator)")
+                            f"{KERNEL_VERSION} encodes and decodes {', '.join(map(str, NATIVE_BITS))} bits)")
                 if c.axis == AXIS_PER_TOKEN and c.group > lim["enc_max_group_per_token"]:
                     return f"per-token group {c.group} > {lim['enc_max_group_per_token']}"
                 if c.axis != AXIS_PER_TOKEN and c.group > lim["enc_max_group_per_channel"]:
