@@ -44,7 +44,7 @@ from kvtuner_hicache.config import KVShape, LayerBits, QuantConfig, table_meta_l
 from kvtuner_hicache.page_format import HEADER_BYTES, PageLayout
 
 Pair = tuple[int, int]
-DEFAULT_PAIRS: tuple[Pair, ...] = ((2, 2), (2, 4), (4, 2), (4, 4))
+DEFAULT_PAIRS: tuple[Pair, ...] = ((2, 2), (2, 4), (3, 2), (3, 3), (4, 2), (4, 4))  # every one served by kernel 0.7.0
 DEFAULT_ANCHOR: Pair = (4, 2)
 TABLE_FORMAT = 1  # version of the #@kvtuner-hicache metadata block
 
