@@ -255,16 +255,17 @@ def test_encode_spans_group_the_units_by_class(nat):
     """The unit table is ordered by (axis, bits) class and the spans tile it: one specialised launch each."""
     lay = PageLayout(_mixed_cfg("llama"), KVShape.mha(32, 8, 128), 64)
     plan = native.plan_for(lay)
-    classes = sorted({(r[3], r[2]) for r in plan.chunk_rows})
+    A, B, U, S = native.ROW_AXIS, native.ROW_BITS, native.ROW_UNITS, native.ROW_UNIT_START
+    classes = sorted({(r[A], r[B]) for r in plan.chunk_rows})
     assert [(a, b) for _, _, a, b in plan.encode_spans] == classes
     start = 0
     for begin, units, axis, bits in plan.encode_spans:
         assert begin == start
-        assert {(plan.chunk_rows[i][3], plan.chunk_rows[i][2]) for i in plan.unit_chunk[begin:begin + units]} == {(axis, bits)}
+        assert {(plan.chunk_rows[i][A], plan.chunk_rows[i][B]) for i in plan.unit_chunk[begin:begin + units]} == {(axis, bits)}
         start += units
     assert start == plan.units_per_page
     for i, r in enumerate(plan.chunk_rows):  # each chunk's units are contiguous from its unit_start
-        assert plan.unit_chunk[r[17]:r[17] + r[16]] == [i] * r[16]
+        assert plan.unit_chunk[r[S]:r[S] + r[U]] == [i] * r[U]
 
 
 @gpu

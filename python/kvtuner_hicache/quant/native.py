@@ -265,6 +265,10 @@ def _decode_unit_tokens(lim: dict[str, int], ps: int, width: int, bits: int, axi
     return best
 
 
+# Fields of a chunk row (ChunkDesc in kvtq_kernels.h, field order) that the planner reads back.
+ROW_BITS, ROW_AXIS, ROW_UNITS, ROW_UNIT_START = 2, 3, 16, 17
+
+
 class Plan:
     """Kernel tables of one PageLayout: chunk descriptors, unit map, decode descriptors per layer.
 
@@ -344,15 +348,16 @@ class Plan:
         # The unit table in (axis, bits) class order: the kernel library launches one specialised encode
         # kernel per class over its contiguous span of units (geometry() passes the spans).
         spans: list[tuple[int, int, int, int]] = []
-        for i in sorted(range(len(rows)), key=lambda i: (rows[i][3], rows[i][2], i)):
+        for i in sorted(range(len(rows)), key=lambda i: (rows[i][ROW_AXIS], rows[i][ROW_BITS], i)):
             r = rows[i]
-            r[17] = len(unit_chunk)  # unit_start
-            if spans and spans[-1][2:] == (r[3], r[2]):
+            r[ROW_UNIT_START] = len(unit_chunk)
+            cls, units = (r[ROW_AXIS], r[ROW_BITS]), r[ROW_UNITS]
+            if spans and spans[-1][2:] == cls:
                 b, u, a, bits = spans[-1]
-                spans[-1] = (b, u + r[16], a, bits)
+                spans[-1] = (b, u + units, a, bits)
             else:
-                spans.append((len(unit_chunk), r[16], r[3], r[2]))
-            unit_chunk += [i] * r[16]
+                spans.append((len(unit_chunk), units, *cls))
+            unit_chunk += [i] * units
         assert len(spans) <= lim["enc_max_spans"]
         self.encode_spans = spans
         self.chunk_rows = rows
