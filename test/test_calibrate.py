@@ -10,6 +10,7 @@ import pytest
 import torch
 from kvtuner_hicache.calibrate import (
     Calibrator,
+    Measured,
     _hull,
     _pairs,
     allocate,
@@ -153,3 +154,70 @@ def test_replayed_layers_give_the_full_forward_and_search_runs():
     assert res["kl"] <= m.kl + 1e-12  # the anchor fits this budget, so the best is never worse
     # the YAML it writes records its flags, and a server with other flags is told what to pass
     assert table_flag_errors(QuantConfig(layer_bits={0: LayerBits(4, 2)}, axis_key=0), {"axis_key": 1})
+
+
+def test_pessimistic_value_charges_each_change_its_uncertainty():
+    from kvtuner_hicache.calibrate import Measured, pessimistic_value
+
+    m = Measured(0.10, [{(4, 2): 0.10, (3, 2): 0.09, (2, 2): 0.20}], 0.0,
+                 [{(4, 2): 0.0, (3, 2): 0.02, (2, 2): 0.01}])
+    table = [(4, 2)]
+    assert pessimistic_value(m, table, 0.0)[0] == pytest.approx({(4, 2): 0.0, (3, 2): -0.01, (2, 2): 0.10})
+    assert pessimistic_value(m, table, 1.0)[0] == pytest.approx({(4, 2): 0.0, (3, 2): 0.01, (2, 2): 0.11})
+    # a Measured without standard errors (one window) is valued by its means
+    assert pessimistic_value(Measured(0.1, m.marginal, 0.0), table, 3.0)[0][(3, 2)] == pytest.approx(-0.01)
+
+
+class _StubCalibrator:
+    """search()'s view of a Calibrator: a Measured per context and a KL per table (here: additive)."""
+
+    pairs = [(4, 2), (2, 2), (4, 4)]
+
+    def __init__(self, gain: dict, se: float):
+        self.gain, self.se = gain, se
+
+    def table_kl(self, table):
+        return 0.1 + sum(self.gain[p] for p in table)
+
+    def measure(self, table, label=""):
+        kl = self.table_kl(table)
+        marginal = [{p: kl - self.gain[table[i]] + self.gain[p] for p in self.pairs} for i in range(len(table))]
+        se = [{p: 0.0 if p == table[i] else self.se for p in self.pairs} for i in range(len(table))]
+        return Measured(kl, marginal, 0.0, se)
+
+
+def test_search_keeps_the_anchor_where_only_noise_favours_a_change():
+    """K4V4 on one layer paid by K2V2 on another gains 0.001 KL in the means; with a standard error of 0.01 per
+    change, z = 1 keeps uniform K4V2 and z = 0 takes the trade."""
+    cal = _StubCalibrator({(4, 2): 0.0, (2, 2): 0.004, (4, 4): -0.005}, se=0.01)
+    costs = [{(4, 2): 10, (2, 2): 8, (4, 4): 12} for _ in range(3)]
+    anchor = [(4, 2)] * 3
+    taken = search(cal, costs, 30, anchor, rounds=1, log=lambda s: None, z=0.0)["table"]
+    assert sorted(taken) == [(2, 2), (4, 2), (4, 4)]
+    assert search(cal, costs, 30, anchor, rounds=1, log=lambda s: None, z=1.0)["table"] == anchor
+
+
+def test_standard_errors_are_those_of_the_per_window_kl_changes():
+    """With two windows, a change's standard error is half the gap between its two per-window KL changes."""
+    from kvtuner_hicache.eval.harness import Harness
+    from kvtuner_hicache.eval.models import kv_shape_of
+
+    model = _tiny()
+    shape = kv_shape_of(model.config)
+    cfg = QuantConfig(q_group_size=16)
+    pairs = [(2, 2), (4, 2)]
+    gen = torch.Generator().manual_seed(5)
+    windows = [torch.randint(0, 256, (97,), generator=gen).tolist() for _ in range(2)]
+    both = Calibrator(Harness(model, shape, 16, batch=2), cfg, pairs, progress=False)
+    singles = []
+    for ids in windows:
+        both.add_window(ids, 64)
+        one = Calibrator(Harness(model, shape, 16, batch=2), cfg, pairs, progress=False)
+        one.add_window(ids, 64)
+        singles.append(one)
+    table = [(4, 2)] * 3
+    m = both.measure(table)
+    changed = [(2, 2)] + table[1:]
+    d = [one.table_kl(changed) - one.table_kl(table) for one in singles]
+    assert m.marginal_se[0][(2, 2)] == pytest.approx(abs(d[0] - d[1]) / 2, rel=1e-4, abs=1e-9)
+    assert m.marginal_se[0][(4, 2)] == 0.0

@@ -16,7 +16,9 @@ How (interaction-aware greedy with re-measurement):
    Only the layers from i on are recomputed (the hidden states entering layer i are replayed
    from T's forward), which halves the cost.
 3. Allocation: an exact multiple-choice knapsack (dynamic programming over page bytes) on the
-   additive model KL(T') ~ KL(T) + sum_i [KL(T, i->p_i) - KL(T)] under the byte budget.
+   additive model KL(T') ~ KL(T) + sum_i [KL(T, i->p_i) - KL(T)] under the byte budget, each change
+   charged `--z` standard errors of its KL change over the calibration windows (`pessimistic_value`:
+   a change that only noise favours is not taken).
 4. The new table becomes the context of the next round; after the last round the candidate
    tables (one per round) are measured and the one with the lowest measured KL is written.
 
@@ -293,6 +295,9 @@ class Measured:
     kl: float  # mean KL per scored token of the context table
     marginal: list[dict[Pair, float]]  # per layer: mean KL with that layer changed to the pair
     seconds: float
+    # per layer: the standard error, over calibration windows, of that change's paired KL difference
+    # (0 for the context's own pair, and with fewer than two windows)
+    marginal_se: list[dict[Pair, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -353,6 +358,7 @@ class Calibrator:
         n_layers = len(table)
         kl = 0.0
         marg = [{p: 0.0 for p in self.pairs} for _ in range(n_layers)]
+        diffs: list[list[dict[Pair, float]]] = []  # per window: per-token KL change of each layer's change
         bar = _progress(len(self.windows) * n_layers, f"calibrate {label}".strip(), self.progress)
         for w in self.windows:
             ctx = self._kv(w, table)
@@ -361,6 +367,7 @@ class Calibrator:
             self.forwards += 1
             base = compare(logits, w.targets, w.ref)[1]
             kl += base
+            wd = [{p: 0.0 for p in self.pairs} for _ in range(n_layers)]
             for i in range(n_layers):
                 jobs = []
                 for p in self.pairs:
@@ -373,12 +380,25 @@ class Calibrator:
                 with replay_from(model, i, inputs), torch.inference_mode():
                     for name, lg in h.forward(w.cache, jobs, w.feed):
                         kb, vb = (int(x) for x in name.split(":"))
-                        marg[i][(kb, vb)] += compare(lg, w.targets, w.ref)[1]
+                        v = compare(lg, w.targets, w.ref)[1]
+                        marg[i][(kb, vb)] += v
+                        wd[i][(kb, vb)] = (v - base) / len(w.feed)
                         self.forwards += 1
                 bar.update(1)
+            diffs.append(wd)
         bar.close()
         n = self.tokens
-        return Measured(kl / n, [{p: v / n for p, v in row.items()} for row in marg], time.perf_counter() - t0)
+        se = [{p: _std_error([d[i][p] for d in diffs]) for p in self.pairs} for i in range(n_layers)]
+        return Measured(kl / n, [{p: v / n for p, v in row.items()} for row in marg], time.perf_counter() - t0, se)
+
+
+def _std_error(xs: Sequence[float]) -> float:
+    """Standard error of the mean of `xs` (0 with fewer than two values)."""
+    k = len(xs)
+    if k < 2:
+        return 0.0
+    m = sum(xs) / k
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (k - 1) / k)
 
 
 class _Bar:
@@ -415,9 +435,21 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
         return _Bar(total, desc)
 
 
+def pessimistic_value(measured: Measured, table: Sequence[Pair], z: float) -> list[dict[Pair, float]]:
+    """Knapsack values: each layer change's measured KL change, plus `z` standard errors of it over the
+    calibration windows (the layer's current pair: 0). With a few hundred calibration tokens the ranking of
+    dozens of candidate changes picks some for their noise (a winner's curse: tables that beat uniform bits on
+    their calibration text and lose to them on other text); charging the uncertainty makes a change that only
+    noise favours cost more than it gains, so the table stays with the context's pair there."""
+    se = measured.marginal_se or [dict.fromkeys(row, 0.0) for row in measured.marginal]
+    return [{p: 0.0 if p == table[i] else row[p] - measured.kl + z * se[i][p] for p in row}
+            for i, row in enumerate(measured.marginal)]
+
+
 def search(cal: Calibrator, costs: Sequence[dict[Pair, int]], budget: int, anchor: Sequence[Pair], rounds: int,
-           first: Measured | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Rounds of measure-in-context + exact knapsack; returns the best measured table and the trail."""
+           first: Measured | None = None, log: Callable[[str], None] = print, z: float = 0.0) -> dict[str, Any]:
+    """Rounds of measure-in-context + exact knapsack on `pessimistic_value(..., z)`; returns the best measured
+    table and the trail."""
     table = list(anchor)
     trail: list[dict[str, Any]] = []
     candidates: list[tuple[float, list[Pair]]] = []
@@ -428,11 +460,12 @@ def search(cal: Calibrator, costs: Sequence[dict[Pair, int]], budget: int, ancho
             measured = cal.measure(table, f"round {r + 1}")
         if fits(table):
             candidates.append((measured.kl, list(table)))
-        value = [{p: row[p] - measured.kl for p in row} for row in measured.marginal]
+        value = pessimistic_value(measured, table, z)
         new = allocate_exact(costs, value, budget)
-        predicted = measured.kl + sum(value[i][p] for i, p in enumerate(new))
+        predicted = measured.kl + sum(measured.marginal[i][p] - measured.kl for i, p in enumerate(new) if p != table[i])
         trail.append({"round": r + 1, "context": [list(p) for p in table], "context_kl": measured.kl,
                       "marginal_kl": [[row[p] for p in cal.pairs] for row in measured.marginal],
+                      "marginal_se": [[row[p] for p in cal.pairs] for row in measured.marginal_se], "z": z,
                       "chosen": [list(p) for p in new], "predicted_kl": predicted, "seconds": measured.seconds})
         log(f"[calibrate] round {r + 1}: context KL {measured.kl:.5f}, new table predicted KL {predicted:.5f} "
             f"({sum(1 for a, b in zip(new, table, strict=True) if a != b)} layers changed, {measured.seconds:.0f}s)")
@@ -473,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pairs", default=",".join(f"K{k}V{v}" for k, v in DEFAULT_PAIRS), help="candidate (K, V) bits")
     ap.add_argument("--anchor", default=f"K{DEFAULT_ANCHOR[0]}V{DEFAULT_ANCHOR[1]}", help="uniform table of round 1's context")
     ap.add_argument("--rounds", type=int, default=2, help="measure-and-allocate rounds (>= 1)")
+    ap.add_argument("--z", type=float, default=1.0,
+                    help="charge each layer change this many standard errors (over calibration windows) of its "
+                         "measured KL change; 0: the measured means alone (needs --windows >= 2 to matter)")
     ap.add_argument("--axis-key", type=int, default=QuantConfig().axis_key)
     ap.add_argument("--axis-value", type=int, default=QuantConfig().axis_value)
     ap.add_argument("--q-group-size", type=int, default=QuantConfig().q_group_size)
@@ -502,6 +538,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         budgets = [float(x) for x in a.bits.split(",")]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.z < 0:
+        print(f"error: --z {a.z}: must be >= 0", file=sys.stderr)
         return 2
     if anchor not in pairs:
         pairs.append(anchor)
@@ -550,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for b in budgets:
         budget = budget_bytes(b, shape, a.page_size)
-        res = search(cal, costs, budget, start, a.rounds, first, log)
+        res = search(cal, costs, budget, start, a.rounds, first, log, z=a.z)
         table = res["table"]
         full = cfg.with_(layer_bits={i: LayerBits(*p) for i, p in enumerate(table)})
         lay = PageLayout(full, shape, a.page_size)
