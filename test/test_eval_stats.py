@@ -218,3 +218,18 @@ def test_a_bad_compare_fails_before_the_model_loads(compare, says, capsys, monke
     monkeypatch.setattr(cli.models, "load", no_model)
     assert cli.main(["--configs", "bf16,K4cV4t-a-g64", "--compare", compare, "--no-fetch"]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_calibration_overlap_check_uses_the_windows_the_run_scores(tmp_path):
+    """With --window-indices the check looks at the picked windows' own tokens, not at a layout of that many."""
+    from kvtuner_hicache.calibrate import to_yaml
+    from kvtuner_hicache.config import QuantConfig, load_layer_bits
+    from kvtuner_hicache.eval.cli import calibration_overlaps
+    from kvtuner_hicache.eval.configs import EvalConfig
+
+    path = tmp_path / "t.yaml"
+    path.write_text(to_yaml([(4, 2)] * 2, ["test"], {"format": 1, "calibration_spans": [[34290, 34867]]}))
+    cfg = EvalConfig("table", QuantConfig(layer_bits=load_layer_bits(path)))
+    assert calibration_overlaps([cfg], [31801, 37101], 1280) == []  # the windows around the span
+    notes = calibration_overlaps([cfg], [5300, 34000], 1280)
+    assert len(notes) == 1 and "overlap evaluation window (34000, 35280)" in notes[0]

@@ -84,14 +84,13 @@ def _task_configs(spec: str, configs: Sequence[EvalConfig]) -> list[EvalConfig]:
     return [c for c in configs if c.name in names]
 
 
-def _calibration_overlaps(configs: Sequence[EvalConfig], n_tokens: int, body: int, n_windows: int) -> list[str]:
-    """Per-layer tables whose recorded calibration spans overlap this run's windows (then the table
-    would be scored on its own calibration text)."""
-    from kvtuner_hicache.calibrate import eval_spans, overlaps
+def calibration_overlaps(configs: Sequence[EvalConfig], offsets: Sequence[int], body: int) -> list[str]:
+    """Per-layer tables whose recorded calibration spans overlap the essay tokens this run scores: the windows at
+    `offsets` (those of --window-indices only), `body` tokens each (then the table would be scored on its own
+    calibration text)."""
+    from kvtuner_hicache.calibrate import overlaps
 
-    if n_windows <= 0:
-        return []
-    spans = eval_spans(n_tokens, n_windows, body)
+    spans = [(o, o + body) for o in offsets]
     notes = []
     for c in configs:
         meta = getattr(c.quant.layer_bits, "meta", None) if c.quant is not None else None
@@ -153,7 +152,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], log: Any = stderr_log) ->
     base = EvalConfig("bf16 (reference)", None, "bf16", "KV cast to bf16 and back (reference)")
     base_row = next((c for c in configs if c.name == "bf16"), None)
     log("configs: " + ", ".join(c.name for c in configs))
-    overlap_notes = _calibration_overlaps(configs, len(essay), win_len - len(bos), len(windows))
+    overlap_notes = calibration_overlaps(configs, offsets, win_len - len(bos))
     for note in overlap_notes:
         log("WARNING: " + note)
 
