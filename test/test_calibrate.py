@@ -221,3 +221,15 @@ def test_standard_errors_are_those_of_the_per_window_kl_changes():
     d = [one.table_kl(changed) - one.table_kl(table) for one in singles]
     assert m.marginal_se[0][(2, 2)] == pytest.approx(abs(d[0] - d[1]) / 2, rel=1e-4, abs=1e-9)
     assert m.marginal_se[0][(4, 2)] == 0.0
+
+
+def test_auto_anchor_is_the_uniform_pair_at_the_budget():
+    """K3V2 for 3.0 bits (the header puts it 0.001 bit over), K4V2 for 3.5 (ties with K3V3 and K2V4 go to more
+    key bits), K4V4 for 4.5."""
+    from kvtuner_hicache.calibrate import anchor_for
+
+    shape, cfg = KVShape.mha(28, 2, 128), QuantConfig()
+    pairs = [(2, 2), (2, 4), (3, 2), (3, 3), (4, 2), (4, 4)]
+    costs = {p: layer_bytes(cfg, shape, 64, p) for p in pairs}
+    for bits, want in ((3.0, (3, 2)), (3.5, (4, 2)), (4.5, (4, 4))):
+        assert anchor_for(costs, 28, budget_bytes(bits, shape, 64)) == want

@@ -10,8 +10,9 @@ How (interaction-aware greedy with re-measurement):
 1. Calibration text: windows of the Paul Graham essays placed in the gaps between the windows
    the accuracy harness evaluates on (`--eval-windows`, `--eval-window-len`); the two are checked
    disjoint and the spans are recorded in the table, so a table is never scored on its own text.
-2. Round r measures, *in the context of the current table* T (round 1: uniform `--anchor`,
-   K4V2 by default), KL(T) and, for every layer i and candidate pair p, KL(T with layer i at p):
+2. Round r measures, *in the context of the current table* T (round 1: uniform `--anchor`; by default,
+   per budget, the candidate pair whose uniform table is nearest the budget, `anchor_for`), KL(T) and,
+   for every layer i and candidate pair p, KL(T with layer i at p):
    the marginal cost or gain of one layer's change given that every other layer is quantized.
    Only the layers from i on are recomputed (the hidden states entering layer i are replayed
    from T's forward), which halves the cost.
@@ -47,7 +48,6 @@ from kvtuner_hicache.page_format import HEADER_BYTES, PageLayout
 
 Pair = tuple[int, int]
 DEFAULT_PAIRS: tuple[Pair, ...] = ((2, 2), (2, 4), (3, 2), (3, 3), (4, 2), (4, 4))  # every one served by kernel 0.7.0
-DEFAULT_ANCHOR: Pair = (4, 2)
 TABLE_FORMAT = 1  # version of the #@kvtuner-hicache metadata block
 
 
@@ -59,6 +59,14 @@ def layer_bytes(cfg: QuantConfig, shape: KVShape, page_size: int, pair: Pair) ->
     one = KVShape(1, shape.heads, shape.head_dim, shape.v_head_dim, shape.is_mla, shape.kv_lora_rank, shape.qk_rope_head_dim)
     lay = PageLayout(cfg.with_(nbits_key=pair[0], nbits_value=pair[1], layer_bits=None), one, page_size)
     return sum(c.nbytes for c in lay.chunks.values())
+
+
+def anchor_for(costs: dict[Pair, int], n_layers: int, budget: int) -> Pair:
+    """The pair whose uniform table is nearest `budget` in bytes (ties: more key bits, then more value bits).
+    Round 1 measures in its context and `--z` charges every departure from it, so a table stays at the uniform
+    pair of its budget wherever the calibration text does not clearly favour another (K3V2 for 3.0 bits, which
+    the page header puts 0.001 bit over; K4V2 for 3.5)."""
+    return min(costs, key=lambda p: (abs(costs[p] * n_layers - budget), -p[0], -p[1]))
 
 
 def budget_bytes(bits: float, shape: KVShape, page_size: int) -> int:
@@ -504,7 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="budget(s): effective bits per KV element, metadata and header included; comma list")
     ap.add_argument("--out", required=True, help="YAML to write; '{bits}' is replaced by each budget")
     ap.add_argument("--pairs", default=",".join(f"K{k}V{v}" for k, v in DEFAULT_PAIRS), help="candidate (K, V) bits")
-    ap.add_argument("--anchor", default=f"K{DEFAULT_ANCHOR[0]}V{DEFAULT_ANCHOR[1]}", help="uniform table of round 1's context")
+    ap.add_argument("--anchor", default="auto",
+                    help="uniform table of round 1's context: a pair (e.g. K4V2), or 'auto': per budget, the pair whose "
+                         "uniform table is nearest it")
     ap.add_argument("--rounds", type=int, default=2, help="measure-and-allocate rounds (>= 1)")
     ap.add_argument("--z", type=float, default=1.0,
                     help="charge each layer change this many standard errors (over calibration windows) of its "
@@ -534,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
         pairs = _pairs(a.pairs)
-        anchor = _pairs(a.anchor)[0]
+        anchor = None if a.anchor.strip().lower() == "auto" else _pairs(a.anchor)[0]
         budgets = [float(x) for x in a.bits.split(",")]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -542,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.z < 0:
         print(f"error: --z {a.z}: must be >= 0", file=sys.stderr)
         return 2
-    if anchor not in pairs:
+    if anchor is not None and anchor not in pairs:
         pairs.append(anchor)
     if len(budgets) > 1 and "{bits}" not in a.out:
         print("error: several --bits need '{bits}' in --out", file=sys.stderr)
@@ -584,12 +594,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         cal.add_window(pre + ids[s:e], a.prefix_len)
     log(f"[calibrate] {a.model}: {len(spans)} calibration windows ({cal.tokens} scored tokens) clear of "
         f"{a.eval_windows} evaluation windows, prefilled in {time.perf_counter() - t0:.0f}s")
-    start = [anchor] * shape.num_layers
-    first = cal.measure(start, "round 1")
+    firsts: dict[Pair, Measured] = {}  # round 1 per anchor, shared by the budgets that have it
     results = []
     for b in budgets:
         budget = budget_bytes(b, shape, a.page_size)
-        res = search(cal, costs, budget, start, a.rounds, first, log, z=a.z)
+        anc = anchor if anchor is not None else anchor_for(costs[0], shape.num_layers, budget)
+        start = [anc] * shape.num_layers
+        if anc not in firsts:
+            firsts[anc] = cal.measure(start, f"round 1 (uniform K{anc[0]}V{anc[1]})")
+        res = search(cal, costs, budget, start, a.rounds, firsts[anc], log, z=a.z)
+        res["anchor"] = list(anc)
         table = res["table"]
         full = cfg.with_(layer_bits={i: LayerBits(*p) for i, p in enumerate(table)})
         lay = PageLayout(full, shape, a.page_size)
@@ -620,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "command": "python -m kvtuner_hicache.calibrate " + shlex.join(argv),
-                       "pairs": [list(p) for p in pairs], "anchor": list(anchor), "spans": [list(x) for x in spans],
+                       "pairs": [list(p) for p in pairs], "anchor": a.anchor, "spans": [list(x) for x in spans],
                        "eval_spans_avoided": [list(x) for x in avoid], "scored_tokens": cal.tokens,
                        "forwards": cal.forwards, "seconds": round(time.perf_counter() - t0, 1),
                        "costs_bytes": [costs[0][p] for p in pairs], "results": results}, f, indent=1)
