@@ -464,8 +464,8 @@ __device__ __forceinline__ void zero_range(uint8_t* base, int a, int b) {
 // its largest path. PLANES: the launch writes refinement planes (a separate instantiation, so that the
 // fixed-page encode keeps its register budget and occupancy).
 // Resident blocks per SM that each encode class is compiled for (registers per thread <= 64K / (256 * n)).
-// Checked with scripts/kernel_resources.sh: no spills at these (the plane-writing per-channel path would
-// spill at 3, so it keeps 2).
+// Checked with scripts/kernel_resources.sh: no spills at these but 8 bytes in the per-channel 3-bit path (the
+// plane-writing per-channel path would spill more at 3, so it keeps 2).
 template <bool PLANES, int AXIS>
 constexpr int kEncMinBlocks = AXIS == 0 ? (PLANES ? 3 : 4) : (PLANES ? 2 : 3);
 
