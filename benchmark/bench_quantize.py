@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Quantize alone, on device memory: the encode kernels' own time, against the GPU's copy bandwidth.
+
+bench_transfer's `quantize` row times one native.encode_pages call between CUDA events, so its ~0.2 ms of
+Python (pointer tables, geometry, the error sink) counts whenever the GPU waits for it. This benchmark
+separates the three numbers issue 13 needs (Qwen2.5-7B shape, page 64, pages gathered from scattered slots):
+
+  call_ms      one encode_pages call between events (bench_transfer's method; wrapper included)
+  queued_ms    QUEUE back-to-back calls between two events, divided by QUEUE: the CPU runs ahead of the
+               GPU, so this is the GPU's time per call, launch gaps between the class kernels included
+  kernel_ms    the sum of the encode kernels' durations (torch.profiler / CUPTI), per (axis, bits) class too
+
+bf16 GB/s = the bf16 bytes read / the time. The GPU's own ceilings, same run: `copy` (torch copy_ of the
+same bf16 bytes, device to device: read + write) and `gather` (index_select of the same rows, as a
+quantize-free gather would read them).
+
+Usage: PYTHONPATH=python python3 benchmark/bench_quantize.py [--pages 64,256] [--configs KV8,KV4,K4V2]
+       [--json docs/results/bench_quantize.json]
+       ncu: add --ncu (two calls per config, nothing timed) under `ncu --kernel-name regex:encode_kernel ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+from collections import defaultdict
+
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+
+from kvtuner_hicache.config import KVShape, QuantConfig  # noqa: E402
+from kvtuner_hicache.page_format import PageLayout  # noqa: E402
+from kvtuner_hicache.quant import native  # noqa: E402
+
+PAGE_SIZE = 64
+SHAPE = KVShape.mha(28, 4, 128)  # Qwen2.5-7B
+BITS = {"KV8": (8, 8), "K8V4": (8, 4), "KV4": (4, 4), "K4V2": (4, 2), "KV2": (2, 2), "K3V2": (3, 2), "KV3": (3, 3)}
+QUEUE = 20
+
+
+def events_ms(fn, reps: int, per: int = 1) -> list[float]:
+    """Milliseconds per fn() between CUDA events, `per` calls back to back per sample."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(per):
+            fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / per)
+    return out
+
+
+def kernel_ms(fn, calls: int) -> dict[str, float]:
+    """Mean device milliseconds per call of each kernel fn launches (CUPTI through torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and "encode_kernel" in e.name:
+            per[e.name] += e.device_time_total / 1e3 / calls  # microseconds -> ms per call
+    return dict(per)
+
+
+def class_of(kernel_name: str) -> str:
+    """'encode_kernel<__nv_bfloat16, false, 1, 4>' -> 'axis1 4-bit'."""
+    args = kernel_name.split("encode_kernel<", 1)[1].split(">", 1)[0].split(",")
+    return f"axis{args[2].strip()} {args[3].strip()}-bit"
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    return {"median": round(statistics.median(xs), 4), "p10": round(xs[int(0.1 * (len(xs) - 1))], 4),
+            "p90": round(xs[int(round(0.9 * (len(xs) - 1)))], 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pages", default="16,64,256")
+    ap.add_argument("--configs", default="KV8,KV4,K4V2,K3V2")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--ncu", action="store_true", help="two calls per config and page count, nothing timed")
+    args = ap.parse_args()
+    if not native.available():
+        raise SystemExit(f"native kernels unavailable: {native.unavailable_reason()}")
+    dev = torch.device("cuda")
+    pages = [int(p) for p in args.pages.split(",")]
+    names = args.configs.split(",")
+    L, H, D = SHAPE.num_layers, SHAPE.heads, SHAPE.head_dim
+    slots = max(pages) + 8
+    rows = slots * PAGE_SIZE
+    gen = torch.Generator(device=dev).manual_seed(0)
+    bufs = [[torch.randn(rows, H, D, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(L)]
+            for _ in range(2)]
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}; kernels {native.build_name()}", flush=True)
+    records = []
+    for n in pages:
+        pg = torch.Generator().manual_seed(n)
+        dslots = torch.randperm(slots, generator=pg)[:n]
+        tidx = (dslots[:, None] * PAGE_SIZE + torch.arange(PAGE_SIZE)).reshape(-1).to(dev)
+        bf16_bytes = n * PAGE_SIZE * SHAPE.bf16_bytes_per_token()
+        flat = torch.empty(bf16_bytes // 2, dtype=torch.bfloat16, device=dev)
+        flat2 = torch.empty_like(flat)
+        t_copy = None if args.ncu else spread(events_ms(lambda a=flat, b=flat2: b.copy_(a), args.reps, QUEUE))
+
+        def gather(tidx=tidx):
+            for per in bufs:
+                for t in per:
+                    torch.index_select(t, 0, tidx)
+        t_gather = None if args.ncu else spread(events_ms(gather, args.reps))
+        for name in names:
+            kb, vb = BITS[name]
+            lay = PageLayout(QuantConfig(nbits_key=kb, nbits_value=vb, axis_key=1, axis_value=0, asym=True,
+                                         q_group_size=64), SHAPE, PAGE_SIZE)
+            out = torch.empty(n, lay.page_bytes, dtype=torch.uint8, device=dev)
+
+            def quantize(lay=lay, out=out, tidx=tidx):
+                native.encode_pages(lay, bufs, tidx, out)
+            if args.ncu:
+                quantize()
+                quantize()
+                torch.cuda.synchronize()
+                continue
+            t_call = spread(events_ms(quantize, args.reps))
+            t_queued = spread(events_ms(quantize, args.reps, QUEUE))
+            per_kernel = kernel_ms(quantize, QUEUE)
+            native.check_errors(dev)
+            k_total = sum(per_kernel.values())
+            rec = {"gpu": gpu, "kernels": native.build_name(), "shape": "Qwen2.5-7B", "config": name, "pages": n,
+                   "bytes_bf16": bf16_bytes, "bytes_quantized": n * lay.page_bytes,
+                   "call_ms": t_call, "queued_ms": t_queued, "kernel_ms": round(k_total, 4),
+                   "kernel_ms_by_class": {class_of(k): round(v, 4) for k, v in per_kernel.items()},
+                   "call_GBps": round(bf16_bytes / t_call["median"] / 1e6, 1),
+                   "queued_GBps": round(bf16_bytes / t_queued["median"] / 1e6, 1),
+                   "kernel_GBps": round(bf16_bytes / k_total / 1e6, 1),
+                   "copy_ms": t_copy, "copy_read_GBps": round(bf16_bytes / t_copy["median"] / 1e6, 1),
+                   "gather_ms": t_gather, "gather_GBps": round(bf16_bytes / t_gather["median"] / 1e6, 1)}
+            records.append(rec)
+            by_class = " ".join(f"{c} {v:.3f}" for c, v in sorted(rec["kernel_ms_by_class"].items()))
+            print(f"{name:5s} {n:4d}p call {t_call['median']:.3f} queued {t_queued['median']:.3f} kernels "
+                  f"{k_total:.3f} ms ({by_class}) | GB/s call {rec['call_GBps']:.0f} queued {rec['queued_GBps']:.0f} "
+                  f"kernels {rec['kernel_GBps']:.0f} | copy {rec['copy_read_GBps']:.0f} gather {rec['gather_GBps']:.0f}",
+                  flush=True)
+    if args.ncu:
+        return
+    print()
+    print("| config | pages | call ms | queued ms [p10, p90] | kernels ms | bf16 GB/s: call / queued / kernels "
+          "| copy_ read GB/s | index_select GB/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in records:
+        q = r["queued_ms"]
+        print(f"| {r['config']} | {r['pages']} | {r['call_ms']['median']:.3f} | {q['median']:.3f} [{q['p10']:.3f}, "
+              f"{q['p90']:.3f}] | {r['kernel_ms']:.3f} | {r['call_GBps']:.0f} / {r['queued_GBps']:.0f} / "
+              f"{r['kernel_GBps']:.0f} | {r['copy_read_GBps']:.0f} | {r['gather_GBps']:.0f} |")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
