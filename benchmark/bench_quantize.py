@@ -37,27 +37,13 @@ from kvtuner_hicache.config import KVShape, QuantConfig  # noqa: E402
 from kvtuner_hicache.page_format import PageLayout  # noqa: E402
 from kvtuner_hicache.quant import native  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmark"))
+from bench_transfer import event_samples  # noqa: E402
+
 PAGE_SIZE = 64
 SHAPE = KVShape.mha(28, 4, 128)  # Qwen2.5-7B
 BITS = {"KV8": (8, 8), "K8V4": (8, 4), "KV4": (4, 4), "K4V2": (4, 2), "KV2": (2, 2), "K3V2": (3, 2), "KV3": (3, 3)}
 QUEUE = 20
-
-
-def events_ms(fn, reps: int, per: int = 1) -> list[float]:
-    """Milliseconds per fn() between CUDA events, `per` calls back to back per sample."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(per):
-            fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / per)
-    return out
 
 
 def kernel_ms(fn, calls: int) -> dict[str, float]:
@@ -84,6 +70,7 @@ def class_of(kernel_name: str) -> str:
 
 
 def spread(xs: list[float]) -> dict[str, float]:
+    """Median, p10 and p90 of the samples, in ms."""
     xs = sorted(xs)
     return {"median": round(statistics.median(xs), 4), "p10": round(xs[int(0.1 * (len(xs) - 1))], 4),
             "p90": round(xs[int(round(0.9 * (len(xs) - 1)))], 4)}
@@ -118,13 +105,13 @@ def main() -> None:
         bf16_bytes = n * PAGE_SIZE * SHAPE.bf16_bytes_per_token()
         flat = torch.empty(bf16_bytes // 2, dtype=torch.bfloat16, device=dev)
         flat2 = torch.empty_like(flat)
-        t_copy = None if args.ncu else spread(events_ms(lambda a=flat, b=flat2: b.copy_(a), args.reps, QUEUE))
+        t_copy = None if args.ncu else spread(event_samples(lambda a=flat, b=flat2: b.copy_(a), args.reps, QUEUE))
 
         def gather(tidx=tidx):
             for per in bufs:
                 for t in per:
                     torch.index_select(t, 0, tidx)
-        t_gather = None if args.ncu else spread(events_ms(gather, args.reps))
+        t_gather = None if args.ncu else spread(event_samples(gather, args.reps))
         for name in names:
             kb, vb = BITS[name]
             lay = PageLayout(QuantConfig(nbits_key=kb, nbits_value=vb, axis_key=1, axis_value=0, asym=True,
@@ -138,8 +125,8 @@ def main() -> None:
                 quantize()
                 torch.cuda.synchronize()
                 continue
-            t_call = spread(events_ms(quantize, args.reps))
-            t_queued = spread(events_ms(quantize, args.reps, QUEUE))
+            t_call = spread(event_samples(quantize, args.reps))
+            t_queued = spread(event_samples(quantize, args.reps, QUEUE))
             per_kernel = kernel_ms(quantize, QUEUE)
             native.check_errors(dev)
             k_total = sum(per_kernel.values())

@@ -151,10 +151,10 @@ def bench(fn, reps: int, warmup: int = 2) -> float:
     return bench_spread(fn, reps, warmup)[0]
 
 
-def bench_queued(fn, reps: int, per: int = 20) -> float:
-    """Median milliseconds per fn() with `per` calls queued back to back between two CUDA events: the GPU's
-    own time per call (the CPU runs ahead, so the Python around each launch is hidden)."""
-    for _ in range(2):
+def event_samples(fn, reps: int, per: int = 1, warmup: int = 2) -> list[float]:
+    """Milliseconds per fn() between CUDA events, one sample per `per` calls back to back (host launch gaps
+    included; with per > 1 the CPU runs ahead and the Python around each launch is hidden)."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     ts = []
@@ -166,23 +166,17 @@ def bench_queued(fn, reps: int, per: int = 20) -> float:
         b.record()
         b.synchronize()
         ts.append(a.elapsed_time(b) / per)
-    return statistics.median(ts)
+    return ts
+
+
+def bench_queued(fn, reps: int, per: int = 20) -> float:
+    """Median milliseconds per fn() with `per` calls queued between two events: the GPU's own time per call."""
+    return statistics.median(event_samples(fn, reps, per))
 
 
 def bench_spread(fn, reps: int, warmup: int = 2) -> tuple[float, float, float]:
     """(median, p10, p90) milliseconds of fn() between CUDA events (host launch gaps included)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
+    ts = sorted(event_samples(fn, reps, 1, warmup))
     return statistics.median(ts), ts[int(0.1 * (len(ts) - 1))], ts[int(round(0.9 * (len(ts) - 1)))]
 
 
