@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
 from collections import defaultdict
 
@@ -38,7 +37,7 @@ from kvtuner_hicache.page_format import PageLayout  # noqa: E402
 from kvtuner_hicache.quant import native  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmark"))
-from bench_transfer import event_samples  # noqa: E402
+from bench_transfer import event_samples, median_p10_p90  # noqa: E402
 
 PAGE_SIZE = 64
 SHAPE = KVShape.mha(28, 4, 128)  # Qwen2.5-7B
@@ -71,9 +70,8 @@ def class_of(kernel_name: str) -> str:
 
 def spread(xs: list[float]) -> dict[str, float]:
     """Median, p10 and p90 of the samples, in ms."""
-    xs = sorted(xs)
-    return {"median": round(statistics.median(xs), 4), "p10": round(xs[int(0.1 * (len(xs) - 1))], 4),
-            "p90": round(xs[int(round(0.9 * (len(xs) - 1)))], 4)}
+    med, p10, p90 = median_p10_p90(xs)
+    return {"median": round(med, 4), "p10": round(p10, 4), "p90": round(p90, 4)}
 
 
 def main() -> None:

@@ -174,10 +174,14 @@ def bench_queued(fn, reps: int, per: int = 20) -> float:
     return statistics.median(event_samples(fn, reps, per))
 
 
+def median_p10_p90(samples: list[float]) -> tuple[float, float, float]:
+    ts = sorted(samples)
+    return statistics.median(ts), ts[int(0.1 * (len(ts) - 1))], ts[int(round(0.9 * (len(ts) - 1)))]
+
+
 def bench_spread(fn, reps: int, warmup: int = 2) -> tuple[float, float, float]:
     """(median, p10, p90) milliseconds of fn() between CUDA events (host launch gaps included)."""
-    ts = sorted(event_samples(fn, reps, 1, warmup))
-    return statistics.median(ts), ts[int(0.1 * (len(ts) - 1))], ts[int(round(0.9 * (len(ts) - 1)))]
+    return median_p10_p90(event_samples(fn, reps, 1, warmup))
 
 
 def configs_for(shape_name: str) -> list[tuple[str, QuantConfig]]:
