@@ -32,15 +32,13 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
-from kvtuner_hicache.config import KVShape, QuantConfig  # noqa: E402
 from kvtuner_hicache.page_format import PageLayout  # noqa: E402
 from kvtuner_hicache.quant import native  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmark"))
-from bench_transfer import event_samples, median_p10_p90  # noqa: E402
+from bench_transfer import PAGE_SIZE, SHAPES, event_samples, median_p10_p90, uniform_config  # noqa: E402
 
-PAGE_SIZE = 64
-SHAPE = KVShape.mha(28, 4, 128)  # Qwen2.5-7B
+SHAPE = SHAPES["Qwen2.5-7B"]
 BITS = {"KV8": (8, 8), "K8V4": (8, 4), "KV4": (4, 4), "K4V2": (4, 2), "KV2": (2, 2), "K3V2": (3, 2), "KV3": (3, 3)}
 QUEUE = 20
 
@@ -112,8 +110,7 @@ def main() -> None:
         t_gather = None if args.ncu else spread(event_samples(gather, args.reps))
         for name in names:
             kb, vb = BITS[name]
-            lay = PageLayout(QuantConfig(nbits_key=kb, nbits_value=vb, axis_key=1, axis_value=0, asym=True,
-                                         q_group_size=64), SHAPE, PAGE_SIZE)
+            lay = PageLayout(uniform_config(kb, vb), SHAPE, PAGE_SIZE)
             out = torch.empty(n, lay.page_bytes, dtype=torch.uint8, device=dev)
 
             def quantize(lay=lay, out=out, tidx=tidx):

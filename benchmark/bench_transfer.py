@@ -184,9 +184,14 @@ def bench_spread(fn, reps: int, warmup: int = 2) -> tuple[float, float, float]:
     return median_p10_p90(event_samples(fn, reps, 1, warmup))
 
 
+def uniform_config(nbits_key: int, nbits_value: int) -> QuantConfig:
+    """The benchmarks' uniform configs: per-channel keys, per-token values, asymmetric, groups of 64."""
+    return QuantConfig(nbits_key=nbits_key, nbits_value=nbits_value, axis_key=1, axis_value=0, asym=True,
+                       q_group_size=64)
+
+
 def configs_for(shape_name: str) -> list[tuple[str, QuantConfig]]:
-    out = [(n, QuantConfig(nbits_key=k, nbits_value=v, axis_key=1, axis_value=0, asym=True, q_group_size=64))
-           for n, k, v in UNIFORM]
+    out = [(n, uniform_config(k, v)) for n, k, v in UNIFORM]
     d = presets_dir()
     preset = PRESETS.get(shape_name)
     if d is not None and preset and (d / preset).is_file():
