@@ -5,15 +5,17 @@
 #   2. benchmark/bench_quantize.py for this tree's kernel, then for the reference kernel (built into its own site),
 #      then this tree's again, so drift between the two shows (one process tree, one GPU);
 #   3. NCU=1: Nsight Compute on this tree's encode kernels (KV4, 256 pages), details in $OUT/ncu_encode_details.txt.
-# Env: PAGES (64,256), CONFIGS (KV8,KV4,K4V2,K3V2), REPS (15), KVTQ_ARCHS (90-real), NCU (1). Results in $OUT:
-# bench_quantize_{tree,ref,tree2}.json, pytest_gpu.log, build logs.
+# Env: PAGES (64,256), CONFIGS (KV8,KV4,K4V2,K3V2), REPS (15), KVTQ_ARCHS (90-real), NCU (1), TRANSFER (0; 1: step 1
+# also runs gpu_test.sh's bench_transfer, its target lines printed). Results in $OUT: bench_quantize_{tree,ref,tree2}.json,
+# pytest_gpu.log, build logs (and bench_transfer.json/.md with TRANSFER=1).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvtq_out}
 mkdir -p "$OUT"
 export KVTQ_ARCHS=${KVTQ_ARCHS:-90-real}
 args=(--pages "${PAGES:-64,256}" --configs "${CONFIGS:-KV8,KV4,K4V2,K3V2}" --reps "${REPS:-15}")
 [ -f .ref/REF ] || { echo "session_quantize_ab: no .ref here (bash scripts/device/stage_ref_kernel.sh REF, then carry .ref)"; exit 2; }
-OUT=$OUT SKIP_BENCH=1 bash scripts/gpu_test.sh -q 2>&1 | grep -v "^|" | tail -6
+OUT=$OUT SKIP_BENCH=$(( 1 - ${TRANSFER:-0} )) bash scripts/gpu_test.sh -q 2>&1 | grep -v "^|" \
+  | grep -E "PASS|MISS|passed|failed|error|Error|\[gpu_test\]" | tail -60
 test_rc=${PIPESTATUS[0]}
 PYTHONPATH=/tmp/kvtq-site python3 benchmark/bench_quantize.py "${args[@]}" --json "$OUT/bench_quantize_tree.json" 2>&1 | tail -12
 (cd .ref && DIST=/tmp/kvtq-ref-dist bash scripts/device/build_kernel_wheel.sh --kernel-only --target /tmp/kvtq-ref-site \
