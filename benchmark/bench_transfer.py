@@ -53,7 +53,9 @@ mean over the L calls of one load), next to the per-layer launch (`host_us_per_l
 module-level `native.decode_layer` path that resolves pointers and plans per call
 (`host_us_per_load_call_unplanned`) and SGLang's bf16 per-layer call (`sglang_bf16_host_us_per_load_call`).
 Host time per backup call (`host_us_per_backup_call`): the same for one codec.backup call; where it exceeds
-the backup's event time the backup is bound by its enqueue, not by the GPU or PCIe.
+the backup's event time the backup is bound by its enqueue, not by the GPU or PCIe. `host_us_backup_stages` splits
+it: the codec's Python checks (error sink, host ids), its pointer tables, and the op (argument checks, encode
+launches, copy issue), each timed alone.
 Load times carry their spread: `time_ms_p10`/`time_ms_p90` over the repeats (also for SGLang's load).
 
 Usage: PYTHONPATH=python python3 benchmark/bench_transfer.py [--json docs/results/bench_transfer.json]
@@ -137,6 +139,21 @@ def host_us_per_call(fn, calls: int, batches: int = 15) -> float:
             ts.append((t1 - t0) / calls / 1e3)
     torch.cuda.synchronize()
     return statistics.median(ts)
+
+
+def backup_host_stages(codec, host_ids: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
+    """Median host us of each stage of one NativeCodec.backup call without planes, each timed alone (enqueue only):
+    where the time of a small backup goes when it is bound by its enqueue (run 15: 72 us at one page)."""
+    ids = codec._host_ids(host_ids)
+    p0, p1 = codec._pointers()
+
+    def op(_):
+        codec._backup(codec._chunks, codec._units, p0, p1, rows, codec._header, codec.staging, codec.host_pages, ids,
+                      codec._geom, codec.err.word, codec._side)
+
+    return {"checks": round(host_us_per_call(lambda _: (codec.err.check(), codec._host_ids(host_ids)), 1), 2),
+            "pointers": round(host_us_per_call(lambda _: codec._pointers(), 1), 2),
+            "op": round(host_us_per_call(op, 1), 2)}
 
 
 def presets_dir() -> pathlib.Path | None:
@@ -377,6 +394,7 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
     host_us_unplanned = host_us_per_call(
         lambda i: native.decode_layer(lay, i % L, hostq, pid_dev, [k[i % L], v[i % L]], tidx), L)
     host_us_backup = host_us_per_call(lambda i: backup(), 1)  # the scheduler-side cost of one backup call
+    backup_stages = backup_host_stages(codec, host_ids_sorted, tidx)
     codec.check()
     base = {"shape": shape_name, "config": name, "pages": n, "page_size": ps, "gpu": gpu,
             "page_bytes": pb, "bytes_bf16": bf16_bytes, "bytes_quantized": q_bytes,
@@ -405,6 +423,7 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
                     rec["sglang_bf16_jit_ms"] = round(sg["load_jit"], 4)
         if direction == "backup":
             rec["host_us_per_backup_call"] = round(host_us_backup, 2)
+            rec["host_us_backup_stages"] = backup_stages
         if direction == "load":
             rec["load_blocks"] = native.load_blocks()
             rec["one_launch"] = 0 < n <= codec.fuse_pages
