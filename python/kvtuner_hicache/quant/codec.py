@@ -467,6 +467,11 @@ class NativeCodec(PageCodec):
         if rows.device != self.device or rows.dtype != torch.int64 or not rows.is_contiguous():
             rows = rows.to(device=self.device, dtype=torch.int64).contiguous()
         p0, p1 = self._pointers()
+        self._issue_backup(p0, p1, rows, ids, planes)
+
+    def _issue_backup(self, p0: torch.Tensor, p1: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
+                      planes: torch.Tensor | None = None) -> None:
+        """The op call of a backup whose arguments are checked (bench_transfer times it alone)."""
         if planes is None:
             self._backup(self._chunks, self._units, p0, p1, rows, self._header, self.staging, self.host_pages, ids,
                          self._geom, self.err.word, self._side)
