@@ -339,6 +339,23 @@ def test_embedded_coarse_plane_is_the_direct_code_and_fine_bound(values, group):
     assert torch.equal(planes[0], pack_codes(c4, 4))  # the coarse plane's bytes are a fixed KV4 chunk's codes
 
 
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(finite, min_size=16, max_size=16 * 8), group=st.sampled_from([8, 16]))
+def test_a_6_bit_refinement_of_a_2_bit_code_nests_the_2_bit_refinement(values, group):
+    """The three-level ladder of docs/elastic.md ("What remains"): under a 2-bit floor, the 6-bit refinement r6
+    holds today's 2-bit refinement r as its top two bits, bit for bit, so a fine plane of r6 mod 16 can be added
+    beside the existing plane and dropped without touching it; floor + r + fine decode within s / 128."""
+    n = len(values) // group * group
+    x = torch.tensor(values[:n], dtype=torch.float32).to(torch.bfloat16).reshape(-1, group)
+    c, r2, scale, mn = quantize_embedded(x, coarse_bits=2, fine_bits=2)
+    c6, r6, scale6, mn6 = quantize_embedded(x, coarse_bits=2, fine_bits=6)
+    assert torch.equal(c, c6) and torch.equal(scale, scale6) and torch.equal(mn, mn6)
+    assert torch.equal(r6 >> 4, r2) and int(r6.max()) < 64
+    xs = sanitize(x)
+    err = (dequantize_embedded(c, r6, scale, mn, fine_bits=6) - xs).abs()
+    assert bool((err <= scale.float().unsqueeze(-1) / 128 + _eps(xs, scale, mn, 2)).all())
+
+
 def test_embedded_non_finite_and_constant_groups():
     bad = torch.tensor([[float("nan"), 1.0, -1.0, 0.5], [float("inf"), 0.0, 1.0, 2.0], [-float("inf"), 1e6, -1e6, 3.0]])
     c, r, scale, mn = quantize_embedded(bad)
