@@ -36,11 +36,19 @@ from kvtuner_hicache.page_format import PageLayout  # noqa: E402
 from kvtuner_hicache.quant import native  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmark"))
-from bench_transfer import PAGE_SIZE, SHAPES, event_samples, median_p10_p90, uniform_config  # noqa: E402
+from bench_transfer import (  # noqa: E402
+    PAGE_SIZE,
+    QUEUED_CALLS,
+    SHAPES,
+    UNIFORM,
+    event_samples,
+    median_p10_p90,
+    uniform_config,
+)
 
 SHAPE = SHAPES["Qwen2.5-7B"]
-BITS = {"KV8": (8, 8), "K8V4": (8, 4), "KV4": (4, 4), "K4V2": (4, 2), "KV2": (2, 2), "K3V2": (3, 2), "KV3": (3, 3)}
-QUEUE = 20
+BITS = {name: (k, v) for name, k, v in UNIFORM} | {"K3V2": (3, 2), "KV3": (3, 3)}  # bench_transfer's, plus 3-bit
+QUEUE = QUEUED_CALLS
 
 
 def kernel_ms(fn, calls: int) -> dict[str, float]:

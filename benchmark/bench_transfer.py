@@ -91,6 +91,7 @@ STAGING_PAGES = 64
 SHAPES = {"Qwen2.5-7B": KVShape.mha(28, 4, 128), "Llama-3.1-8B": KVShape.mha(32, 8, 128)}
 PRESETS = {"Qwen2.5-7B": "Qwen2.5-7B-Instruct_kivi_KVTuner4_0.yaml"}
 UNIFORM = [("KV8", 8, 8), ("K8V4", 8, 4), ("KV4", 4, 4), ("K4V2", 4, 2), ("KV2", 2, 2)]
+QUEUED_CALLS = 20  # calls back to back between two events for a queued time (bench_queued, bench_quantize)
 
 def sglang_bf16_ops():
     """SGLang's AOT bf16 transfer ops (sgl_kernel.kvcacheio), or None when sgl_kernel does not import."""
@@ -181,7 +182,7 @@ def event_samples(fn, reps: int, per: int = 1, warmup: int = 2) -> list[float]:
     return ts
 
 
-def bench_queued(fn, reps: int, per: int = 20) -> float:
+def bench_queued(fn, reps: int, per: int = QUEUED_CALLS) -> float:
     """Median milliseconds per fn() with `per` calls queued between two events: the GPU's own time per call."""
     return statistics.median(event_samples(fn, reps, per))
 
