@@ -55,7 +55,8 @@ module-level `native.decode_layer` path that resolves pointers and plans per cal
 Host time per backup call (`host_us_per_backup_call`): the same for one codec.backup call; where it exceeds
 the backup's event time the backup is bound by its enqueue, not by the GPU or PCIe. `host_us_backup_stages` splits
 it: the codec's Python checks (error sink, host ids), its pointer tables, and the op (argument checks, encode
-launches, copy issue), each timed alone.
+launches, copy issue), each timed alone; `encode_op_empty` (an encode op of no pages: dispatch and argument checks)
+and `encode_op` (the encode op alone into staging) split the op.
 Load times carry their spread: `time_ms_p10`/`time_ms_p90` over the repeats (also for SGLang's load).
 
 Usage: PYTHONPATH=python python3 benchmark/bench_transfer.py [--json docs/results/bench_transfer.json]
@@ -147,9 +148,19 @@ def backup_host_stages(codec, host_ids: torch.Tensor, rows: torch.Tensor) -> dic
     where the time of a small backup goes when it is bound by its enqueue (run 15: 72 us at one page)."""
     ids = codec._host_ids(host_ids)
     p0, p1 = codec._pointers()
+    n = ids.numel()
+    encode = native.ops().encode.default
+
+    def encode_op(rows_: torch.Tensor, out: torch.Tensor) -> None:  # the encode launches alone, into staging
+        encode(codec._chunks, codec._units, p0, p1, rows_, codec._header, out, codec._geom, codec.err.word)
+
     return {"checks": round(host_us_per_call(lambda _: (codec.err.check(), codec._host_ids(host_ids)), 1), 2),
             "pointers": round(host_us_per_call(lambda _: codec._pointers(), 1), 2),
-            "op": round(host_us_per_call(lambda _: codec._issue_backup(p0, p1, rows, ids), 1), 2)}
+            "op": round(host_us_per_call(lambda _: codec._issue_backup(p0, p1, rows, ids), 1), 2),
+            # the op's parts: its dispatch and argument checks (an empty encode), and the encode launches
+            "encode_op_empty": round(host_us_per_call(lambda _: encode_op(rows[:0], codec.staging[:0]), 1), 2),
+            "encode_op": round(host_us_per_call(lambda _: encode_op(rows, codec.staging[:n]), 1), 2)
+            if n <= codec.staging.size(0) else None}
 
 
 def presets_dir() -> pathlib.Path | None:
