@@ -170,6 +170,13 @@ def test_bad_indices_raise_index_error():
     with pytest.raises(IndexError, match="device row"):
         c.load_layer(0, torch.tensor([0]), _rows([0]) + 10**6)
     c.backup(torch.tensor([0]), _rows([0]))  # still usable
+    many = torch.zeros(codec._LIST_CHECK_MAX + 1, dtype=torch.int64)  # past the list check: the tensor reduction
+    for bad in (4, -1):
+        many[-1] = bad
+        with pytest.raises(IndexError, match=f"host page id {bad}"):
+            c._host_ids(many)
+        with pytest.raises(IndexError, match=f"host page id {bad}"):
+            c._host_ids(many[1:])  # at the list check's bound
 
 
 def test_cuda_without_kernels_is_an_error_unless_opted_in(monkeypatch, caplog):
