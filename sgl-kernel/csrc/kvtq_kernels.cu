@@ -10,7 +10,13 @@
 //    equal the reference's "round to nearest, then step one fp16 ulp" for every finite input,
 //    including signed zeros and subnormals;
 //  * inputs are sanitized like the reference (NaN -> 0, clamp to +-65504, -0 -> +0), so min/max
-//    are order-independent and the reduction order does not matter;
+//    are order-independent and the reduction order does not matter. The encode sanitizes an item only
+//    when one of its 16-bit inputs is NaN, inf or beyond fp16's range (has_special: integer ops on the raw
+//    words); a -0 is left as it is, because it yields the code of +0, and make_qp turns a group's
+//    min/max of -0 into +0;
+//  * rint(RN(n / s)) by a multiply, a round-to-integer add and one exactness test per element; the
+//    correctly rounded division runs only for an item whose quotient lies within 1e-4 of a half-integer
+//    (quant8: a branch per 8 elements, not per element);
 //  * the dequantized fp32 value is rounded to the pool dtype with round-to-nearest-even.
 #include "kvtq_kernels.h"
 
@@ -55,12 +61,36 @@ __device__ __forceinline__ float sanitize(float x) {
   return __fadd_rn(x, 0.f);                        // -0 -> +0 (min/max of signed zeros is order-dependent)
 }
 
+// The smallest |x| bit pattern (sign cleared) that sanitize() changes: bf16 >= 65536 (clamped to 65504),
+// inf and NaN; fp16 inf and NaN.
+template <typename T>
+struct SpecialFrom;
+template <>
+struct SpecialFrom<__nv_bfloat16> { static constexpr uint32_t kBits = 0x4780u; };
+template <>
+struct SpecialFrom<__half> { static constexpr uint32_t kBits = 0x7c00u; };
+
+// Whether any of the 8 inputs is one that sanitize() changes (other than -0): per 16-bit half,
+// (|h| + 0x8000 - kBits) sets bit 15 exactly when |h| >= kBits, and never carries into the next half.
+template <typename T>
+__device__ __forceinline__ bool has_special(const uint4& r) {
+  constexpr uint32_t add = (0x8000u - SpecialFrom<T>::kBits) * 0x10001u;
+  const uint32_t s = ((r.x & 0x7fff7fffu) + add) | ((r.y & 0x7fff7fffu) + add) | ((r.z & 0x7fff7fffu) + add) |
+                     ((r.w & 0x7fff7fffu) + add);
+  return (s & 0x80008000u) != 0u;
+}
+
+// 8 inputs as fp32, sanitized where it changes a value (see has_special; -0 stays -0).
 template <typename T>
 __device__ __forceinline__ void unpack8(const uint4& r, float v[8]) {
-  v[0] = sanitize(Elem<T>::lo(r.x)); v[1] = sanitize(Elem<T>::hi(r.x));
-  v[2] = sanitize(Elem<T>::lo(r.y)); v[3] = sanitize(Elem<T>::hi(r.y));
-  v[4] = sanitize(Elem<T>::lo(r.z)); v[5] = sanitize(Elem<T>::hi(r.z));
-  v[6] = sanitize(Elem<T>::lo(r.w)); v[7] = sanitize(Elem<T>::hi(r.w));
+  v[0] = Elem<T>::lo(r.x); v[1] = Elem<T>::hi(r.x);
+  v[2] = Elem<T>::lo(r.y); v[3] = Elem<T>::hi(r.y);
+  v[4] = Elem<T>::lo(r.z); v[5] = Elem<T>::hi(r.z);
+  v[6] = Elem<T>::lo(r.w); v[7] = Elem<T>::hi(r.w);
+  if (has_special<T>(r)) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = sanitize(v[e]);
+  }
 }
 
 // ---- quantizer math (one IEEE op per step, exactly as reference.py) ---------------------------
@@ -73,6 +103,8 @@ struct QP {
 
 __device__ __forceinline__ QP make_qp(float mn, float mx, int bits, bool asym) {
   QP q;
+  mn = __fadd_rn(mn, 0.f);  // -0 -> +0: the reference's min/max of sanitized inputs (unpack8 keeps -0)
+  mx = __fadd_rn(mx, 0.f);
   if (asym) {
     const float levels = (float)((1 << bits) - 1);
     const __half hm = __float2half_rd(mn);
@@ -115,6 +147,48 @@ __device__ __forceinline__ uint32_t quant(float x, const QP& q, int bits, bool a
   float r = q.s > 0.f ? rint_quot(x, q.s, q.inv) : 0.f;
   r = fminf(fmaxf(r, -qmax), qmax);
   return (uint32_t)((int)r + (1 << (bits - 1)));
+}
+
+// The fast path of quant for one element: RN(n * inv) rounded to an integer by adding 1.5 * 2^23 (exact
+// round-half-even for |r| < 2^22; the quantizer's |r| <= 2^bits + 1), clamped in that biased domain, the
+// code read from the low mantissa bits. `worst` collects |r - rint(r)|: at or above 0.4999 the item must
+// be redone with the division (quant8). s == 0 gives inv == 0, hence r == 0 and the reference's code 0.
+constexpr float kRintShift = 12582912.f;  // 1.5 * 2^23
+constexpr uint32_t kRintShiftBits = 0x4B400000u;
+
+template <int BITS, bool ASYM>
+__device__ __forceinline__ uint32_t quant_fast(float x, float m, float inv, float& worst) {
+  constexpr float lo = ASYM ? 0.f : -(float)((1 << (BITS - 1)) - 1);
+  constexpr float hi = ASYM ? (float)((1 << BITS) - 1) : (float)((1 << (BITS - 1)) - 1);
+  constexpr uint32_t bias = ASYM ? 0u : (1u << (BITS - 1));
+  const float r = __fmul_rn(ASYM ? __fsub_rn(x, m) : x, inv);
+  const float y = __fadd_rn(r, kRintShift);
+  worst = fmaxf(worst, fabsf(__fsub_rn(r, __fsub_rn(y, kRintShift))));
+  const float yc = fminf(fmaxf(y, kRintShift + lo), kRintShift + hi);
+  return __float_as_uint(yc) - kRintShiftBits + bias;
+}
+
+// quant() out of line: the rare path of quant8, kept out of the unrolled loops so that the common path
+// stays short (the instruction cache) and the division's registers are not reserved across it.
+__device__ __noinline__ uint32_t quant_exact(float x, float s, float m, float inv, int bits, int asym) {
+  QP q;
+  q.s = s;
+  q.m = m;
+  q.inv = inv;
+  return quant(x, q, bits, asym != 0);
+}
+
+// quant() of 8 elements of one group. The rare item with a quotient near a half-integer takes the division
+// path for all 8 (one branch per item, out of the way of the common path).
+template <int BITS, bool ASYM>
+__device__ __forceinline__ void quant8(const float v[8], const QP& q, uint32_t code[8]) {
+  float worst = 0.f;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) code[e] = quant_fast<BITS, ASYM>(v[e], q.m, q.inv, worst);
+  if (__builtin_expect(worst >= 0.4999f, 0)) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) code[e] = quant_exact(v[e], q.s, q.m, q.inv, BITS, ASYM);
+  }
 }
 
 template <int BITS>
@@ -233,6 +307,23 @@ __device__ __forceinline__ uint8_t* plane_out(const EncodeArgs& A, const ChunkDe
 }
 
 // ---- encode -------------------------------------------------------------------------------------
+// n / d for 0 <= n < 2^24 and a divisor fixed for the block (checked on the host: Plan._check): a shift for a
+// power of two, else a float reciprocal and one correction step (|n * RZ(1/d) - n/d| < 1 for d >= 3), in
+// place of an integer division (~25 instructions) per item.
+struct DivBy {
+  int d, shift;  // shift >= 0: d == 1 << shift
+  float inv;
+  __device__ __forceinline__ explicit DivBy(int divisor)
+      : d(divisor), shift((divisor & (divisor - 1)) == 0 ? __ffs(divisor) - 1 : -1), inv(__frcp_rn((float)divisor)) {}
+  __device__ __forceinline__ int operator()(int n) const {
+    if (shift >= 0) return n >> shift;
+    int q = (int)__fmul_rz((float)n, inv);
+    const int r = n - q * d;
+    q += (r >= d) - (r < 0);
+    return q;
+  }
+};
+
 
 // Shared memory of one encode block, per axis (so a per-token block does not reserve the per-channel
 // reduction's 16 KiB, which would cap its occupancy).
@@ -248,9 +339,10 @@ struct Axis1Shared {  // per-channel column min/max across the block's rows, the
   float s_i[kThreads];
 };
 
-// Groups smaller than one 8-element item (G = 2 or 4), fully unrolled.
+// Groups smaller than one 8-element item (G = 2 or 4), fully unrolled. Out of line: a rare configuration,
+// whose per-group divisions would otherwise take most of the per-token kernel's code.
 template <int GS, int BITS>
-__device__ __forceinline__ void small_groups(const float v[8], uint32_t code[8], uint32_t* rcode, uint8_t* chunk,
+__device__ __noinline__ void small_groups(const float v[8], uint32_t code[8], uint32_t* rcode, uint8_t* chunk,
                                              const ChunkDesc& c, int i, bool asym) {
 #pragma unroll
   for (int g0 = 0; g0 < 8; g0 += GS) {
@@ -284,6 +376,7 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
   constexpr int bits = BITS;
   const bool asym = c.asym != 0;
   uint8_t* rplane = PLANES ? plane_out(A, c, p) : nullptr;
+  const DivBy by_w8(W8), by_dim(c.dim);
 
   uint4 raw[kEncItemsPerThread];
 #pragma unroll
@@ -291,9 +384,9 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
     const int i = u * kEncItemsPerUnit + j * kThreads + tid;
     raw[j] = make_uint4(0u, 0u, 0u, 0u);
     if (i < items) {
-      const int t = i / W8;
+      const int t = by_w8(i);
       const int col = (i - t * W8) * 8;
-      const int h = col / c.dim, d = col - h * c.dim;
+      const int h = by_dim(col), d = col - h * c.dim;
       const int64_t row = tok[t];
       if (bad_index(row, nrows)) report_error(A.err, kErrEncodeRow, row, nrows);
       else raw[j] = *reinterpret_cast<const uint4*>(src + row * rs + h * hs + c.col_off + d);
@@ -328,8 +421,8 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
       }
       if (valid) {
         const QP q = make_qp(mn, mx, bits, asym);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) code[e] = quant(v[e], q, bits, asym);
+        if (asym) quant8<BITS, true>(v, q, code);
+        else quant8<BITS, false>(v, q, code);
         store_codes8(chunk + (int64_t)i * bits, code, bits);
         if ((i & (lanes - 1)) == 0) put_meta(chunk, c, ((int64_t)i * 8) / G, q);
         if (rplane != nullptr) {
@@ -425,12 +518,12 @@ __device__ __forceinline__ void encode_axis1(const EncodeArgs& A, const ChunkDes
   }
   __syncthreads();
   if (colvalid) {
-    QP q[8];
+    // Only min and 1/scale stay in registers; the scale is read from shared memory where it is needed.
+    float qm[8], qi[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      q[e].s = sh.s_s[kci * 8 + e];
-      q[e].m = sh.s_m[kci * 8 + e];
-      q[e].inv = sh.s_i[kci * 8 + e];
+      qm[e] = sh.s_m[kci * 8 + e];
+      qi[e] = sh.s_i[kci * 8 + e];
     }
 #pragma unroll
     for (int m = 0; m < kEncMaxTokensPerThread; ++m) {
@@ -439,14 +532,30 @@ __device__ __forceinline__ void encode_axis1(const EncodeArgs& A, const ChunkDes
         float v[8];
         unpack8<T>(raw[m], v);
         uint32_t code[8];
+        float worst = 0.f;
+        if (asym) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) code[e] = quant(v[e], q[e], bits, asym);
+          for (int e = 0; e < 8; ++e) code[e] = quant_fast<BITS, true>(v[e], qm[e], qi[e], worst);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) code[e] = quant_fast<BITS, false>(v[e], qm[e], qi[e], worst);
+        }
+        if (__builtin_expect(worst >= 0.4999f, 0)) {  // a quotient near a half-integer: the division decides
+#pragma unroll
+          for (int e = 0; e < 8; ++e) code[e] = quant_exact(v[e], sh.s_s[kci * 8 + e], qm[e], qi[e], BITS, asym);
+        }
         const int64_t at = ((int64_t)(t0 + t) * W8 + k) * bits;
         store_codes8(chunk + at, code, bits);
         if (rplane != nullptr) {
           uint32_t r[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) r[e] = refine_code(v[e], q[e], code[e], bits);
+          for (int e = 0; e < 8; ++e) {
+            QP q;
+            q.s = sh.s_s[kci * 8 + e];
+            q.m = qm[e];
+            q.inv = qi[e];
+            r[e] = refine_code(v[e], q, code[e], bits);
+          }
           store_codes8(rplane + at, r, bits);
         }
       }

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 name = "native"  # label for logs
 
-KERNEL_VERSION = "0.7.0"  # the kvtuner-hicache-kernel version this package is written against
+KERNEL_VERSION = "0.8.0"  # the kvtuner-hicache-kernel version this package is written against
 ENV_JIT = "KVTQ_JIT_BUILD"
 SOURCES = ("kvtq_kernels.cu", "kvtq_ops.cpp", "kvtq_crc.cpp")
 HEADERS = ("kvtq_kernels.h", "kvtq_check.h")
@@ -294,6 +294,8 @@ class Plan:
                 return f"stream {st.name}: dim {st.dim} / column offset {st.col_offset} not a multiple of 8"
             if width % 64:
                 return f"stream {st.name}: heads*dim {width} not a multiple of 64"
+            if ps * width // 8 >= 1 << 24:  # the encode kernel's in-block division (DivBy) is exact below 2^24
+                return f"stream {st.name}: page_size*heads*dim/8 = {ps * width // 8} items per page >= 2^24"
             for layer in range(layout.num_layers):
                 c = layout.chunk(s, layer)
                 if c.bits not in NATIVE_BITS:
