@@ -313,16 +313,23 @@ __device__ __forceinline__ uint8_t* plane_out(const EncodeArgs& A, const ChunkDe
 struct DivBy {
   int d, shift;  // shift >= 0: d == 1 << shift
   float inv;
-  __device__ __forceinline__ explicit DivBy(int divisor)
-      : d(divisor), shift((divisor & (divisor - 1)) == 0 ? __ffs(divisor) - 1 : -1), inv(__frcp_rn((float)divisor)) {}
-  __device__ __forceinline__ int operator()(int n) const {
-    if (shift >= 0) return n >> shift;
-    int q = (int)__fmul_rz((float)n, inv);
-    const int r = n - q * d;
-    q += (r >= d) - (r < 0);
-    return q;
-  }
 };
+
+__device__ __forceinline__ DivBy div_by(int d) {
+  DivBy b;
+  b.d = d;
+  b.shift = (d & (d - 1)) == 0 ? __ffs(d) - 1 : -1;
+  b.inv = __frcp_rn((float)d);
+  return b;
+}
+
+__device__ __forceinline__ int divide(int n, const DivBy& b) {
+  if (b.shift >= 0) return n >> b.shift;
+  int q = (int)__fmul_rz((float)n, b.inv);
+  const int r = n - q * b.d;
+  q += (r >= b.d) - (r < 0);
+  return q;
+}
 
 
 // Shared memory of one encode block, per axis (so a per-token block does not reserve the per-channel
@@ -376,7 +383,7 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
   constexpr int bits = BITS;
   const bool asym = c.asym != 0;
   uint8_t* rplane = PLANES ? plane_out(A, c, p) : nullptr;
-  const DivBy by_w8(W8), by_dim(c.dim);
+  const DivBy by_w8 = div_by(W8), by_dim = div_by(c.dim);
 
   uint4 raw[kEncItemsPerThread];
 #pragma unroll
@@ -384,9 +391,9 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
     const int i = u * kEncItemsPerUnit + j * kThreads + tid;
     raw[j] = make_uint4(0u, 0u, 0u, 0u);
     if (i < items) {
-      const int t = by_w8(i);
+      const int t = divide(i, by_w8);
       const int col = (i - t * W8) * 8;
-      const int h = by_dim(col), d = col - h * c.dim;
+      const int h = divide(col, by_dim), d = col - h * c.dim;
       const int64_t row = tok[t];
       if (bad_index(row, nrows)) report_error(A.err, kErrEncodeRow, row, nrows);
       else raw[j] = *reinterpret_cast<const uint4*>(src + row * rs + h * hs + c.col_off + d);
