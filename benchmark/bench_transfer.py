@@ -720,7 +720,11 @@ def targets(records: list) -> list[str]:
         for r in records:
             if r["shape"] == shape and r["direction"] == "backup" and r["config"] == "KV4":
                 out.append(f"{shape} backup KV4 {r['pages']} pages: {r['vs_own_bytes_single_dma']:.2f}x one D2H DMA "
-                           f"of the same packed bytes ({r['time_ms']:.3f} against {r['own_bytes_single_dma_ms']:.3f} ms)")
+                           f"of the same packed bytes ({r['time_ms']:.3f} against {r['own_bytes_single_dma_ms']:.3f} ms)"
+                           + (f"; through staging {r['time_ms_staging']:.3f}, direct {r['time_ms_direct']:.3f} ms "
+                              f"(scattered {r['time_ms_direct_scattered_pages']:.3f}), host us per call "
+                              f"{r['host_us_per_backup_call']} (direct {r['host_us_per_backup_call_direct']}), "
+                              f"stages {r['host_us_backup_stages']}" if "time_ms_direct" in r else ""))
         for n in (1, 16):
             for d in ("load", "backup"):
                 worst = min((r for r in records if r["shape"] == shape and r["direction"] == d and r["pages"] == n),
