@@ -15,7 +15,7 @@ export KVTQ_ARCHS=${KVTQ_ARCHS:-90-real}
 args=(--pages "${PAGES:-64,256}" --configs "${CONFIGS:-KV8,KV4,K4V2,K3V2}" --reps "${REPS:-15}")
 [ -f .ref/REF ] || { echo "session_quantize_ab: no .ref here (bash scripts/device/stage_ref_kernel.sh REF, then carry .ref)"; exit 2; }
 OUT=$OUT SKIP_BENCH=$(( 1 - ${TRANSFER:-0} )) bash scripts/gpu_test.sh -q 2>&1 | grep -v "^|" \
-  | grep -E "PASS|MISS|passed|failed|error|Error|\[gpu_test\]" | tail -60
+  | grep -E "PASS|MISS|backup KV4|passed|failed|error|Error|\[gpu_test\]" | tail -70
 test_rc=${PIPESTATUS[0]}
 PYTHONPATH=/tmp/kvtq-site python3 benchmark/bench_quantize.py "${args[@]}" --json "$OUT/bench_quantize_tree.json" 2>&1 | tail -12
 (cd .ref && DIST=/tmp/kvtq-ref-dist bash scripts/device/build_kernel_wheel.sh --kernel-only --target /tmp/kvtq-ref-site \
