@@ -75,3 +75,19 @@ def test_files_of_different_gpus_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="CALL=PATH"):
         tr.main(["--transfer", str(tmp_path / "t.json"), "--e2e", str(tmp_path / "a.json"), "--label", "x",
                  "--out", str(tmp_path / "r.json")])
+
+
+def test_backup_checks_and_the_quantize_clause():
+    backup = [{"config": "KV4", "pages": n, "time_ms": t, "sglang_bf16_ms": sg, "speedup_vs_sglang_bf16": sg / t,
+               "vs_own_bytes_single_dma": x} for n, t, sg, x in ((1, 0.109, 0.081, 4.2), (256, 5.0, 18.0, 1.07))]
+    slow = [{"config": "KV4", "pages": 256, "eff_bf16_GBps": 700.0, "eff_bf16_GBps_queued": 754.0}]
+    t = tr.backup_targets(backup, slow)
+    assert t[0] == "backup KV4 1 pages not slower than SGLang bf16: 0.74x (0.109 against 0.081 ms) MISS"
+    assert t[1].endswith("PASS")
+    assert "slowest quantize 754 GB/s; KV4 backup at most 4.20x one DMA of its bytes (at 1 pages; 2 sizes) MISS" in t[2]
+    backup[0]["vs_own_bytes_single_dma"] = 1.15  # every size within 1.2x of its DMA: the clause's second half
+    assert tr.backup_targets(backup, slow)[2].endswith("PASS")
+    backup[0]["vs_own_bytes_single_dma"] = 4.2
+    fast = [dict(slow[0], eff_bf16_GBps_queued=1010.0)]  # or quantize at 1 TB/s
+    assert tr.backup_targets(backup, fast)[2].endswith("PASS")
+
