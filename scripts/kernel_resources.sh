@@ -21,7 +21,7 @@ archs=("${@:-90}")
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 for a in "${archs[@]}"; do
-  "$CU/bin/nvcc" -std=c++17 -arch="sm_$a" -cubin --resource-usage -O3 -fmad=false -I"$CU/include" \
+  "$CU/bin/nvcc" -std=c++20 -arch="sm_$a" -cubin --resource-usage -O3 -fmad=false -I"$CU/include" \
     -o "$out/kvtq_sm$a.cubin" "$REPO/sgl-kernel/csrc/kvtq_kernels.cu" 2> "$out/ptxas_$a.txt"
   echo "sm_$a:"
   # "Compiling entry function 'NAME'" is followed by "Function properties for NAME" (stack, spills) and "Used ..."
