@@ -57,9 +57,6 @@ the backup's event time the backup is bound by its enqueue, not by the GPU or PC
 it: the codec's Python checks (error sink, host ids), its pointer tables, and the op (argument checks, encode
 launches, copy issue), each timed alone; `encode_op_empty` (an encode op of no pages: dispatch and argument checks)
 and `encode_op` (the encode op alone into staging) split the op.
-Backup paths side by side (backup records): `time_ms_staging` (encode into GPU staging, then DMA) and `time_ms_direct`
-(the encode kernel writes straight into pinned host pages; `_scattered_pages`: host ids in no order, one launch set
-per run), whichever the serving codec (`direct_pages`, codec.DIRECT_PAGES) picks for `time_ms`.
 Load times carry their spread: `time_ms_p10`/`time_ms_p90` over the repeats (also for SGLang's load).
 
 Usage: PYTHONPATH=python python3 benchmark/bench_transfer.py [--json docs/results/bench_transfer.json]
@@ -353,9 +350,6 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
     codec_pl = NativeCodec(lay, kv, hostq, dev, staging_pages=1, fuse_pages=0, staged_pages=0)
     codec_dev = NativeCodec(lay, kv, devq, dev, staging_pages=1, load_blocks=0, staged_pages=0)  # pages in GPU memory
     sweep_codecs: dict[int, NativeCodec] = {}
-    # the two backup paths side by side, whatever the serving codec's DIRECT_PAGES picks at this size
-    codec_staging = NativeCodec(lay, kv, hostq, dev, staging_pages=min(n, STAGING_PAGES), direct_pages=0)
-    codec_direct = NativeCodec(lay, kv, hostq, dev, staging=codec_staging.staging, direct_pages=n)
 
     def backup():
         codec.backup(host_ids_sorted, tidx)
@@ -392,10 +386,6 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
     backup()  # fill host pages with real data before timing the load
     torch.cuda.synchronize()
     t_backup = bench(backup, reps)
-    t_backup_staging = bench(lambda: codec_staging.backup(host_ids_sorted, tidx), reps)
-    t_backup_direct = bench(lambda: codec_direct.backup(host_ids_sorted, tidx), reps)
-    t_backup_direct_scat = bench(lambda: codec_direct.backup(host_ids, tidx), reps)  # one launch set per run
-    host_us_direct = host_us_per_call(lambda i: codec_direct.backup(host_ids_sorted, tidx), 1)
     t_load, t_load_p10, t_load_p90 = bench_spread(load, reps)
     load_path = ("one-launch" if 0 < n <= codec.fuse_pages else "staged" if codec.staged.fits(n) else "per-layer")
     t_scat = bench(staged_scattered, reps) if load_path == "staged" else None
@@ -412,8 +402,7 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
         lambda i: native.decode_layer(lay, i % L, hostq, pid_dev, [k[i % L], v[i % L]], tidx), L)
     host_us_backup = host_us_per_call(lambda i: backup(), 1)  # the scheduler-side cost of one backup call
     backup_stages = backup_host_stages(codec, host_ids_sorted, tidx)
-    for c in (codec, codec_staging, codec_direct):
-        c.check()
+    codec.check()
     base = {"shape": shape_name, "config": name, "pages": n, "page_size": ps, "gpu": gpu,
             "page_bytes": pb, "bytes_bf16": bf16_bytes, "bytes_quantized": q_bytes,
             "compression_vs_bf16": round(lay.compression_vs_bf16, 3)}
@@ -442,11 +431,6 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
         if direction == "backup":
             rec["host_us_per_backup_call"] = round(host_us_backup, 2)
             rec["host_us_backup_stages"] = backup_stages
-            rec["direct_pages"] = codec.direct_pages
-            rec["time_ms_staging"] = round(t_backup_staging, 4)
-            rec["time_ms_direct"] = round(t_backup_direct, 4)
-            rec["time_ms_direct_scattered_pages"] = round(t_backup_direct_scat, 4)
-            rec["host_us_per_backup_call_direct"] = round(host_us_direct, 2)
         if direction == "load":
             rec["load_blocks"] = native.load_blocks()
             rec["one_launch"] = 0 < n <= codec.fuse_pages
@@ -721,10 +705,8 @@ def targets(records: list) -> list[str]:
             if r["shape"] == shape and r["direction"] == "backup" and r["config"] == "KV4":
                 out.append(f"{shape} backup KV4 {r['pages']} pages: {r['vs_own_bytes_single_dma']:.2f}x one D2H DMA "
                            f"of the same packed bytes ({r['time_ms']:.3f} against {r['own_bytes_single_dma_ms']:.3f} ms)"
-                           + (f"; through staging {r['time_ms_staging']:.3f}, direct {r['time_ms_direct']:.3f} ms "
-                              f"(scattered {r['time_ms_direct_scattered_pages']:.3f}), host us per call "
-                              f"{r['host_us_per_backup_call']} (direct {r['host_us_per_backup_call_direct']}), "
-                              f"stages {r['host_us_backup_stages']}" if "time_ms_direct" in r else ""))
+                           + (f"; host us per call {r['host_us_per_backup_call']}, stages {r['host_us_backup_stages']}"
+                              if "host_us_backup_stages" in r else ""))
         for n in (1, 16):
             for d in ("load", "backup"):
                 worst = min((r for r in records if r["shape"] == shape and r["direction"] == d and r["pages"] == n),

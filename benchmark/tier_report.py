@@ -44,8 +44,7 @@ def transfer_rows(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[
         row = {k: r.get(k) for k in ("config", "pages", "time_ms", "sglang_bf16_ms", "speedup_vs_sglang_bf16",
                                      "own_bytes_single_dma_ms", "vs_own_bytes_single_dma", "bf16_single_dma_ms",
                                      "load_path", "host_us_per_load_call", "host_us_per_backup_call",
-                                     "sglang_bf16_host_us_per_load_call", "time_ms_staging", "time_ms_direct",
-                                     "direct_pages")}
+                                     "sglang_bf16_host_us_per_load_call", "host_us_backup_stages")}
         out[r["direction"]].append({k: v for k, v in row.items() if v is not None})
     return out["load"], out["backup"]
 

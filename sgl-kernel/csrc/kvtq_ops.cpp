@@ -317,10 +317,7 @@ int64_t backup_chunk_pages(int64_t n, int64_t cap) {
   return std::max<int64_t>(1, std::min(std::max(want, by_slots), std::min(cap / 2, (n + 1) / 2)));
 }
 
-// Quantize into `staging` and DMA the pages to their host pages. A batch of at most `direct_pages` pages with a
-// mapped host address (`direct_base`, the mapped address of host_pages[0]) skips staging: the encode kernel writes
-// each run of consecutive host pages straight into pinned memory over PCIe, one launch set per run, so a small
-// backup costs no copy call and its PCIe writes overlap its encode. With two or more staging pages the
+// Quantize into `staging` and DMA the pages to their host pages. With two or more staging pages the
 // batch is cut into chunks of about n/16 pages (kBackupChunks; at least 4, at most half the staging area) that cycle
 // through the staging slots: the kernel encodes chunk k on the current stream while the side stream
 // copies chunk k-1, so only the first chunk's encode is not hidden behind the DMA. The current stream
@@ -330,7 +327,7 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
             const at::Tensor& token_index, const at::Tensor& header, const at::Tensor& staging,
             const at::Tensor& host_pages, const at::Tensor& host_ids, const at::Tensor& geom, const at::Tensor& err_word,
             const c10::intrusive_ptr<BackupStream>& side, const c10::optional<at::Tensor>& plane_dst, int64_t plane_base,
-            int64_t plane_bound, int64_t direct_base, int64_t direct_pages) {
+            int64_t plane_bound) {
   // Planes are written by the encode kernel itself, straight into (mapped) host memory: no staging.
   kvtq::EncodeArgs a = encode_args(chunks, unit_chunk, ptrs0, ptrs1, token_index, header, staging, geom, err_word,
                                    plane_dst, plane_base, plane_bound);
@@ -353,21 +350,6 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
   const int64_t cap = staging.size(0);
   const int64_t* tok = token_index.data_ptr<int64_t>();
   const int64_t sstride = staging.stride(0);
-  if (direct_base != 0 && n <= direct_pages) {
-    const int64_t hstride = host_pages.stride(0);
-    KVTQ_CHECK(direct_base % 16 == 0 && hstride % 16 == 0, "kvtq: direct backup needs 16-byte aligned host pages");
-    uint8_t* hbase = reinterpret_cast<uint8_t*>(direct_base);
-    for (const auto& [j, run] : id_runs(ids, n)) {
-      kvtq::EncodeArgs b = a;
-      b.token_index = tok + j * a.page_size;
-      if (b.plane_dst != nullptr) b.plane_dst = a.plane_dst + j;
-      b.n_pages = (int32_t)run;
-      b.out = hbase + ids[j] * hstride;
-      b.out_stride = hstride;
-      KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main));
-    }
-    return;
-  }
   if (cap < 2 || n == 1) {  // one staging page (or one page): encode and copy in turn on the current stream
     for (int64_t start = 0; start < n; start += cap) {
       const int64_t m = std::min(cap, n - start);
@@ -957,7 +939,7 @@ TORCH_LIBRARY(kvtq, m) {
   m.def("backup(Tensor chunks, Tensor unit_chunk, Tensor ptrs0, Tensor ptrs1, Tensor token_index, Tensor header, "
         "Tensor(a!) staging, Tensor(b!) host_pages, Tensor host_ids, Tensor geom, Tensor(c!) err_word, "
         "__torch__.torch.classes.kvtq.BackupStream side, Tensor? plane_dst=None, int plane_base=0, "
-        "int plane_bound=0, int direct_base=0, int direct_pages=0) -> ()");
+        "int plane_bound=0) -> ()");
   m.def("decode(Tensor desc, Tensor cfg, Tensor page_ids, Tensor token_index, Tensor(a!) dst0, Tensor(b!) dst1, "
         "Tensor(c!) err_word, Tensor? plane_src=None) -> ()");
   // CPU pages and ids, a CUDA staging tensor: one kernel for every backend (it checks the devices itself)

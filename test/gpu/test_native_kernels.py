@@ -532,12 +532,9 @@ def test_pageable_pages_rejected(nat):
 
 
 @gpu
-@pytest.mark.parametrize("direct_pages", [0, 16], ids=["staging", "direct"])
 @pytest.mark.parametrize("staging_pages", [1, 4, 16])
 @pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
-def test_backup_to_host(nat, strided, staging_pages, direct_pages):
-    """Both backup paths: through GPU staging and, for batches of at most `direct_pages`, the encode kernel writing
-    each run of host pages straight into pinned memory (kernel 0.8.0); the same bytes, nothing else written."""
+def test_backup_to_host(nat, strided, staging_pages):
     layout, dev, cpu, rows = _layout_and_pages(seed=21, n=10)
     ps, pb = layout.page_size, layout.page_bytes
     slots = [9, 0, 3, 4, 5, 1, 7, 8, 2, 6]
@@ -549,8 +546,7 @@ def test_backup_to_host(nat, strided, staging_pages, direct_pages):
     host_buf = torch.full((12, pb + extra), POISON, dtype=torch.uint8).pin_memory()
     host = host_buf[:, :pb]
     staging_buf = torch.empty(staging_pages, pb + extra, dtype=torch.uint8, device=DEV)
-    codec = NativeCodec(layout, DeviceKV.from_lists(dev), host, torch.device(DEV), staging=staging_buf[:, :pb],
-                        direct_pages=direct_pages)
+    codec = NativeCodec(layout, DeviceKV.from_lists(dev), host, torch.device(DEV), staging=staging_buf[:, :pb])
     stream = torch.cuda.Stream()  # like SGLang's write stream
     with torch.cuda.stream(stream):
         codec.backup(ids, to_dev(tidx))

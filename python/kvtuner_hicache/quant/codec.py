@@ -64,10 +64,6 @@ log = logging.getLogger(__name__)
 
 ENV_ALLOW_REFERENCE = "KVTQ_ALLOW_REFERENCE_CODEC"
 STAGING_PAGES = 64  # pages encoded per staging chunk on backup
-# Backups of at most this many pages skip staging: the encode kernel writes them straight into pinned host memory
-# (no copy call; its PCIe writes overlap the encode). Run 15 (H100): a one-page backup took 0.109 ms against SGLang's
-# 0.081, bound by its host enqueue. KVTQ_BACKUP_DIRECT_PAGES overrides it (0: always through staging).
-DIRECT_PAGES = 4
 # Loads of at most this many pages decode every layer in one launch on the layer-0 call. Small loads are
 # launch-bound: on the H200 the 28 per-layer launches of a Qwen2.5-7B load cost ~0.3 ms of scheduler
 # host time, about what the one launch takes on the GPU at 16 pages (0.37 ms), while it costs ~10 us of
@@ -365,8 +361,7 @@ class NativeCodec(PageCodec):
                  *, staging: torch.Tensor | None = None, staging_pages: int = STAGING_PAGES,
                  load_blocks: int | None = None, fuse_pages: int = FUSE_PAGES,
                  fused_blocks_per_layer: int = FUSED_BLOCKS_PER_LAYER, staged_pages: int | None = None,
-                 staged_group: int | None = None, staged_min_pages: int | None = None,
-                 direct_pages: int | None = None):
+                 staged_group: int | None = None, staged_min_pages: int | None = None):
         super().__init__(layout, device_kv, host_pages)
         ops = native.ops()
         self.plan = native.plan_for(layout)
@@ -397,8 +392,6 @@ class NativeCodec(PageCodec):
         self._decode_layers = ops.decode_layers.default
         self._decode_table = ops.decode_table.default
         self._backup = ops.backup.default
-        self.direct_pages = max(0, int(os.environ.get("KVTQ_BACKUP_DIRECT_PAGES", DIRECT_PAGES))
-                                if direct_pages is None else int(direct_pages))
         self.fuse_pages = int(fuse_pages) if layout.num_layers > 1 else 0
         self.fused_blocks_per_layer = int(fused_blocks_per_layer)
         self._desc_fused = torch.stack(self.plan.dec_desc_small)  # [L, streams, fields]: small loads
@@ -490,11 +483,11 @@ class NativeCodec(PageCodec):
         """The op call of a backup whose arguments are checked (bench_transfer times it alone)."""
         if planes is None:
             self._backup(self._chunks, self._units, p0, p1, rows, self._header, self.staging, self.host_pages, ids,
-                         self._geom, self.err.word, self._side, None, 0, 0, self._pages_ptr, self.direct_pages)
+                         self._geom, self.err.word, self._side)
             return
         self._backup(self._chunks, self._units, p0, p1, rows, self._header, self.staging, self.host_pages, ids,
                      self._geom, self.err.word, self._side, planes.to(self.device, non_blocking=True),
-                     self._pages_ptr, self._buffer_bytes, self._pages_ptr, self.direct_pages)
+                     self._pages_ptr, self._buffer_bytes)
 
     def _plane_src(self, planes: torch.Tensor | None, n: int) -> torch.Tensor | None:
         """The GPU copy of a load's plane offsets: made on the first layer that passes them, then reused."""
