@@ -356,6 +356,25 @@ def test_a_6_bit_refinement_of_a_2_bit_code_nests_the_2_bit_refinement(values, g
     assert bool((err <= scale.float().unsqueeze(-1) / 128 + _eps(xs, scale, mn, 2)).all())
 
 
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(finite, min_size=16, max_size=16 * 8), group=st.sampled_from([8, 16]))
+def test_every_2_bit_prefix_of_a_6_bit_refinement_is_the_direct_refinement_of_that_width(values, group):
+    """The equal-plane ladder of docs/elastic.md ("What remains"): r6 cut into three 2-bit planes, most significant
+    first. Each prefix (2, 4 or 6 bits) equals the direct refinement of that width, bit for bit, so a page drops its
+    last plane to step down (8 -> 6 -> 4 -> 2-bit class) and every plane has the size of today's 2-bit plane. Each
+    level decodes within s / 2^(k+1) of its input."""
+    n = len(values) // group * group
+    x = torch.tensor(values[:n], dtype=torch.float32).to(torch.bfloat16).reshape(-1, group)
+    c, r6, scale, mn = quantize_embedded(x, coarse_bits=2, fine_bits=6)
+    xs = sanitize(x)
+    for k in (2, 4, 6):
+        ck, rk, sk, mk = quantize_embedded(x, coarse_bits=2, fine_bits=k)
+        assert torch.equal(c, ck) and torch.equal(scale, sk) and torch.equal(mn, mk)
+        assert torch.equal(r6 >> (6 - k), rk), f"the {k}-bit prefix differs from the direct {k}-bit refinement"
+        err = (dequantize_embedded(c, rk, scale, mn, fine_bits=k) - xs).abs()
+        assert bool((err <= scale.float().unsqueeze(-1) / 2 ** (k + 1) + _eps(xs, scale, mn, 2)).all())
+
+
 def test_embedded_non_finite_and_constant_groups():
     bad = torch.tensor([[float("nan"), 1.0, -1.0, 0.5], [float("inf"), 0.0, 1.0, 2.0], [-float("inf"), 1e6, -1e6, 3.0]])
     c, r, scale, mn = quantize_embedded(bad)
