@@ -65,8 +65,11 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step "GPU tests"
   workers=()
   if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${PYTEST_WORKERS:-8}"); fi
-  "$PY" -m pytest -m gpu test/gpu -q -p no:cacheprovider -rfE "${workers[@]}" "$@" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+  "$PY" -m pytest -m gpu test/gpu -q -p no:cacheprovider -rfE --junitxml "$OUT/pytest_gpu.xml" "${workers[@]}" "$@" 2>&1 \
+    | tee "$OUT/pytest_gpu.log" | tail -40
   rc=${PIPESTATUS[0]}
+  # one counted line whatever pytest's verbosity (callers grep the [gpu_test] lines; run 16's summary got lost)
+  "$PY" scripts/junit_counts.py "$OUT/pytest_gpu.xml" | sed 's/^/[gpu_test] GPU tests: /'
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
