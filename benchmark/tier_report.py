@@ -201,10 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(gpus) != 1:
         raise SystemExit(f"tier_report: inputs come from different GPUs {sorted(gpus)}: one session's files only")
     load, backup = transfer_rows(tr)
+    quantize = quantize_rows(tr)
     e2e = e2e_rows(calls)
     rep = {"label": a.label, "gpu": gpus.pop(), "sglang_bf16_kernels": tr.get("sglang_bf16"),
            "inputs": [a.transfer, *a.e2e], "commands": a.commands, "load": load, "backup": backup, "e2e": e2e,
-           "quantize": quantize_rows(tr), "targets": targets(load, e2e) + backup_targets(backup, quantize_rows(tr))}
+           "quantize": quantize, "targets": targets(load, e2e) + backup_targets(backup, quantize)}
     with open(a.out, "w") as f:
         json.dump(rep, f, indent=1)
     print_tables(rep)
