@@ -10,6 +10,11 @@ separates the three numbers issue 13 needs (Qwen2.5-7B shape, page 64, pages gat
                GPU, so this is the GPU's time per call, launch gaps between the class kernels included
   kernel_ms    the sum of the encode kernels' durations (torch.profiler / CUPTI), per (axis, bits) class too,
                taken after every event timing of the run; `queued_after_cupti_ms` repeats queued_ms after them.
+
+Source rows: bf16 normal values (`data` = `normal`). With --roundtrip, each config is timed once more on rows
+that went through its own encode and decode (`data` = `dequantized`, queued_ms only): no quotient of such
+values lies on a half-integer, so the encode never takes its division path (benchmark/encode_tie_rate.py counts
+how often it does on normal data and on a real model's KV); the difference is that path's cost.
                (Until run 16 CUPTI ran between configs, and bench_transfer's queued quantize, timed with no
                profiler in its process, read 15-25 % faster than this benchmark on the same GPU and kernel.)
 
@@ -83,6 +88,26 @@ def spread(xs: list[float]) -> dict[str, float]:
     return {"median": round(med, 4), "p10": round(p10, 4), "p90": round(p90, 4)}
 
 
+def time_dequantized(rec: dict, lay: PageLayout, bufs: list, tidx: torch.Tensor, out: torch.Tensor, quantize,
+                     reps: int) -> dict:
+    """Queued quantize time on rows holding their own decoded values (encode, decode every layer back into the
+    source rows, time), then the rows as they were. A record like `rec` with data = dequantized."""
+    saved = [[t.index_select(0, tidx) for t in per] for per in bufs]
+    quantize()
+    ids = torch.arange(out.shape[0], device=out.device)
+    for layer in range(lay.num_layers):
+        native.decode_layer(lay, layer, out, ids, [per[layer] for per in bufs], tidx)
+    t = spread(event_samples(quantize, reps, QUEUE))
+    native.check_errors(out.device)
+    for per, rows in zip(bufs, saved, strict=True):
+        for buf, r in zip(per, rows, strict=True):
+            buf.index_copy_(0, tidx, r)
+    keep = ("gpu", "kernels", "shape", "config", "pages", "bytes_bf16", "bytes_quantized")
+    return {**{k: rec[k] for k in keep}, "data": "dequantized", "queued_ms": t,
+            "queued_GBps": round(rec["bytes_bf16"] / t["median"] / 1e6, 1),
+            "queued_vs_normal": round(t["median"] / rec["queued_ms"]["median"], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pages", default="16,64,256")
@@ -90,6 +115,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--ncu", action="store_true", help="two calls per config and page count, nothing timed")
+    ap.add_argument("--roundtrip", action="store_true", help="also time each config on its own decoded rows")
     args = ap.parse_args()
     if not native.available():
         raise SystemExit(f"native kernels unavailable: {native.unavailable_reason()}")
@@ -106,6 +132,7 @@ def main() -> None:
     print(f"{gpu}; kernels {native.build_name()}", flush=True)
     records = []
     cases = []  # (record, quantize): every event timing first, CUPTI after all of them (see the docstring)
+    roundtrips = []  # records of --roundtrip (event timings only)
     for n in pages:
         pg = torch.Generator().manual_seed(n)
         dslots = torch.randperm(slots, generator=pg)[:n]
@@ -141,8 +168,11 @@ def main() -> None:
                    "call_GBps": round(bf16_bytes / t_call["median"] / 1e6, 1),
                    "queued_GBps": round(bf16_bytes / t_queued["median"] / 1e6, 1),
                    "copy_ms": t_copy, "copy_read_GBps": round(bf16_bytes / t_copy["median"] / 1e6, 1),
-                   "gather_ms": t_gather, "gather_GBps": round(bf16_bytes / t_gather["median"] / 1e6, 1)}
+                   "gather_ms": t_gather, "gather_GBps": round(bf16_bytes / t_gather["median"] / 1e6, 1),
+                   "data": "normal"}
             cases.append((rec, quantize))
+            if args.roundtrip:
+                roundtrips.append(time_dequantized(rec, lay, bufs, tidx, out, quantize, args.reps))
     for rec, quantize in cases:  # CUPTI last: whether it slows the kernels after it is what queued_after_cupti shows
         per_kernel = kernel_ms(quantize, QUEUE)
         native.check_errors(dev)
@@ -160,6 +190,9 @@ def main() -> None:
         rec["queued_after_cupti_ms"] = spread(event_samples(quantize, args.reps, QUEUE))
     if args.ncu:
         return
+    for r in roundtrips:
+        print(f"{r['config']:5s} {r['pages']:4d}p dequantized rows: queued {r['queued_ms']['median']:.3f} ms "
+              f"({r['queued_GBps']:.0f} GB/s, {r['queued_vs_normal']:.3f}x the normal rows' time)", flush=True)
     print()
     print("| config | pages | call ms | queued ms [p10, p90] | kernels ms | queued after CUPTI ms | bf16 GB/s: call / "
           "queued / kernels | copy_ read GB/s | index_select GB/s |")
@@ -171,7 +204,7 @@ def main() -> None:
               f"{r['call_GBps']:.0f} / {r['queued_GBps']:.0f} / "
               f"{r['kernel_GBps']:.0f} | {r['copy_read_GBps']:.0f} | {r['gather_GBps']:.0f} |")
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+        pathlib.Path(args.json).write_text(json.dumps(records + roundtrips, indent=1) + "\n")
         print(f"wrote {args.json}")
 
 

@@ -268,6 +268,10 @@ def run_pages(n, *, dev, L, k, v, bufs, kptrs, vptrs, row_bytes, host_k, host_v,
     dslots = torch.randperm(slots, generator=pg)[:n]
     tidx = (dslots[:, None] * ps + torch.arange(ps)).reshape(-1).to(dev)
     host_tok = torch.arange(n * ps, dtype=torch.int64, device=dev)  # host slots for bf16 (page runs)
+    # the source rows as generated: loads write decoded pages into them, and the encode runs faster on decoded
+    # values (no quotient on a half-integer: benchmark/encode_tie_rate.py), so each config's backup and quantize
+    # are timed on these again
+    fresh = [[t.index_select(0, tidx) for t in per] for per in bufs]
     bf16_bytes = n * ps * shape.bf16_bytes_per_token()
 
     t_bf_load = t_bf_backup = None
@@ -329,11 +333,12 @@ def run_pages(n, *, dev, L, k, v, bufs, kptrs, vptrs, row_bytes, host_k, host_v,
         run_config(name, layouts[name], n=n, dev=dev, L=L, k=k, v=v, bufs=bufs, tidx=tidx, hostq_flat=hostq_flat,
                    devq_flat=devq_flat, gpu=gpu, pg=pg, ps=ps, shape_name=shape_name, reps=reps, records=records,
                    sweep=sweep, bf16_bytes=bf16_bytes, t_bf=(t_bf_backup, t_bf_load), t_cp=(t_cp_d2h, t_cp_h2d),
-                   t_cp_layers=t_cp_h2d_layers, sg=sg, fused_sweep=fused_sweep, staged_sweep=staged_sweep)
+                   t_cp_layers=t_cp_h2d_layers, sg=sg, fused_sweep=fused_sweep, staged_sweep=staged_sweep,
+                   fresh=fresh)
 
 
 def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat, gpu, pg, ps, shape_name, reps, records,
-               sweep, bf16_bytes, t_bf, t_cp, t_cp_layers, sg, fused_sweep=False, staged_sweep=False):
+               sweep, bf16_bytes, t_bf, t_cp, t_cp_layers, sg, fresh, fused_sweep=False, staged_sweep=False):
     t_bf_backup, t_bf_load = t_bf
     t_cp_d2h, t_cp_h2d = t_cp
     pb = lay.page_bytes
@@ -383,6 +388,13 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
 
     pid_scat = host_ids.to(dev)
     q_flat_dev, q_flat_host = devq_flat[:q_bytes], hostq_flat[:q_bytes]
+
+    def restore_rows():  # the generated source rows back in place (see run_pages)
+        for per, saved in zip(bufs, fresh, strict=True):
+            for t, rows in zip(per, saved, strict=True):
+                t.index_copy_(0, tidx, rows)
+
+    restore_rows()
     backup()  # fill host pages with real data before timing the load
     torch.cuda.synchronize()
     t_backup = bench(backup, reps)
@@ -393,9 +405,10 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
     t_own_h2d = bench(lambda: q_flat_dev.copy_(q_flat_host, non_blocking=True), reps)
     t_own_d2h = bench(lambda: q_flat_host.copy_(q_flat_dev, non_blocking=True), reps)
     t_load_pl = bench(load_per_layer, reps)
+    restore_rows()  # the loads above wrote decoded pages into the source rows
     t_q = bench(quantize, reps)
-    t_dq = bench(dequantize, reps)
     t_q_queued = bench_queued(quantize, reps)
+    t_dq = bench(dequantize, reps)  # writes decoded pages into the source rows too
     host_us = host_us_per_call(lambda i: codec.load_layer(i % L, pid_dev, tidx, cpu_page_ids=host_ids_sorted), L)
     host_us_pl = host_us_per_call(lambda i: codec_pl.load_layer(i % L, pid_dev, tidx), L)
     host_us_unplanned = host_us_per_call(
@@ -779,7 +792,9 @@ def main() -> None:
     res = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "page_size": PAGE_SIZE,
            "kernels": native.build_name(), "sglang_bf16": "sgl_kernel.kvcacheio" if sgl else None,
            "staging_pages": STAGING_PAGES, "load_blocks": native.load_blocks(), "fuse_pages": FUSE_PAGES,
-           "fused_blocks_per_layer": FUSED_BLOCKS_PER_LAYER, "command": cmd, "records": records,
+           "fused_blocks_per_layer": FUSED_BLOCKS_PER_LAYER, "command": cmd,
+           "source_rows": "generated bf16 normal values, restored before each config's backup and quantize timings",
+           "records": records,
            "targets": targets(records)}
     pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.json).write_text(json.dumps(res, indent=1))

@@ -252,3 +252,17 @@ def test_capturing_codec_wraps_and_records(tmp_path, monkeypatch):
     assert meta["codec"] == "reference" and meta["page_bytes"] == lay.page_bytes and meta["config"] == {"x": 1}
     monkeypatch.delenv(capture.ENV_DIR)
     assert isinstance(make_codec(lay, bufs, host, "cpu"), ReferenceCodec)
+
+
+def test_pointer_tables_hold_the_layer_addresses_and_are_made_once_per_address_list() -> None:
+    k = [torch.zeros(4, 2) for _ in range(3)]
+    v = [torch.zeros(4, 2) for _ in range(3)]
+    p0, p1 = native.pointer_tables([k, v])
+    assert p0.tolist() == [t.data_ptr() for t in k] and p1.tolist() == [t.data_ptr() for t in v]
+    again = native.pointer_tables([list(k), list(v)])  # other lists, same tensors: the same tables
+    assert again[0] is p0 and again[1] is p1
+    v[1] = torch.zeros(4, 2)  # a layer at another address: a new table with it
+    q0, q1 = native.pointer_tables([k, v])
+    assert q0 is p0 and q1 is not p1 and q1.tolist() == [t.data_ptr() for t in v]
+    (m,) = native.pointer_tables([k])[:1]  # one buffer (MLA): the second table repeats the first
+    assert native.pointer_tables([k])[1] is m

@@ -5,7 +5,8 @@
 #   2. benchmark/bench_quantize.py for this tree's kernel, then for the reference kernel (built into its own site),
 #      then this tree's again, so drift between the two shows (one process tree, one GPU);
 #   3. NCU=1: Nsight Compute on this tree's encode kernels (KV4, 256 pages), details in $OUT/ncu_encode_details.txt.
-# Env: PAGES (64,256), CONFIGS (KV8,KV4,K4V2,K3V2), REPS (15), KVTQ_ARCHS (90-real), NCU (1), TRANSFER (0; 1: step 1
+# Env: PAGES (64,256), CONFIGS (KV8,KV4,K4V2,K3V2), REPS (15), ROUNDTRIP (1: bench_quantize --roundtrip), KVTQ_ARCHS
+# (90-real), NCU (1), TRANSFER (0; 1: step 1
 # also runs gpu_test.sh's bench_transfer, its target lines printed). Results in $OUT: bench_quantize_{tree,ref,tree2}.json,
 # pytest_gpu.log, build logs (and bench_transfer.json/.md with TRANSFER=1).
 set -uo pipefail
@@ -13,6 +14,7 @@ OUT=${OUT:-/tmp/kvtq_out}
 mkdir -p "$OUT"
 export KVTQ_ARCHS=${KVTQ_ARCHS:-90-real}
 args=(--pages "${PAGES:-64,256}" --configs "${CONFIGS:-KV8,KV4,K4V2,K3V2}" --reps "${REPS:-15}")
+[ "${ROUNDTRIP:-1}" = 1 ] && args+=(--roundtrip)  # each config also on its own decoded rows (the division path's cost)
 [ -f .ref/REF ] || { echo "session_quantize_ab: no .ref here (bash scripts/device/stage_ref_kernel.sh REF, then carry .ref)"; exit 2; }
 OUT=$OUT SKIP_BENCH=$(( 1 - ${TRANSFER:-0} )) bash scripts/gpu_test.sh -q 2>&1 | grep -v "^|" \
   | grep -E "PASS|MISS|backup KV4|passed|failed|error|Error|\[gpu_test\]" | tail -70

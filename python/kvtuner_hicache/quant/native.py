@@ -488,11 +488,26 @@ def _index(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t
 
 
+_POINTER_TABLES: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
+_POINTER_TABLES_MAX = 64  # distinct address lists kept; more clears the cache (tests build many pools)
+
+
 def pointer_tables(buffers: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-buffer int64 [L] tables of layer data pointers, on the buffers' device (the second repeats
-    the first for a one-buffer layout)."""
+    the first for a one-buffer layout). Each table is made once per list of addresses and device: a table
+    holds addresses only, so it stays right for any tensors at them. Making one is a copy from pageable
+    memory, which synchronizes the stream; per call, it kept the module-level encode/decode (tests,
+    benchmark/bench_quantize.py) from queueing ahead of the GPU. NativeCodec keeps its own tables."""
     dev = buffers[0][0].device
-    tabs = [torch.tensor([t.data_ptr() for t in per], dtype=torch.int64).to(dev) for per in buffers]
+    tabs = []
+    for per in buffers:
+        key = (dev, tuple(t.data_ptr() for t in per))
+        tab = _POINTER_TABLES.get(key)
+        if tab is None:
+            if len(_POINTER_TABLES) >= _POINTER_TABLES_MAX:
+                _POINTER_TABLES.clear()
+            tab = _POINTER_TABLES[key] = torch.tensor(key[1], dtype=torch.int64).to(dev)
+        tabs.append(tab)
     return tabs[0], tabs[1] if len(tabs) > 1 else tabs[0]
 
 
