@@ -68,6 +68,11 @@ class PlaneTable:
         if sorted(order) != sorted(self.streams):
             raise ValueError(f"demotion order {order} must name the elastic streams {self.streams}")
         self._rank = {s: i for i, s in enumerate(order)}
+        # a page's held streams after gaining / losing one, for every subset of the streams (a handful): the census
+        # changes by table lookups, not by scanning the page's slots
+        subsets = [tuple(s for i, s in enumerate(self.streams) if m >> i & 1) for m in range(1 << len(self.streams))]
+        self._plus = {(h, s): tuple(x for x in self.streams if x in h or x == s) for h in subsets for s in self.streams}
+        self._minus = {(h, s): tuple(x for x in h if x != s) for h in subsets for s in self.streams}
         self.halves = halves
         self._take_row, self._release_row, self._move = take_row, release_row, move_plane
         self.stats = PlaneStats()
@@ -99,6 +104,11 @@ class PlaneTable:
     def slot_of(self, page: int, stream: int) -> Slot | None:
         return self._slot.get((page, stream))
 
+    def slots_of(self, pages: Sequence[int], stream: int) -> list[Slot | None]:
+        """slot_of for every page of a batch (one list comprehension: the pool calls this per backup and load)."""
+        get = self._slot.get
+        return [get((p, stream)) for p in pages]
+
     def pages_with_planes(self) -> set[int]:
         return set(self._held)
 
@@ -107,27 +117,34 @@ class PlaneTable:
         return self._held.get(page, ())
 
     def _set(self, owner: tuple[int, int], slot: Slot) -> None:
+        had = owner in self._slot
         self._slot[owner] = slot
         self.version += 1
-        self._recount(owner[0])
+        if not had:
+            old = self._held.get(owner[0], ())
+            self._recount(owner[0], old, self._plus[(old, owner[1])])
 
     def _unset(self, owner: tuple[int, int]) -> Slot | None:
         slot = self._slot.pop(owner, None)
         if slot is not None:
             self.version += 1
-            self._recount(owner[0])
+            old = self._held[owner[0]]
+            self._recount(owner[0], old, self._minus[(old, owner[1])])
         return slot
 
-    def _recount(self, page: int) -> None:
-        old = self._held.pop(page, ())
+    def _recount(self, page: int, old: tuple[int, ...], new: tuple[int, ...]) -> None:
+        census = self.census
         if old:
-            self.census[old] -= 1
-            if not self.census[old]:
-                del self.census[old]
-        new = tuple(s for s in self.streams if (page, s) in self._slot)
+            n = census[old] - 1
+            if n:
+                census[old] = n
+            else:
+                del census[old]
         if new:
             self._held[page] = new
-            self.census[new] += 1
+            census[new] += 1
+        else:
+            del self._held[page]
 
     def is_host_row(self, row: int) -> bool:
         return row in self._free_halves

@@ -58,20 +58,27 @@ class ElasticMetrics:
         self.series = _series()
         self._sent: dict[tuple[str, str], float] = {}  # counter totals already published
         self._bits_seen: set[str] = set()
+        self._children: dict[tuple[str, str], Any] = {}  # labelled series, looked up once (the pool publishes often)
+
+    def _child(self, name: str, label: str) -> Any:
+        c = self._children.get((name, label))
+        if c is None:
+            s = self.series[name]
+            c = self._children[(name, label)] = s.labels(self.rank, label) if label else s.labels(self.rank)
+        return c
 
     def _inc(self, name: str, label: str, total: float) -> None:
         delta = total - self._sent.get((name, label), 0)
         if delta > 0:
-            s = self.series[name]
-            (s.labels(self.rank, label) if label else s.labels(self.rank)).inc(delta)
+            self._child(name, label).inc(delta)
             self._sent[(name, label)] = total
 
     def publish(self, stats: dict[str, Any]) -> None:
         pages = stats["pages_by_bits"]
-        for bits in self._bits_seen | set(pages):  # a precision that emptied reads 0, not its last value
-            self.series["pages"].labels(self.rank, bits).set(pages.get(bits, 0))
-        self._bits_seen |= set(pages)
-        self.series["plane_rows"].labels(self.rank).set(stats["plane_rows"])
+        self._bits_seen.update(pages)
+        for bits in self._bits_seen:  # a precision that emptied reads 0, not its last value
+            self._child("pages", bits).set(pages.get(bits, 0))
+        self._child("plane_rows", "").set(stats["plane_rows"])
         for stream, n in stats["demotions"].items():
             self._inc("demotions", stream, n)
         self._inc("evictions", "", stats["evicted_pages"])

@@ -160,13 +160,12 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         and the slots it names."""
         offs = [[-1] * len(page_ids), [-1] * len(page_ids)]
         slots: list[Slot] = []
+        rs, hs = self.row_stride, self.half_stride  # _offset, inlined: this runs per backup and per load
         for s in self.refinement.streams:
-            row = offs[s]
-            for i, p in enumerate(page_ids):
-                sl = self.planes.slot_of(p, s)
-                if sl is not None:
-                    row[i] = self._offset(sl)
-                    slots.append(sl)
+            held = self.planes.slots_of(page_ids, s)
+            if any(held):
+                offs[s] = [-1 if sl is None else sl[0] * rs + sl[1] * hs for sl in held]
+                slots += [sl for sl in held if sl is not None]
         return (torch.tensor(offs, dtype=torch.int64) if slots else None), slots
 
     # ---- slot fences: no slot is reused while a kernel enqueued earlier may still use it ----------
@@ -266,8 +265,8 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         with self.lock:
             page_ids = readable.tolist() if layer_id == 0 else None
             if page_ids is not None:
-                for p in page_ids:
-                    self.served_tokens_by_bits[self.bits_label(p)] += self.page_size
+                for label, n in Counter(map(self._label, map(self.planes.streams_of, page_ids))).items():
+                    self.served_tokens_by_bits[label] += n * self.page_size
                 self.planes.touch(page_ids)
                 self.publish_metrics()
             cached = self._load_planes_key
