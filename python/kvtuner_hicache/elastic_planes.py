@@ -117,12 +117,11 @@ class PlaneTable:
         return self._held.get(page, ())
 
     def _set(self, owner: tuple[int, int], slot: Slot) -> None:
-        had = owner in self._slot
+        """Give `owner` (page, stream), which holds no plane, the plane at `slot`."""
+        old = self._held.get(owner[0], ())
         self._slot[owner] = slot
         self.version += 1
-        if not had:
-            old = self._held.get(owner[0], ())
-            self._recount(owner[0], old, self._plus[(old, owner[1])])
+        self._recount(owner[0], old, self._plus[(old, owner[1])])
 
     def _unset(self, owner: tuple[int, int]) -> Slot | None:
         slot = self._slot.pop(owner, None)

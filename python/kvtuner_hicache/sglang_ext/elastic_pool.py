@@ -151,16 +151,13 @@ class ElasticMHATokenToKVPoolHost(QuantizedMHATokenToKVPoolHost):
         self._slot_idle(dst)
         self._halves[dst[0], dst[1]].copy_(self._halves[src[0], src[1]])
 
-    def _offset(self, slot: Slot) -> int:
-        """Byte offset of a plane slot from the start of the host buffer (what the codec addresses)."""
-        return slot[0] * self.row_stride + slot[1] * self.half_stride
-
     def _offsets(self, page_ids: list[int]) -> tuple[torch.Tensor | None, list[Slot]]:
         """The codec's planes argument for `page_ids` (CPU int64 [2, n]; None when no page has a plane)
-        and the slots it names."""
+        and the slots it names. A slot's offset is its byte offset from the start of the host buffer (what the
+        codec addresses)."""
         offs = [[-1] * len(page_ids), [-1] * len(page_ids)]
         slots: list[Slot] = []
-        rs, hs = self.row_stride, self.half_stride  # _offset, inlined: this runs per backup and per load
+        rs, hs = self.row_stride, self.half_stride
         for s in self.refinement.streams:
             held = self.planes.slots_of(page_ids, s)
             if any(held):
