@@ -7,7 +7,8 @@
 #   3. NCU=1: Nsight Compute on this tree's encode kernels (KV4, 256 pages), details in $OUT/ncu_encode_details.txt.
 # Env: PAGES (64,256), CONFIGS (KV8,KV4,K4V2,K3V2), REPS (15), ROUNDTRIP (1: bench_quantize --roundtrip), KVTQ_ARCHS
 # (90-real), NCU (1), TRANSFER (0; 1: step 1 also runs gpu_test.sh's bench_transfer, its target lines printed, then the
-# reference's bench_transfer with the reference kernel and python/ in the same call: bench_transfer_ref.json).
+# reference's bench_transfer with the reference kernel and python/ in the same call, both with BENCH_ARGS (gpu_test.sh's
+# default): bench_transfer_ref.json).
 # Results in $OUT: bench_quantize_{tree,ref,tree2}.json, pytest_gpu.log, build logs (and bench_transfer{,_ref}.json/.md
 # with TRANSFER=1).
 set -uo pipefail
@@ -32,8 +33,9 @@ if [ "${TRANSFER:-0}" = 1 ]; then
   # shellcheck source=scripts/device/release_site.sh
   . scripts/device/release_site.sh
   SGL_SITE=$(release_site "${SGLANG_RELEASE:-$(staged_releases | head -1)}")
+  # shellcheck disable=SC2086
   (cd .ref && KVTQ_PRESETS_DIR="$PWD/../.stage/presets" PYTHONPATH="/tmp/kvtq-ref-site:$PWD/python:$SGL_SITE" \
-     python3 benchmark/bench_transfer.py --quick --pages 1,16,64,256 --no-sweep --json "$OUT/bench_transfer_ref.json" \
+     python3 benchmark/bench_transfer.py ${BENCH_ARGS:---quick --pages 1,16,64,256 --no-sweep} --json "$OUT/bench_transfer_ref.json" \
      --md "$OUT/bench_transfer_ref.md" > "$OUT/bench_transfer_ref.log" 2>&1) || echo "reference bench_transfer failed"
   grep -E "backup KV4|PASS|MISS" "$OUT/bench_transfer_ref.log" | sed 's/^/[ref] /' | head -30
 fi
