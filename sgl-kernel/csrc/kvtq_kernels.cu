@@ -178,8 +178,19 @@ __device__ __noinline__ uint32_t quant_exact(float x, float s, float m, float in
   return quant(x, q, bits, asym != 0);
 }
 
-// quant() of 8 elements of one group. The rare item with a quotient near a half-integer takes the division
-// path for all 8 (one branch per item, out of the way of the common path).
+// Whether quant_fast's quotient of x lies near a half-integer, where only the division decides. For every
+// other element quant_exact returns rintf(r) clamped, which is quant_fast's code: so the rare path redoes the
+// near elements alone. (bf16 inputs with fp16 min/scale put 7-8e-4 of quotients on exact half-integers, so
+// 17-19 % of 32-item warps met a near item in benchmark/encode_tie_rate.py; until kernel 0.8.1 such an item
+// redid all 8 elements through the out-of-line call.)
+template <bool ASYM>
+__device__ __forceinline__ bool near_half(float x, float m, float inv) {
+  const float r = __fmul_rn(ASYM ? __fsub_rn(x, m) : x, inv);
+  return fabsf(__fsub_rn(r, rintf(r))) >= 0.4999f;
+}
+
+// quant() of 8 elements of one group. An item with a quotient near a half-integer redoes its near elements
+// with the division (one branch per item, out of the way of the common path).
 template <int BITS, bool ASYM>
 __device__ __forceinline__ void quant8(const float v[8], const QP& q, uint32_t code[8]) {
   float worst = 0.f;
@@ -187,7 +198,8 @@ __device__ __forceinline__ void quant8(const float v[8], const QP& q, uint32_t c
   for (int e = 0; e < 8; ++e) code[e] = quant_fast<BITS, ASYM>(v[e], q.m, q.inv, worst);
   if (__builtin_expect(worst >= 0.4999f, 0)) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) code[e] = quant_exact(v[e], q.s, q.m, q.inv, BITS, ASYM);
+    for (int e = 0; e < 8; ++e)
+      if (near_half<ASYM>(v[e], q.m, q.inv)) code[e] = quant_exact(v[e], q.s, q.m, q.inv, BITS, ASYM);
   }
 }
 
@@ -606,7 +618,9 @@ __device__ __forceinline__ void encode_axis1(const EncodeArgs& A, const ChunkDes
         }
         if (__builtin_expect(worst >= 0.4999f, 0)) {  // a quotient near a half-integer: the division decides
 #pragma unroll
-          for (int e = 0; e < 8; ++e) code[e] = quant_exact(v[e], sh.s_s[kci * 8 + e], qm[e], qi[e], BITS, asym);
+          for (int e = 0; e < 8; ++e)
+            if (asym ? near_half<true>(v[e], qm[e], qi[e]) : near_half<false>(v[e], qm[e], qi[e]))
+              code[e] = quant_exact(v[e], sh.s_s[kci * 8 + e], qm[e], qi[e], BITS, asym);
         }
         const int64_t at = ((int64_t)(t0 + t) * W8 + k) * bits;
         store_codes8(chunk + at, code, bits);
