@@ -266,3 +266,29 @@ def test_pointer_tables_hold_the_layer_addresses_and_are_made_once_per_address_l
     assert q0 is p0 and q1 is not p1 and q1.tolist() == [t.data_ptr() for t in v]
     (m,) = native.pointer_tables([k])[:1]  # one buffer (MLA): the second table repeats the first
     assert native.pointer_tables([k])[1] is m
+
+
+def test_native_pointer_identity_follows_replaced_layers_and_tables() -> None:
+    """NativeCodec rebuilds its pointer tables when a layer tensor or a table object changes; the check runs
+    on the host only, so it is exercised here on CPU lists (the GPU tests count the rebuilds)."""
+    k = [torch.zeros(4) for _ in range(3)]
+    v = [torch.zeros(4) for _ in range(3)]
+    owner = type("Pool", (), {})()
+    owner.k_buffer, owner.v_buffer = k, v
+    owner.k_data_ptrs, owner.v_data_ptrs = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+    c = codec.NativeCodec.__new__(codec.NativeCodec)
+    c.device_kv, c._nbuf, c._key = DeviceKV.from_sglang_pool(owner), 2, None
+    assert not c._same_identity()  # nothing built yet
+    c._key = c._identity()
+    assert c._same_identity()
+    v[2] = torch.zeros(4)  # a layer tensor replaced in place (memory saver, VMM)
+    assert not c._same_identity()
+    c._key = c._identity()
+    owner.k_data_ptrs = torch.zeros(3, dtype=torch.int64)  # the owner rebuilt its table
+    assert not c._same_identity()
+    c._key = c._identity()
+    k.append(torch.zeros(4))  # a list that grew
+    assert not c._same_identity()
+    c._key = c._identity()
+    owner.v_buffer = [t for t in v]  # a new list holding the same tensors is the same identity
+    assert c._same_identity()

@@ -297,15 +297,60 @@ std::vector<std::pair<int64_t, int64_t>> id_runs(const int64_t* ids, int64_t n) 
   return runs;
 }
 
-// staging[0:count] -> host_pages[ids[j]], one 2-D cudaMemcpyAsync per run of consecutive host page ids
-// (ids checked by the caller).
+// Copies of a list of byte ranges (either direction, pinned host <-> device) on `st`: one cudaMemcpyBatchAsync
+// (CUDA >= 12.8), else one cudaMemcpyAsync each. Arguments are checked by the callers.
+void enqueue_copy_list(std::vector<void*>& dsts, std::vector<const void*>& srcs, std::vector<size_t>& sizes,
+                       cudaStream_t st) {
+  if (dsts.empty()) return;
+#if CUDART_VERSION >= 12080
+  cudaMemcpyAttributes attr{};
+  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  size_t attr_idx = 0;
+#if CUDART_VERSION >= 13000
+  KVTQ_CUDA_OK(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr, &attr_idx, 1, st));
+#else
+  size_t fail_idx = 0;
+  KVTQ_CUDA_OK(cudaMemcpyBatchAsync(dsts.data(), const_cast<void**>(srcs.data()), sizes.data(), dsts.size(), &attr,
+                                    &attr_idx, 1, &fail_idx, st));
+#endif
+#else
+  for (size_t e = 0; e < dsts.size(); ++e)
+    KVTQ_CUDA_OK(cudaMemcpyAsync(dsts[e], srcs[e], sizes[e], cudaMemcpyDefault, st));
+#endif
+}
+
+// staging[0:count] -> host_pages[ids[j]] (ids checked by the caller). Run 16 timed one cudaMemcpy2DAsync at about
+// 20 us of host time in a one-page backup, so dense rows (pitch == page bytes on both sides, the pools' layout) go as
+// one 1-D cudaMemcpyAsync per run of consecutive host ids, and several runs as one cudaMemcpyBatchAsync
+// (CUDA >= 12.8); padded rows keep one 2-D copy per run.
 void copy_runs(const at::Tensor& staging, int64_t count, const at::Tensor& host_pages, const int64_t* ids,
                cudaStream_t stream) {
   const int64_t pb = staging.size(1);
   const size_t dpitch = (size_t)host_pages.stride(0), spitch = (size_t)staging.stride(0);
   uint8_t* hbase = host_pages.data_ptr<uint8_t>();
   const uint8_t* sbase = staging.data_ptr<uint8_t>();
-  for (const auto& [j, run] : id_runs(ids, count))
+  const auto runs = id_runs(ids, count);
+  if (dpitch == (size_t)pb && spitch == (size_t)pb) {
+    if (runs.size() == 1) {
+      KVTQ_CUDA_OK(cudaMemcpyAsync(hbase + ids[0] * dpitch, sbase, (size_t)(pb * count), cudaMemcpyDeviceToHost,
+                                   stream));
+      return;
+    }
+    std::vector<void*> dsts;
+    std::vector<const void*> srcs;
+    std::vector<size_t> sizes;
+    dsts.reserve(runs.size());
+    srcs.reserve(runs.size());
+    sizes.reserve(runs.size());
+    for (const auto& [j, run] : runs) {
+      dsts.push_back(hbase + ids[j] * dpitch);
+      srcs.push_back(sbase + j * spitch);
+      sizes.push_back((size_t)(pb * run));
+    }
+    enqueue_copy_list(dsts, srcs, sizes, stream);
+    return;
+  }
+  for (const auto& [j, run] : runs)
     KVTQ_CUDA_OK(cudaMemcpy2DAsync(hbase + ids[j] * dpitch, dpitch, sbase + j * spitch, spitch, (size_t)pb, (size_t)run,
                                    cudaMemcpyDeviceToHost, stream));
 }
@@ -400,28 +445,6 @@ constexpr size_t kMaxRunsFor2D = 8;
 // staged load of scattered pages (batched) faster than that of one run (a 2-D copy per stream and group) at 32-128
 // pages (KV4 64 pages 1.565 against 1.756 ms, KV8 2.556 against 2.762) and 3 % slower at 256.
 constexpr int64_t kRingBatchMaxPages = 128;
-
-// Host -> device copies of a list of byte ranges on `st`: one cudaMemcpyBatchAsync (CUDA >= 12.8), else one
-// cudaMemcpyAsync each. Arguments are checked by the callers.
-void enqueue_copy_list(std::vector<void*>& dsts, std::vector<const void*>& srcs, std::vector<size_t>& sizes,
-                       cudaStream_t st) {
-  if (dsts.empty()) return;
-#if CUDART_VERSION >= 12080
-  cudaMemcpyAttributes attr{};
-  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-  size_t attr_idx = 0;
-#if CUDART_VERSION >= 13000
-  KVTQ_CUDA_OK(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr, &attr_idx, 1, st));
-#else
-  size_t fail_idx = 0;
-  KVTQ_CUDA_OK(cudaMemcpyBatchAsync(dsts.data(), const_cast<void**>(srcs.data()), sizes.data(), dsts.size(), &attr,
-                                    &attr_idx, 1, &fail_idx, st));
-#endif
-#else
-  for (size_t e = 0; e < dsts.size(); ++e)
-    KVTQ_CUDA_OK(cudaMemcpyAsync(dsts[e], srcs[e], sizes[e], cudaMemcpyHostToDevice, st));
-#endif
-}
 
 // For every page j < n and every copy row i < k of c = [k][3] (src_off, nbytes, dst_off): host page ids[j]
 // (at hbase + ids[j] * spitch) bytes [src_off, src_off + nbytes) -> staging row j (at sbase + j * dpitch)

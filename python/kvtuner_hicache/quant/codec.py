@@ -404,7 +404,7 @@ class NativeCodec(PageCodec):
         thr = 2 * self.blocks if self.blocks > 0 else 256
         self._big_from = [-(-thr // max(1, u)) for u in self.plan.dec_units_big]
         self._nbuf = self.plan.nbuf
-        self._key: tuple[Any, ...] | None = None
+        self._key: tuple[list[list[torch.Tensor]], list[Any]] | None = None
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self._geom: torch.Tensor | None = None
         self._closed = False
@@ -419,9 +419,24 @@ class NativeCodec(PageCodec):
 
     # -- pointer tables: the owner's, verified once; rebuilt when a layer tensor is replaced --
 
-    def _identity(self) -> tuple[Any, ...]:
+    def _identity(self) -> tuple[list[list[torch.Tensor]], list[Any]]:
+        """What the pointer tables were built from: a copy of each layer list and the owner's tables."""
         bufs = self.device_kv.buffers()[: self._nbuf]
-        return (*(t for per in bufs for t in per), *self.device_kv.tables()[: self._nbuf])
+        return [list(per) for per in bufs], list(self.device_kv.tables()[: self._nbuf])
+
+    def _same_identity(self) -> bool:
+        """True while every layer tensor and table is the object the tables were built from. Compares each
+        layer list in place (no tuple of every tensor per call: run 16 timed the old check at 7 us a backup)."""
+        key = self._key
+        if key is None:
+            return False
+        seen_bufs, seen_tables = key
+        bufs = self.device_kv.buffers()
+        for b, seen in enumerate(seen_bufs):
+            per = bufs[b]
+            if len(per) != len(seen) or not all(map(operator.is_, per, seen)):
+                return False
+        return all(map(operator.is_, self.device_kv.tables()[: self._nbuf], seen_tables))
 
     def _refresh_pointers(self) -> None:
         bufs = self.device_kv.buffers()[: self._nbuf]
@@ -452,9 +467,7 @@ class NativeCodec(PageCodec):
         self.pointer_rebuilds += 1
 
     def _pointers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        key = self._identity()
-        old = self._key
-        if old is None or len(key) != len(old) or not all(map(operator.is_, key, old)):
+        if not self._same_identity():
             self._refresh_pointers()
         assert self._tables is not None
         return self._tables
