@@ -10,13 +10,13 @@ separates the three numbers issue 13 needs (Qwen2.5-7B shape, page 64, pages gat
                GPU, so this is the GPU's time per call, launch gaps between the class kernels included
   kernel_ms    the sum of the encode kernels' durations (torch.profiler / CUPTI), per (axis, bits) class too,
                taken after every event timing of the run; `queued_after_cupti_ms` repeats queued_ms after them.
+               (Until run 16 CUPTI ran between configs, and bench_transfer's queued quantize, timed with no
+               profiler in its process, read 15-25 % faster than this benchmark on the same GPU and kernel.)
 
 Source rows: bf16 normal values (`data` = `normal`). With --roundtrip, each config is timed once more on rows
 that went through its own encode and decode (`data` = `dequantized`, queued_ms only): no quotient of such
 values lies on a half-integer, so the encode never takes its division path (benchmark/encode_tie_rate.py counts
 how often it does on normal data and on a real model's KV); the difference is that path's cost.
-               (Until run 16 CUPTI ran between configs, and bench_transfer's queued quantize, timed with no
-               profiler in its process, read 15-25 % faster than this benchmark on the same GPU and kernel.)
 
 bf16 GB/s = the bf16 bytes read / the time. The GPU's own ceilings, same run: `copy` (torch copy_ of the
 same bf16 bytes, device to device: read + write) and `gather` (index_select of the same rows, as a
@@ -51,6 +51,7 @@ from bench_transfer import (  # noqa: E402
     UNIFORM,
     event_samples,
     median_p10_p90,
+    restore_rows,
     uniform_config,
 )
 
@@ -99,9 +100,7 @@ def time_dequantized(rec: dict, lay: PageLayout, bufs: list, tidx: torch.Tensor,
         native.decode_layer(lay, layer, out, ids, [per[layer] for per in bufs], tidx)
     t = spread(event_samples(quantize, reps, QUEUE))
     native.check_errors(out.device)
-    for per, rows in zip(bufs, saved, strict=True):
-        for buf, r in zip(per, rows, strict=True):
-            buf.index_copy_(0, tidx, r)
+    restore_rows(bufs, tidx, saved)
     keep = ("gpu", "kernels", "shape", "config", "pages", "bytes_bf16", "bytes_quantized")
     return {**{k: rec[k] for k in keep}, "data": "dequantized", "queued_ms": t,
             "queued_GBps": round(rec["bytes_bf16"] / t["median"] / 1e6, 1),

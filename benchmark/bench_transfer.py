@@ -193,6 +193,15 @@ def event_samples(fn, reps: int, per: int = 1, warmup: int = 2) -> list[float]:
     return ts
 
 
+def restore_rows(bufs: list, tidx: torch.Tensor, saved: list) -> None:
+    """Put rows `tidx` of every device buffer back to `saved` (buffers[b][layer].index_select(0, tidx) taken
+    earlier): loads and decodes write decoded pages into the rows an encode reads, and the encode runs faster on
+    decoded values (benchmark/encode_tie_rate.py)."""
+    for per, rows in zip(bufs, saved, strict=True):
+        for t, r in zip(per, rows, strict=True):
+            t.index_copy_(0, tidx, r)
+
+
 def bench_queued(fn, reps: int, per: int = QUEUED_CALLS) -> float:
     """Median milliseconds per fn() with `per` calls queued between two events: the GPU's own time per call."""
     return statistics.median(event_samples(fn, reps, per))
@@ -388,13 +397,7 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
 
     pid_scat = host_ids.to(dev)
     q_flat_dev, q_flat_host = devq_flat[:q_bytes], hostq_flat[:q_bytes]
-
-    def restore_rows():  # the generated source rows back in place (see run_pages)
-        for per, saved in zip(bufs, fresh, strict=True):
-            for t, rows in zip(per, saved, strict=True):
-                t.index_copy_(0, tidx, rows)
-
-    restore_rows()
+    restore_rows(bufs, tidx, fresh)
     backup()  # fill host pages with real data before timing the load
     torch.cuda.synchronize()
     t_backup = bench(backup, reps)
@@ -405,7 +408,7 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
     t_own_h2d = bench(lambda: q_flat_dev.copy_(q_flat_host, non_blocking=True), reps)
     t_own_d2h = bench(lambda: q_flat_host.copy_(q_flat_dev, non_blocking=True), reps)
     t_load_pl = bench(load_per_layer, reps)
-    restore_rows()  # the loads above wrote decoded pages into the source rows
+    restore_rows(bufs, tidx, fresh)  # the loads above wrote decoded pages into the source rows
     t_q = bench(quantize, reps)
     t_q_queued = bench_queued(quantize, reps)
     t_dq = bench(dequantize, reps)  # writes decoded pages into the source rows too
