@@ -130,10 +130,14 @@ __device__ __forceinline__ QP make_qp(float mn, float mx, int bits, bool asym) {
 // (relative 1.2e-7) of the exact quotient, and the quantizer's quotients are bounded by
 // 2^bits * (1 + 2^-23) <= 257 (s is rounded up from range / levels), so |r - RN(n/s)| < 5e-5. rint can
 // only differ when a half-integer lies that close to r; then the correctly rounded division decides.
+// |r - rint(r)| at or above this: r may round otherwise than RN(n / s), so the division decides (rint_quot,
+// quant8, the per-channel encode and near_half must agree on it). Safe since |r - RN(n / s)| < 5e-5.
+constexpr float kNearHalf = 0.4999f;
+
 __device__ __forceinline__ float rint_quot(float n, float s, float inv) {
   const float r = __fmul_rn(n, inv);
   const float k = rintf(r);
-  if (fabsf(__fsub_rn(r, k)) < 0.4999f) return k;
+  if (fabsf(__fsub_rn(r, k)) < kNearHalf) return k;
   return rintf(__fdiv_rn(n, s));
 }
 
@@ -151,7 +155,7 @@ __device__ __forceinline__ uint32_t quant(float x, const QP& q, int bits, bool a
 
 // The fast path of quant for one element: RN(n * inv) rounded to an integer by adding 1.5 * 2^23 (exact
 // round-half-even for |r| < 2^22; the quantizer's |r| <= 2^bits + 1), clamped in that biased domain, the
-// code read from the low mantissa bits. `worst` collects |r - rint(r)|: at or above 0.4999 the item must
+// code read from the low mantissa bits. `worst` collects |r - rint(r)|: at or above kNearHalf the item must
 // be redone with the division (quant8). s == 0 gives inv == 0, hence r == 0 and the reference's code 0.
 constexpr float kRintShift = 12582912.f;  // 1.5 * 2^23
 constexpr uint32_t kRintShiftBits = 0x4B400000u;
@@ -186,7 +190,7 @@ __device__ __noinline__ uint32_t quant_exact(float x, float s, float m, float in
 template <bool ASYM>
 __device__ __forceinline__ bool near_half(float x, float m, float inv) {
   const float r = __fmul_rn(ASYM ? __fsub_rn(x, m) : x, inv);
-  return fabsf(__fsub_rn(r, rintf(r))) >= 0.4999f;
+  return fabsf(__fsub_rn(r, rintf(r))) >= kNearHalf;
 }
 
 // quant() of 8 elements of one group. An item with a quotient near a half-integer redoes its near elements
@@ -196,7 +200,7 @@ __device__ __forceinline__ void quant8(const float v[8], const QP& q, uint32_t c
   float worst = 0.f;
 #pragma unroll
   for (int e = 0; e < 8; ++e) code[e] = quant_fast<BITS, ASYM>(v[e], q.m, q.inv, worst);
-  if (__builtin_expect(worst >= 0.4999f, 0)) {
+  if (__builtin_expect(worst >= kNearHalf, 0)) {
 #pragma unroll
     for (int e = 0; e < 8; ++e)
       if (near_half<ASYM>(v[e], q.m, q.inv)) code[e] = quant_exact(v[e], q.s, q.m, q.inv, BITS, ASYM);
@@ -616,7 +620,7 @@ __device__ __forceinline__ void encode_axis1(const EncodeArgs& A, const ChunkDes
 #pragma unroll
           for (int e = 0; e < 8; ++e) code[e] = quant_fast<BITS, false>(v[e], qm[e], qi[e], worst);
         }
-        if (__builtin_expect(worst >= 0.4999f, 0)) {  // a quotient near a half-integer: the division decides
+        if (__builtin_expect(worst >= kNearHalf, 0)) {  // a quotient near a half-integer: the division decides
 #pragma unroll
           for (int e = 0; e < 8; ++e)
             if (asym ? near_half<true>(v[e], qm[e], qi[e]) : near_half<false>(v[e], qm[e], qi[e]))
