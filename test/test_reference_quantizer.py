@@ -195,3 +195,50 @@ def test_three_bit_codes_pack_eight_in_three_bytes_little_endian():
     assert torch.equal(unpack_codes(pack_codes(many, 3), 3), many)
     with pytest.raises(ValueError, match="eight at a time"):
         pack_codes(many[:, :12], 3)
+
+
+def _groups_with_ties(seed: int, rows: int = 4000) -> torch.Tensor:
+    """bf16 normal groups, and groups of short mantissas whose quotients sit on exact half-integers."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 64, generator=g).to(torch.bfloat16).float()
+    x[:400] = torch.randint(-16, 16, (400, 64), generator=g).float() / 8
+    return x
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("asym", [True, False])
+def test_codes_are_the_rounded_product_with_the_rounded_reciprocal(bits, asym):
+    """The code rule of the page format, recomputed in numpy's IEEE fp32 from the stored metadata:
+    rint(RN(RN(x - m) * RN(1 / s))), clamped; 0 where s == 0."""
+    np = pytest.importorskip("numpy")
+    x = _groups_with_ties(bits)
+    codes, scale, mn = quantize_groups(x, bits, asym)
+    xs = x.numpy().astype(np.float32)
+    s = scale.float().numpy().astype(np.float32)[:, None]
+    with np.errstate(divide="ignore"):
+        inv = np.where(s > 0, np.float32(1) / s, np.float32(0)).astype(np.float32)
+    if asym:
+        n = (xs - mn.float().numpy().astype(np.float32)[:, None]).astype(np.float32)
+        want = np.clip(np.rint((n * inv).astype(np.float32)), 0, 2**bits - 1)
+    else:
+        qmax = 2 ** (bits - 1) - 1
+        want = np.clip(np.rint((xs * inv).astype(np.float32)), -qmax, qmax) + 2 ** (bits - 1)
+    assert np.array_equal(codes.numpy().astype(np.int64), want.astype(np.int64))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_the_reciprocal_rule_departs_from_the_division_rule_only_at_half_integers(bits):
+    """Against the rule of kernels up to 0.8.1, rint(RN((x - m) / s)): codes differ by one, and only where the
+    exact quotient lies within 2^-22 of a step (in units of s) of a half-integer, so the two codes are
+    equally near the input to within that margin."""
+    x = _groups_with_ties(10 + bits, rows=40000)  # about 1e-5 of bf16 normal codes differ
+    codes, scale, mn = quantize_groups(x, bits, True)
+    s = scale.float().unsqueeze(-1)
+    n = x - mn.float().unsqueeze(-1)
+    old = torch.where(s > 0, torch.round(n / s), torch.zeros_like(n)).clamp(0, 2**bits - 1)
+    diff = codes.float() != old
+    assert diff.any()  # the ties are there, and the rules do split some of them
+    assert bool(((codes.float() - old).abs()[diff] == 1).all())
+    q = n.double() / s.double().clamp_min(1e-30)  # the exact quotient (fp32 operands, 53-bit division)
+    dist = (q - q.floor() - 0.5).abs()
+    assert float(dist[diff].max()) <= 2.0**-22 * float(q[diff].abs().max()) + 1e-12

@@ -3,8 +3,8 @@
 //
 // Bit-exactness rules followed here (compile WITHOUT --use_fast_math; -fmad=false as a guard):
 //  * every float step is one IEEE fp32 operation through an explicit intrinsic
-//    (__fsub_rn, __fdiv_rn, __fmul_rn, __fadd_rn), so no FMA contraction and no
-//    reciprocal-based division can creep in;
+//    (__fsub_rn, __fdiv_rn, __fmul_rn, __fadd_rn, __frcp_rn), so no FMA contraction and no
+//    approximate division or reciprocal can creep in;
 //  * rint is rintf (round half to even, like torch.round);
 //  * fp16 metadata: min rounded down (__float2half_rd), scale rounded up (__float2half_ru). Both
 //    equal the reference's "round to nearest, then step one fp16 ulp" for every finite input,
@@ -14,9 +14,9 @@
 //    when one of its 16-bit inputs is NaN, inf or beyond fp16's range (has_special: integer ops on the raw
 //    words); a -0 is left as it is, because it yields the code of +0, and make_qp turns a group's
 //    min/max of -0 into +0;
-//  * rint(RN(n / s)) by a multiply, a round-to-integer add and one exactness test per element; the
-//    correctly rounded division runs only for an item whose quotient lies within 1e-4 of a half-integer
-//    (quant8: a branch per 8 elements, not per element);
+//  * a code is rint(RN(n * RN(1 / s))) (the reference's rule since kernel 0.9.0): one multiply and a
+//    round-to-integer add per element, RN(1 / s) once per group. Until 0.8.1 it was rint(RN(n / s)), which
+//    needed an exact-division path for quotients near a half-integer (14 % of the KV4 encode, run 17);
 //  * the dequantized fp32 value is rounded to the pool dtype with round-to-nearest-even.
 #include "kvtq_kernels.h"
 
@@ -126,85 +126,42 @@ __device__ __forceinline__ QP make_qp(float mn, float mx, int bits, bool asym) {
   return q;
 }
 
-// rint(RN(n / s)), bit-exact, mostly without a division. r = RN(n * RN(1/s)) is within 2 roundings
-// (relative 1.2e-7) of the exact quotient, and the quantizer's quotients are bounded by
-// 2^bits * (1 + 2^-23) <= 257 (s is rounded up from range / levels), so |r - RN(n/s)| < 5e-5. rint can
-// only differ when a half-integer lies that close to r; then the correctly rounded division decides.
-// |r - rint(r)| at or above this: r may round otherwise than RN(n / s), so the division decides (rint_quot,
-// quant8, the per-channel encode and near_half must agree on it). Safe since |r - RN(n / s)| < 5e-5.
-constexpr float kNearHalf = 0.4999f;
-
-__device__ __forceinline__ float rint_quot(float n, float s, float inv) {
-  const float r = __fmul_rn(n, inv);
-  const float k = rintf(r);
-  if (fabsf(__fsub_rn(r, k)) < kNearHalf) return k;
-  return rintf(__fdiv_rn(n, s));
-}
-
+// The code of one element, rint(RN(n * RN(1/s))) clamped (n = RN(x - m), or x when symmetric). s == 0 gives
+// inv == 0, hence the reference's code 0 (the code of a 0 quotient).
 __device__ __forceinline__ uint32_t quant(float x, const QP& q, int bits, bool asym) {
   if (asym) {
     const float levels = (float)((1 << bits) - 1);
-    const float r = q.s > 0.f ? rint_quot(__fsub_rn(x, q.m), q.s, q.inv) : 0.f;
+    const float r = rintf(__fmul_rn(__fsub_rn(x, q.m), q.inv));
     return (uint32_t)fminf(fmaxf(r, 0.f), levels);
   }
   const float qmax = (float)((1 << (bits - 1)) - 1);
-  float r = q.s > 0.f ? rint_quot(x, q.s, q.inv) : 0.f;
+  float r = rintf(__fmul_rn(x, q.inv));
   r = fminf(fmaxf(r, -qmax), qmax);
   return (uint32_t)((int)r + (1 << (bits - 1)));
 }
 
-// The fast path of quant for one element: RN(n * inv) rounded to an integer by adding 1.5 * 2^23 (exact
-// round-half-even for |r| < 2^22; the quantizer's |r| <= 2^bits + 1), clamped in that biased domain, the
-// code read from the low mantissa bits. `worst` collects |r - rint(r)|: at or above kNearHalf the item must
-// be redone with the division (quant8). s == 0 gives inv == 0, hence r == 0 and the reference's code 0.
+// quant for one element of the unrolled paths: RN(n * inv) rounded to an integer by adding 1.5 * 2^23 (exact
+// round-half-even for |r| < 2^22; the quantizer's |r| <= 2^bits + 1), clamped in that biased domain, the code
+// read from the low mantissa bits.
 constexpr float kRintShift = 12582912.f;  // 1.5 * 2^23
 constexpr uint32_t kRintShiftBits = 0x4B400000u;
 
 template <int BITS, bool ASYM>
-__device__ __forceinline__ uint32_t quant_fast(float x, float m, float inv, float& worst) {
+__device__ __forceinline__ uint32_t quant_fast(float x, float m, float inv) {
   constexpr float lo = ASYM ? 0.f : -(float)((1 << (BITS - 1)) - 1);
   constexpr float hi = ASYM ? (float)((1 << BITS) - 1) : (float)((1 << (BITS - 1)) - 1);
   constexpr uint32_t bias = ASYM ? 0u : (1u << (BITS - 1));
   const float r = __fmul_rn(ASYM ? __fsub_rn(x, m) : x, inv);
   const float y = __fadd_rn(r, kRintShift);
-  worst = fmaxf(worst, fabsf(__fsub_rn(r, __fsub_rn(y, kRintShift))));
   const float yc = fminf(fmaxf(y, kRintShift + lo), kRintShift + hi);
   return __float_as_uint(yc) - kRintShiftBits + bias;
 }
 
-// quant() out of line: the rare path of quant8, kept out of the unrolled loops so that the common path
-// stays short (the instruction cache) and the division's registers are not reserved across it.
-__device__ __noinline__ uint32_t quant_exact(float x, float s, float m, float inv, int bits, int asym) {
-  QP q;
-  q.s = s;
-  q.m = m;
-  q.inv = inv;
-  return quant(x, q, bits, asym != 0);
-}
-
-// Whether quant_fast's quotient of x lies near a half-integer, where only the division decides. For every
-// other element quant_exact returns rintf(r) clamped, which is quant_fast's code: so the rare path redoes the
-// near elements alone. (bf16 inputs with fp16 min/scale put 7-8e-4 of quotients on exact half-integers, so
-// 17-19 % of 32-item warps met a near item in benchmark/encode_tie_rate.py; until kernel 0.8.1 such an item
-// redid all 8 elements through the out-of-line call.)
-template <bool ASYM>
-__device__ __forceinline__ bool near_half(float x, float m, float inv) {
-  const float r = __fmul_rn(ASYM ? __fsub_rn(x, m) : x, inv);
-  return fabsf(__fsub_rn(r, rintf(r))) >= kNearHalf;
-}
-
-// quant() of 8 elements of one group. An item with a quotient near a half-integer redoes its near elements
-// with the division (one branch per item, out of the way of the common path).
+// quant() of 8 elements of one group.
 template <int BITS, bool ASYM>
 __device__ __forceinline__ void quant8(const float v[8], const QP& q, uint32_t code[8]) {
-  float worst = 0.f;
 #pragma unroll
-  for (int e = 0; e < 8; ++e) code[e] = quant_fast<BITS, ASYM>(v[e], q.m, q.inv, worst);
-  if (__builtin_expect(worst >= kNearHalf, 0)) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e)
-      if (near_half<ASYM>(v[e], q.m, q.inv)) code[e] = quant_exact(v[e], q.s, q.m, q.inv, BITS, ASYM);
-  }
+  for (int e = 0; e < 8; ++e) code[e] = quant_fast<BITS, ASYM>(v[e], q.m, q.inv);
 }
 
 template <int BITS>
@@ -612,19 +569,12 @@ __device__ __forceinline__ void encode_axis1(const EncodeArgs& A, const ChunkDes
         float v[8];
         unpack8<T>(raw[m], v);
         uint32_t code[8];
-        float worst = 0.f;
         if (asym) {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) code[e] = quant_fast<BITS, true>(v[e], qm[e], qi[e], worst);
+          for (int e = 0; e < 8; ++e) code[e] = quant_fast<BITS, true>(v[e], qm[e], qi[e]);
         } else {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) code[e] = quant_fast<BITS, false>(v[e], qm[e], qi[e], worst);
-        }
-        if (__builtin_expect(worst >= kNearHalf, 0)) {  // a quotient near a half-integer: the division decides
-#pragma unroll
-          for (int e = 0; e < 8; ++e)
-            if (asym ? near_half<true>(v[e], qm[e], qi[e]) : near_half<false>(v[e], qm[e], qi[e]))
-              code[e] = quant_exact(v[e], sh.s_s[kci * 8 + e], qm[e], qi[e], BITS, asym);
+          for (int e = 0; e < 8; ++e) code[e] = quant_fast<BITS, false>(v[e], qm[e], qi[e]);
         }
         const int64_t at = ((int64_t)(t0 + t) * W8 + k) * bits;
         store_codes8(chunk + at, code, bits);

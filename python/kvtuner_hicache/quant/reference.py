@@ -1,19 +1,27 @@
 """Pure-torch reference quantizer: the ground truth for the page format and the native kernels.
 
-Runs on CPU and CUDA. Every arithmetic step is a single IEEE fp32 operation (no fused
-multiply-add, no reciprocal tricks) so that a GPU kernel can reproduce the codes bit for bit:
+Runs on CPU and CUDA. Every arithmetic step is a single IEEE fp32 operation rounded to nearest
+(no fused multiply-add, no approximate reciprocal) so that a GPU kernel can reproduce the codes bit
+for bit:
 
   x      <- nan_to_num(x, nan=0, +-inf=+-65504), clamped to [-65504, 65504]   (fp16 range)
   asym:  m = fp16_round_down(min(x));  s = fp16_round_up((max(x) - m) / (2^b - 1))
-         u = clamp(round_half_even((x - m) / s), 0, 2^b - 1)      (u = 0 where s == 0)
+         u = clamp(round_half_even((x - m) * (1 / s)), 0, 2^b - 1)      (u = 0 where s == 0)
          x^ = u * s + m
   sym:   s = fp16_round_up(max|x| / (2^(b-1) - 1))
-         u = clamp(round_half_even(x / s), -(2^(b-1) - 1), 2^(b-1) - 1) + 2^(b-1)
+         u = clamp(round_half_even(x * (1 / s)), -(2^(b-1) - 1), 2^(b-1) - 1) + 2^(b-1)
          x^ = (u - 2^(b-1)) * s
 
 Rounding the metadata outward (min down, scale up) keeps every element inside the grid that
 the stored fp16 metadata describes, so |x - x^| <= s/2 holds with the stored scale s
-(plus one fp32 rounding), whatever the group's offset.
+(plus fp32 roundings), whatever the group's offset.
+
+The code multiplies by the correctly rounded reciprocal 1 / s (once per group) instead of dividing
+by s (page format rule since kernel 0.9.0; until 0.8.1 the codes were round((x - m) / s)). The two
+rules differ only where the quotient lies within 2^-23 * |quotient| (< 4e-5 of a step) of a
+half-integer, by one code: the other of two grid points that are equally near to within that
+margin. The decode is unchanged, so pages of either rule read the same. The kernels' encode needs
+no division and no exact-tie path on it (docs/page-format.md, "Codes").
 """
 
 from __future__ import annotations
@@ -71,6 +79,13 @@ def _div(a: torch.Tensor, b: float) -> torch.Tensor:
     return a / torch.full((), b, dtype=a.dtype, device=a.device)
 
 
+def reciprocal(scale: torch.Tensor) -> torch.Tensor:
+    """RN(1 / s) in fp32 for fp16 scales s > 0, and 0 where s == 0 (so such a group codes every element as 0).
+    A tensor-by-tensor division: IEEE on every device (see _div)."""
+    s = scale.float()
+    return torch.where(s > 0, torch.ones_like(s) / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+
+
 def quantize_groups(x: torch.Tensor, bits: int, asym: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize groups along the last dim. Returns (codes uint8 [..., G], scale fp16 [...], min fp16 [...] | None)."""
     x = sanitize(x)
@@ -78,13 +93,11 @@ def quantize_groups(x: torch.Tensor, bits: int, asym: bool) -> tuple[torch.Tenso
         levels = float(2**bits - 1)
         mn = f16_round_down(x.amin(dim=-1))
         scale = f16_round_up(_div(x.amax(dim=-1) - mn.float(), levels))
-        s = scale.float().unsqueeze(-1)
-        q = torch.where(s > 0, torch.round((x - mn.float().unsqueeze(-1)) / s), torch.zeros_like(x))
+        q = torch.round((x - mn.float().unsqueeze(-1)) * reciprocal(scale).unsqueeze(-1))
         return q.clamp_(0.0, levels).to(torch.uint8), scale, mn
     qmax = float(2 ** (bits - 1) - 1)
     scale = f16_round_up(_div(x.abs().amax(dim=-1), qmax))
-    s = scale.float().unsqueeze(-1)
-    q = torch.where(s > 0, torch.round(x / s), torch.zeros_like(x))
+    q = torch.round(x * reciprocal(scale).unsqueeze(-1))
     return (q.clamp_(-qmax, qmax) + 2 ** (bits - 1)).to(torch.uint8), scale, None
 
 
