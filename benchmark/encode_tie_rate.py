@@ -1,7 +1,9 @@
-"""How often the encode kernel leaves its fast path: the share of 8-element items whose quotient lies near a
-half-integer (CPU, counts, no timing).
+"""How often the encode kernel of 0.8.x left its fast path: the share of 8-element items whose quotient lies near a
+half-integer (CPU, counts, no timing). Kernel 0.9.0 has no such path: its codes are rint(RN(n * RN(1/s))), the
+fast path itself (docs/page-format.md, "Codes"), and `exact_fix` below is the share of codes in which that rule
+departs from the division rule of 0.8.x.
 
-The kernel (sgl-kernel/csrc/kvtq_kernels.cu, quant8) codes an item of 8 elements with r = RN(RN(x - m) * RN(1/s))
+The 0.8.x kernel (sgl-kernel/csrc/kvtq_kernels.cu, quant8) coded an item of 8 elements with r = RN(RN(x - m) * RN(1/s))
 and a round-to-integer add; when any element's |r - rint(r)| >= 0.4999, the item is redone with the correctly
 rounded division, all 8 elements through an out-of-line call, so that codes equal the reference's
 rint(RN((x - m) / s)) bit for bit. On a GPU a warp takes that branch when any of its 32 lanes' items does.
