@@ -341,6 +341,24 @@ __device__ __forceinline__ void small_groups(const float v[8], uint32_t code[8],
   }
 }
 
+// Item i of a per-token group of `lanes` items with parameters q: its codes, its refinement codes when the
+// launch writes planes, and the group's metadata from the group's first item.
+template <int BITS>
+__device__ __forceinline__ void emit_item(const float v[8], const QP& q, bool asym, uint8_t* chunk, uint8_t* rplane,
+                                          const ChunkDesc& c, int i, int lanes) {
+  uint32_t code[8];
+  if (asym) quant8<BITS, true>(v, q, code);
+  else quant8<BITS, false>(v, q, code);
+  store_codes8(chunk + (int64_t)i * BITS, code, BITS);
+  if ((i & (lanes - 1)) == 0) put_meta(chunk, c, ((int64_t)i * 8) / c.group, q);
+  if (rplane != nullptr) {
+    uint32_t r[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) r[e] = refine_code(v[e], q, code[e], BITS);
+    store_codes8(rplane + (int64_t)i * BITS, r, BITS);
+  }
+}
+
 // Per-token groups (axis 0): group = G consecutive elements of one (token, head).
 // Unit = kEncItemsPerUnit consecutive 8-element items of the chunk's [page_size, width] plane.
 template <typename T, bool PLANES, int BITS>
@@ -414,17 +432,7 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
       if (i < items) {
         float v[8];
         unpack8<T>(raw[j], v);
-        uint32_t code[8];
-        if (asym) quant8<BITS, true>(v, q, code);
-        else quant8<BITS, false>(v, q, code);
-        store_codes8(chunk + (int64_t)i * bits, code, bits);
-        if ((i & (glanes - 1)) == 0) put_meta(chunk, c, ((int64_t)i * 8) / G, q);
-        if (rplane != nullptr) {
-          uint32_t r[8];
-#pragma unroll
-          for (int e = 0; e < 8; ++e) r[e] = refine_code(v[e], q, code[e], bits);
-          store_codes8(rplane + (int64_t)i * bits, r, bits);
-        }
+        emit_item<BITS>(v, q, asym, chunk, rplane, c, i, glanes);
       }
     }
     return;
@@ -436,7 +444,6 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
     const bool valid = i < items;
     float v[8];
     unpack8<T>(raw[j], v);
-    uint32_t code[8];
     if (G >= 8) {
       float mn = v[0], mx = v[0];
 #pragma unroll
@@ -456,21 +463,9 @@ __device__ __forceinline__ void encode_axis0(const EncodeArgs& A, const ChunkDes
         mn = INFINITY; mx = -INFINITY;
         for (int w = w0; w < w0 + nw; ++w) { mn = fminf(mn, sh.w_min[j][w]); mx = fmaxf(mx, sh.w_max[j][w]); }
       }
-      if (valid) {
-        const QP q = make_qp(mn, mx, bits, asym);
-        if (asym) quant8<BITS, true>(v, q, code);
-        else quant8<BITS, false>(v, q, code);
-        store_codes8(chunk + (int64_t)i * bits, code, bits);
-        if ((i & (lanes - 1)) == 0) put_meta(chunk, c, ((int64_t)i * 8) / G, q);
-        if (rplane != nullptr) {
-          uint32_t r[8];
-#pragma unroll
-          for (int e = 0; e < 8; ++e) r[e] = refine_code(v[e], q, code[e], bits);
-          store_codes8(rplane + (int64_t)i * bits, r, bits);
-        }
-      }
+      if (valid) emit_item<BITS>(v, make_qp(mn, mx, bits, asym), asym, chunk, rplane, c, i, lanes);
     } else if (valid) {  // G in {2, 4}: 8 / G whole groups per item
-      uint32_t r[8];
+      uint32_t code[8], r[8];
       uint32_t* rp = rplane != nullptr ? r : nullptr;
       if (G == 4) small_groups<4, BITS>(v, code, rp, chunk, c, i, asym);
       else small_groups<2, BITS>(v, code, rp, chunk, c, i, asym);
