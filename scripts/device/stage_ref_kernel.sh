@@ -10,6 +10,6 @@ REF=${1:-main}
 cd "$REPO"
 rm -rf .ref && mkdir -p .ref/benchmark
 git archive "$REF" sgl-kernel python scripts/device/build_kernel_wheel.sh | tar -x -C .ref
-cp benchmark/bench_quantize.py benchmark/bench_transfer.py benchmark/bf16_baseline.py .ref/benchmark/
+cp benchmark/bench_quantize.py benchmark/bench_transfer.py benchmark/bf16_baseline.py benchmark/bf16_baseline.cu .ref/benchmark/
 git rev-parse --short "$REF" > .ref/REF
 echo "staged $REF ($(cat .ref/REF)) in .ref: $(du -sh .ref | cut -f1)"
