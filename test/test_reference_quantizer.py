@@ -229,7 +229,7 @@ def test_codes_are_the_rounded_product_with_the_rounded_reciprocal(bits, asym):
 @pytest.mark.parametrize("bits", BITS)
 def test_the_reciprocal_rule_departs_from_the_division_rule_only_at_half_integers(bits):
     """Against the rule of kernels up to 0.8.1, rint(RN((x - m) / s)): codes differ by one, and only where the
-    exact quotient lies within 2^-22 of a step (in units of s) of a half-integer, so the two codes are
+    exact quotient q lies within 2^-22 |q| (in steps) of a half-integer, so the two codes are
     equally near the input to within that margin."""
     x = _groups_with_ties(10 + bits, rows=40000)  # about 1e-5 of bf16 normal codes differ
     codes, scale, mn = quantize_groups(x, bits, True)

@@ -18,7 +18,7 @@ the stored fp16 metadata describes, so |x - x^| <= s/2 holds with the stored sca
 
 The code multiplies by the correctly rounded reciprocal 1 / s (once per group) instead of dividing
 by s (page format rule since kernel 0.9.0; until 0.8.1 the codes were round((x - m) / s)). The two
-rules differ only where the quotient lies within 2^-23 * |quotient| (< 4e-5 of a step) of a
+rules differ only where the quotient q lies within about 2^-23 |q| (tested: 2^-22 |q|) of a
 half-integer, by one code: the other of two grid points that are equally near to within that
 margin. The decode is unchanged, so pages of either rule read the same. The kernels' encode needs
 no division and no exact-tie path on it (docs/page-format.md, "Codes").
