@@ -210,23 +210,26 @@ class PlaneTable:
         self.stats.demotions[stream] += 1
         return slot
 
-    def _slot_for(self, touch: int) -> Slot | None:
+    def _claim(self, touch: int, owner: tuple[int, int]) -> bool:
+        """Give `owner` a plane slot: a free half of a used row, else a fresh row, else the slot of the coldest
+        plane touched before `touch` (a demotion: the slot passes straight to `owner`). False: no room."""
         if self._partial:
             row = next(iter(self._partial))
-            return row, self._free_halves[row][-1]
+            self._use_slot((row, self._free_halves[row][-1]), owner)
+            return True
         row = self._take_row()
         if row is not None:
             self._free_halves[row] = list(range(self.halves))
             self._partial.add(row)
-            return row, self.halves - 1
+            self._use_slot((row, self.halves - 1), owner)
+            return True
         victim = self._pop_coldest(colder_than=touch)
         if victim is None:
-            return None
+            return False
         slot = self._demote(*victim)
-        self._owner.pop(slot)
-        self._free_halves[slot[0]].append(slot[1])
-        self._partial.add(slot[0])
-        return slot
+        self._owner[slot] = owner
+        self._set(owner, slot)
+        return True
 
     def admit(self, pages: Sequence[int], streams: Sequence[int] | None = None) -> list[tuple[int, ...]]:
         """New pages (one backup batch, all equally hot): give each a plane per stream where room can be
@@ -238,11 +241,9 @@ class PlaneTable:
             self._touch[p] = t
             for s in want:
                 assert (p, s) not in self._slot, f"page {p} already holds a stream-{s} plane"
-                slot = self._slot_for(t)
-                if slot is None:
+                if not self._claim(t, (p, s)):
                     self.stats.refused_planes += 1
                     continue
-                self._use_slot(slot, (p, s))
                 heapq.heappush(self._heap, (t, self._rank[s], p, s))
                 self.stats.admitted_planes += 1
         return [self.streams_of(p) for p in pages]
