@@ -126,23 +126,10 @@ __device__ __forceinline__ QP make_qp(float mn, float mx, int bits, bool asym) {
   return q;
 }
 
-// The code of one element, rint(RN(n * RN(1/s))) clamped (n = RN(x - m), or x when symmetric). s == 0 gives
+// The code of one element, rint(RN(n * RN(1/s))) clamped (n = RN(x - m), or x when symmetric): RN(n * inv)
+// rounded to an integer by adding 1.5 * 2^23 (exact round-half-even for |r| < 2^22; the quantizer's
+// |r| <= 2^bits + 1), clamped in that biased domain, the code read from the low mantissa bits. s == 0 gives
 // inv == 0, hence the reference's code 0 (the code of a 0 quotient).
-__device__ __forceinline__ uint32_t quant(float x, const QP& q, int bits, bool asym) {
-  if (asym) {
-    const float levels = (float)((1 << bits) - 1);
-    const float r = rintf(__fmul_rn(__fsub_rn(x, q.m), q.inv));
-    return (uint32_t)fminf(fmaxf(r, 0.f), levels);
-  }
-  const float qmax = (float)((1 << (bits - 1)) - 1);
-  float r = rintf(__fmul_rn(x, q.inv));
-  r = fminf(fmaxf(r, -qmax), qmax);
-  return (uint32_t)((int)r + (1 << (bits - 1)));
-}
-
-// quant for one element of the unrolled paths: RN(n * inv) rounded to an integer by adding 1.5 * 2^23 (exact
-// round-half-even for |r| < 2^22; the quantizer's |r| <= 2^bits + 1), clamped in that biased domain, the code
-// read from the low mantissa bits.
 constexpr float kRintShift = 12582912.f;  // 1.5 * 2^23
 constexpr uint32_t kRintShiftBits = 0x4B400000u;
 
@@ -333,7 +320,8 @@ __device__ __forceinline__ void small_groups(const float v[8], uint32_t code[8],
     const QP q = make_qp(mn, mx, BITS, asym);
     put_meta(chunk, c, ((int64_t)i * 8 + g0) / GS, q);
 #pragma unroll
-    for (int e = 0; e < GS; ++e) code[g0 + e] = quant(v[g0 + e], q, BITS, asym);
+    for (int e = 0; e < GS; ++e)
+      code[g0 + e] = asym ? quant_fast<BITS, true>(v[g0 + e], q.m, q.inv) : quant_fast<BITS, false>(v[g0 + e], q.m, q.inv);
     if (rcode != nullptr) {
 #pragma unroll
       for (int e = 0; e < GS; ++e) rcode[g0 + e] = refine_code(v[g0 + e], q, code[g0 + e], BITS);
