@@ -16,6 +16,11 @@ config (quant/codec.py) over the installed kernel wheel:
   load-staged KV4, KV8 (`--staged-sweep`): the staged load with 1, 2, 4, 7, 14 and 28 layers per copy group
               (staging for two groups of the batch, so at most two groups in flight), the measurement that the
               default group (staged_load.DEFAULT_GROUP_LAYERS) comes from.
+  backup-variant  every config at <= 16 pages (`--backup-sweep`): the same backup through each small-backup path
+              of kernel 0.10.0, alone: `staged` (encode into GPU staging, then a DMA call), `one-launch` (every
+              encode class in one launch), `direct` (encoded straight into the mapped host pages, no DMA call),
+              `direct+one-launch`; three rounds of the variants in turn. codec.DIRECT_BACKUP_PAGES and
+              ALL_CLASSES_PAGES come from it.
   load-fused  KV4 only: the one-launch load at every batch size and grid share (`--fused-sweep`), the
               measurement that FUSE_PAGES and FUSED_BLOCKS_PER_LAYER come from.
   quantize    native.encode_pages from device rows into GPU memory only (no PCIe): one call between events
@@ -82,7 +87,14 @@ sys.path.insert(0, str(REPO / "python"))
 from kvtuner_hicache.config import KVShape, QuantConfig, load_layer_bits  # noqa: E402
 from kvtuner_hicache.page_format import PageLayout  # noqa: E402
 from kvtuner_hicache.quant import native  # noqa: E402
-from kvtuner_hicache.quant.codec import FUSE_PAGES, FUSED_BLOCKS_PER_LAYER, DeviceKV, NativeCodec  # noqa: E402
+from kvtuner_hicache.quant.codec import (  # noqa: E402
+    ALL_CLASSES_PAGES,
+    DIRECT_BACKUP_PAGES,
+    FUSE_PAGES,
+    FUSED_BLOCKS_PER_LAYER,
+    DeviceKV,
+    NativeCodec,
+)
 
 sys.path.insert(0, str(REPO / "benchmark"))
 import bf16_baseline  # noqa: E402
@@ -163,6 +175,35 @@ def backup_host_stages(codec, host_ids: torch.Tensor, rows: torch.Tensor) -> dic
             if n <= codec.staging.size(0) else None}
 
 
+BACKUP_SWEEP_MAX_PAGES = 16
+# (name, direct_pages, all_classes_pages) as a function of the batch's pages: each small-backup path alone
+BACKUP_VARIANTS = (("staged", lambda n: 0, lambda n: 0), ("one-launch", lambda n: 0, lambda n: n),
+                   ("direct", lambda n: n, lambda n: 0), ("direct+one-launch", lambda n: n, lambda n: n))
+
+
+def backup_variants(base: dict, lay, kv, hostq, dev, host_ids, tidx, n: int, reps: int, sg: dict | None) -> list[dict]:
+    """The backup of the same pages through each small-backup path of kernel 0.10.0 (codec.DIRECT_BACKUP_PAGES and
+    ALL_CLASSES_PAGES come from this table), timed in alternation so that drift hits every variant alike."""
+    codecs = {name: NativeCodec(lay, kv, hostq, dev, staging_pages=min(n, STAGING_PAGES), direct_pages=d(n),
+                                all_classes_pages=a(n)) for name, d, a in BACKUP_VARIANTS}
+    samples: dict[str, list[float]] = {name: [] for name in codecs}
+    for _ in range(3):  # three rounds of reps samples each, variants in turn
+        for name, c in codecs.items():
+            samples[name] += event_samples(lambda c=c: c.backup(host_ids, tidx), reps)
+    out = []
+    for name, c in codecs.items():
+        med, p10, p90 = median_p10_p90(samples[name])
+        rec = dict(base, direction="backup-variant", variant=name, time_ms=round(med, 4), time_ms_p10=round(p10, 4),
+                   time_ms_p90=round(p90, 4), samples=len(samples[name]),
+                   host_us_per_backup_call=round(host_us_per_call(lambda _, c=c: c.backup(host_ids, tidx), 1), 2))
+        if sg is not None:
+            rec.update(sglang_bf16_ms=round(sg["backup"], 4), speedup_vs_sglang_bf16=round(sg["backup"] / med, 3))
+        c.check()
+        c.shutdown()
+        out.append(rec)
+    return out
+
+
 def presets_dir() -> pathlib.Path | None:
     for d in (os.environ.get("KVTQ_PRESETS_DIR"), REPO.parent / "shared" / "kvtuner-presets"):
         if d and pathlib.Path(d).is_dir():
@@ -234,7 +275,7 @@ def configs_for(shape_name: str) -> list[tuple[str, QuantConfig]]:
 
 
 def run_shape(shape_name: str, shape: KVShape, pages_list: list[int], reps: int, ext, sgl, records: list,
-              sweep: bool, fused_sweep: bool = False, staged_sweep: bool = False) -> None:
+              sweep: bool, fused_sweep: bool = False, staged_sweep: bool = False, backup_sweep: bool = False) -> None:
     dev = torch.device("cuda")
     L, H, D = shape.num_layers, shape.heads, shape.head_dim
     ps = PAGE_SIZE
@@ -265,7 +306,7 @@ def run_shape(shape_name: str, shape: KVShape, pages_list: list[int], reps: int,
                host_v=host_v, bf16_flat_dev=bf16_flat_dev, bf16_flat_host=bf16_flat_host, cfgs=cfgs, layouts=layouts,
                hostq_flat=hostq_flat, devq_flat=devq_flat, gpu=gpu, sms=sms, pg=pg, slots=slots, ps=ps, shape=shape,
                shape_name=shape_name, reps=reps, ext=ext, sgl=sgl, records=records, sweep=sweep,
-               fused_sweep=fused_sweep, staged_sweep=staged_sweep)
+               fused_sweep=fused_sweep, staged_sweep=staged_sweep, backup_sweep=backup_sweep)
     for n in pages_list:
         run_pages(n, **ctx)
     torch.cuda.empty_cache()
@@ -273,7 +314,7 @@ def run_shape(shape_name: str, shape: KVShape, pages_list: list[int], reps: int,
 
 def run_pages(n, *, dev, L, k, v, bufs, kptrs, vptrs, row_bytes, host_k, host_v, bf16_flat_dev, bf16_flat_host, cfgs,
               layouts, hostq_flat, devq_flat, gpu, sms, pg, slots, ps, shape, shape_name, reps, ext, sgl, records,
-              sweep, fused_sweep, staged_sweep):
+              sweep, fused_sweep, staged_sweep, backup_sweep):
     dslots = torch.randperm(slots, generator=pg)[:n]
     tidx = (dslots[:, None] * ps + torch.arange(ps)).reshape(-1).to(dev)
     host_tok = torch.arange(n * ps, dtype=torch.int64, device=dev)  # host slots for bf16 (page runs)
@@ -343,11 +384,12 @@ def run_pages(n, *, dev, L, k, v, bufs, kptrs, vptrs, row_bytes, host_k, host_v,
                    devq_flat=devq_flat, gpu=gpu, pg=pg, ps=ps, shape_name=shape_name, reps=reps, records=records,
                    sweep=sweep, bf16_bytes=bf16_bytes, t_bf=(t_bf_backup, t_bf_load), t_cp=(t_cp_d2h, t_cp_h2d),
                    t_cp_layers=t_cp_h2d_layers, sg=sg, fused_sweep=fused_sweep, staged_sweep=staged_sweep,
-                   fresh=fresh)
+                   backup_sweep=backup_sweep, fresh=fresh)
 
 
 def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat, gpu, pg, ps, shape_name, reps, records,
-               sweep, bf16_bytes, t_bf, t_cp, t_cp_layers, sg, fresh, fused_sweep=False, staged_sweep=False):
+               sweep, bf16_bytes, t_bf, t_cp, t_cp_layers, sg, fresh, fused_sweep=False, staged_sweep=False,
+               backup_sweep=False):
     t_bf_backup, t_bf_load = t_bf
     t_cp_d2h, t_cp_h2d = t_cp
     pb = lay.page_bytes
@@ -513,6 +555,9 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
                 rec.update(sglang_bf16_ms=round(sg["load"], 4), speedup_vs_sglang_bf16=round(sg["load"] / t_s, 3))
             records.append(rec)
             cs.shutdown()
+    if backup_sweep and n <= BACKUP_SWEEP_MAX_PAGES:
+        restore_rows(bufs, tidx, fresh)
+        records.extend(backup_variants(base, lay, kv, hostq, dev, host_ids_sorted, tidx, n, reps, sg))
     for c in (codec, codec_pl, codec_dev, *sweep_codecs.values()):
         c.shutdown()
     sgl_txt = f" | sglang bf16 load {sg['load']:8.3f} backup {sg['backup']:8.3f}" if sg is not None else ""
@@ -679,6 +724,18 @@ def table_fused(records: list) -> str:
     return "\n".join(lines)
 
 
+def table_backup_variants(records: list) -> str:
+    lines = ["| shape | config | pages | backup path | ms [p10, p90] | host us per call | SGLang bf16 ms | vs SGLang bf16 |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in records:
+        if r["direction"] == "backup-variant":
+            sg = (f"{r['sglang_bf16_ms']:.3f} | {r['speedup_vs_sglang_bf16']:.2f}x" if "sglang_bf16_ms" in r
+                  else "- | -")
+            lines.append(f"| {r['shape']} | {r['config']} | {r['pages']} | {r['variant']} | {r['time_ms']:.3f} "
+                         f"[{r['time_ms_p10']:.3f}, {r['time_ms_p90']:.3f}] | {r['host_us_per_backup_call']:.1f} | {sg} |")
+    return "\n".join(lines)
+
+
 def table_staged(records: list) -> str:
     lines = ["| shape | config | pages | layers per copy group | staged load ms [p10, p90] | PCIe GB/s "
              "| one DMA of our bytes ms | zero-copy per-layer launches ms | SGLang bf16 ms | vs SGLang bf16 |",
@@ -772,6 +829,9 @@ def main() -> None:
     ap.add_argument("--fused-sweep", action="store_true", help="KV4: the one-launch load at every size and grid share")
     ap.add_argument("--staged-sweep", action="store_true",
                     help="KV4, KV8: the staged load with 1, 2, 4 and 7 layers per copy group at every size >= 16")
+    ap.add_argument("--backup-sweep", action="store_true",
+                    help=f"every config at <= {BACKUP_SWEEP_MAX_PAGES} pages: the backup through staging, in one launch, "
+                         "direct into host pages, and both (codec.DIRECT_BACKUP_PAGES, ALL_CLASSES_PAGES)")
     ap.add_argument("--no-elastic", action="store_true", help="leave out the elastic pages (issue 15)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -787,7 +847,7 @@ def main() -> None:
     shapes = {"Qwen2.5-7B": SHAPES["Qwen2.5-7B"]} if args.quick else SHAPES
     for name, shape in shapes.items():
         run_shape(name, shape, pages_list, args.reps, ext, sgl, records, not args.no_sweep,
-                  args.fused_sweep, args.staged_sweep)
+                  args.fused_sweep, args.staged_sweep, args.backup_sweep)
         if not args.no_elastic:
             run_elastic(name, shape, pages_list, args.reps, records)
     gpu = torch.cuda.get_device_name()
@@ -795,7 +855,8 @@ def main() -> None:
     res = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "page_size": PAGE_SIZE,
            "kernels": native.build_name(), "sglang_bf16": "sgl_kernel.kvcacheio" if sgl else None,
            "staging_pages": STAGING_PAGES, "load_blocks": native.load_blocks(), "fuse_pages": FUSE_PAGES,
-           "fused_blocks_per_layer": FUSED_BLOCKS_PER_LAYER, "command": cmd,
+           "fused_blocks_per_layer": FUSED_BLOCKS_PER_LAYER, "direct_backup_pages": DIRECT_BACKUP_PAGES,
+           "all_classes_pages": ALL_CLASSES_PAGES, "command": cmd,
            "source_rows": "generated bf16 normal values, restored before each config's backup and quantize timings",
            "records": records,
            "targets": targets(records)}
@@ -806,6 +867,7 @@ def main() -> None:
     print(table_sweep(records))
     print(table_fused(records))
     print(table_staged(records))
+    print(table_backup_variants(records))
     print(table_elastic(records))
     print("\n".join(res["targets"]))
     if args.md:
@@ -816,6 +878,7 @@ def main() -> None:
               "### Load block-quota sweep (KV4)", "", table_sweep(records), "",
               "### One-launch load: batch size and grid share (KV4)", "", table_fused(records), "",
               "### Staged load: layers per copy group", "", table_staged(records), "",
+              "### Small backups: each path alone (--backup-sweep)", "", table_backup_variants(records), "",
               "### Elastic pages (K4V4 floor) against fixed pages", "", table_elastic(records), "", "### Targets", "",
               "\n".join(f"- {t}" for t in res["targets"]), ""]
         pathlib.Path(args.md).write_text("\n".join(md))

@@ -593,16 +593,10 @@ __device__ __forceinline__ void zero_range(uint8_t* base, int a, int b) {
 template <bool PLANES, int AXIS>
 constexpr int kEncMinBlocks = AXIS == 0 ? (PLANES ? 3 : 4) : (PLANES ? 2 : 3);
 
-template <typename T, bool PLANES, int AXIS, int BITS>
-__global__ void __launch_bounds__(kThreads, kEncMinBlocks<PLANES, AXIS>) encode_kernel(const __grid_constant__ EncodeArgs A) {
-  const int ua = A.unit_base + blockIdx.x;  // unit within the page
-  const int pl = blockIdx.y;             // page within this launch
-  const int p = A.page_base + pl;        // page within the batch
-  const ChunkDesc c = A.chunks[A.unit_chunk[ua]];
-  if (c.axis != AXIS || c.bits != BITS) {  // a unit table out of class order: write nothing, report it
-    if (threadIdx.x == 0) report_error(A.err, kErrEncodeClass, ua, A.units_per_page);
-    return;
-  }
+// The work of one block: unit `ua` of page blockIdx.y of the launch, of class (AXIS, BITS) (checked by the caller).
+template <typename T, bool PLANES, int AXIS, int BITS, typename Shared>
+__device__ __forceinline__ void encode_unit(const EncodeArgs& A, const ChunkDesc& c, int ua, Shared& sh) {
+  const int p = A.page_base + (int)blockIdx.y;  // page within the batch
   const int u = ua - c.unit_start;
   uint8_t* page = A.out + (int64_t)p * A.out_stride;
   uint8_t* chunk = page + c.offset;
@@ -614,12 +608,54 @@ __global__ void __launch_bounds__(kThreads, kEncMinBlocks<PLANES, AXIS>) encode_
     zero_range(chunk, c.scale_off + ng2, c.asym ? c.min_off : c.nbytes);
     if (c.asym) zero_range(chunk, c.min_off + ng2, c.nbytes);
   }
+  if constexpr (AXIS == 0) encode_axis0<T, PLANES, BITS>(A, c, p, u, chunk, sh);
+  else encode_axis1<T, PLANES, BITS>(A, c, p, u, chunk, sh);
+}
+
+template <typename T, bool PLANES, int AXIS, int BITS>
+__global__ void __launch_bounds__(kThreads, kEncMinBlocks<PLANES, AXIS>) encode_kernel(const __grid_constant__ EncodeArgs A) {
+  const int ua = A.unit_base + blockIdx.x;  // unit within the page
+  const ChunkDesc c = A.chunks[A.unit_chunk[ua]];
+  if (c.axis != AXIS || c.bits != BITS) {  // a unit table out of class order: write nothing, report it
+    if (threadIdx.x == 0) report_error(A.err, kErrEncodeClass, ua, A.units_per_page);
+    return;
+  }
   if constexpr (AXIS == 0) {
     __shared__ Axis0Shared sh;
-    encode_axis0<T, PLANES, BITS>(A, c, p, u, chunk, sh);
+    encode_unit<T, PLANES, 0, BITS>(A, c, ua, sh);
   } else {
     __shared__ __align__(16) Axis1Shared sh;
-    encode_axis1<T, PLANES, BITS>(A, c, p, u, chunk, sh);
+    encode_unit<T, PLANES, 1, BITS>(A, c, ua, sh);
+  }
+}
+
+// Every class of a page in one launch (grid: all units x pages), for small batches of pages with several
+// classes (mixed precision: up to 8): there the launches, not the GPU, set the time (run 18, H100: the
+// mixed-kivi4 encode op of one page took 43 us of host time against 21 for KV4's two launches). The
+// per-class kernels stay for large batches (see above: one kernel with every path lost half its issue
+// slots to instruction fetch). Each block takes its unit's class from the chunk table; one shared area
+// serves whichever path runs.
+union __align__(16) EncodeShared {
+  Axis0Shared a0;
+  Axis1Shared a1;
+};
+
+template <typename T, bool PLANES>
+__global__ void __launch_bounds__(kThreads) encode_all_classes_kernel(const __grid_constant__ EncodeArgs A) {
+  const int ua = blockIdx.x;
+  const ChunkDesc c = A.chunks[A.unit_chunk[ua]];
+  __shared__ EncodeShared sh;
+  switch (c.axis * 16 + c.bits) {
+    case 2: encode_unit<T, PLANES, 0, 2>(A, c, ua, sh.a0); break;
+    case 3: encode_unit<T, PLANES, 0, 3>(A, c, ua, sh.a0); break;
+    case 4: encode_unit<T, PLANES, 0, 4>(A, c, ua, sh.a0); break;
+    case 8: encode_unit<T, PLANES, 0, 8>(A, c, ua, sh.a0); break;
+    case 18: encode_unit<T, PLANES, 1, 2>(A, c, ua, sh.a1); break;
+    case 19: encode_unit<T, PLANES, 1, 3>(A, c, ua, sh.a1); break;
+    case 20: encode_unit<T, PLANES, 1, 4>(A, c, ua, sh.a1); break;
+    case 24: encode_unit<T, PLANES, 1, 8>(A, c, ua, sh.a1); break;
+    default:
+      if (threadIdx.x == 0) report_error(A.err, kErrEncodeClass, ua, A.units_per_page);
   }
 }
 
@@ -932,12 +968,29 @@ cudaError_t launch_encode_class(const EncodeArgs& b, int axis, int bits, dim3 gr
 
 }  // namespace
 
-cudaError_t launch_encode(const EncodeArgs& a, int dtype, cudaStream_t stream) {
+cudaError_t launch_encode(const EncodeArgs& a, int dtype, cudaStream_t stream, bool all_classes) {
   if (a.n_pages <= 0 || a.units_per_page <= 0) return cudaSuccess;
   constexpr int kMaxY = 65535;
   const bool planes = a.plane_base != nullptr;
+  all_classes = all_classes && a.n_spans > 1;  // one class is one launch either way
   for (int base = 0; base < a.n_pages; base += kMaxY) {
     const int n = (a.n_pages - base) < kMaxY ? (a.n_pages - base) : kMaxY;
+    if (all_classes) {
+      EncodeArgs b = a;
+      b.page_base = base;
+      b.unit_base = 0;
+      const dim3 grid((unsigned)a.units_per_page, (unsigned)n);
+      if (dtype == kBF16) {
+        if (planes) encode_all_classes_kernel<__nv_bfloat16, true><<<grid, kThreads, 0, stream>>>(b);
+        else encode_all_classes_kernel<__nv_bfloat16, false><<<grid, kThreads, 0, stream>>>(b);
+      } else {
+        if (planes) encode_all_classes_kernel<__half, true><<<grid, kThreads, 0, stream>>>(b);
+        else encode_all_classes_kernel<__half, false><<<grid, kThreads, 0, stream>>>(b);
+      }
+      const cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
+      continue;
+    }
     for (int k = 0; k < a.n_spans; ++k) {
       const EncodeSpan& sp = a.spans[k];
       EncodeArgs b = a;

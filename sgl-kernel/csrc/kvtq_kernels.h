@@ -121,7 +121,8 @@ struct DecodeArgs {
 
 enum DType : int { kBF16 = 0, kFP16 = 1 };
 
-cudaError_t launch_encode(const EncodeArgs& a, int dtype, cudaStream_t stream);
+// all_classes: every (axis, bits) class of the page in one launch (small batches), else one launch per class.
+cudaError_t launch_encode(const EncodeArgs& a, int dtype, cudaStream_t stream, bool all_classes = false);
 cudaError_t launch_decode(const DecodeArgs& a, int dtype, int blocks, cudaStream_t stream);
 // Every layer of a load in one launch. `table` is device memory [num_layers] of DecodeArgs whose index
 // fields (page_ids, token_index, plane_src, n_pages) are ignored: the launch supplies them. `blocks_per_layer`

@@ -7,7 +7,8 @@
 //   limits()          the kernel limits Python plans with (never mirrored by hand)
 //   mapped_pointer(t) device address of a CUDA tensor or of pinned host memory (resolved once per pool)
 //   encode            quantize device rows into whole pages in GPU memory (one launch, all layers)
-//   backup            encode into GPU staging and DMA the pages to pinned host pages (owned side stream)
+//   backup            encode into GPU staging and DMA the pages to pinned host pages (owned side stream);
+//                     small batches are encoded straight into the mapped host pages (direct_pages)
 //   decode            dequantize one layer of pages (zero-copy reads of pinned pages) into device rows
 //   decode_table      the per-layer launch arguments of every layer, as a device table (built once per pool)
 //   decode_layers     dequantize every layer of a load in one launch, from that table (small loads)
@@ -368,11 +369,14 @@ int64_t backup_chunk_pages(int64_t n, int64_t cap) {
 // copies chunk k-1, so only the first chunk's encode is not hidden behind the DMA. The current stream
 // waits for every copy before this returns, so work queued on it afterwards (and events recorded on it)
 // sees the host pages written. Host ids are read and range-checked on the CPU before anything is enqueued.
+// Batches of at most `direct_pages` pages skip staging: the kernel writes into the host pages through their
+// mapped address `host_base`, on the current stream (same ordering contract). Encode launches of at most
+// `all_classes_pages` pages run every (axis, bits) class in one launch. The codec picks both (quant/codec.py).
 void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Tensor& ptrs0, const at::Tensor& ptrs1,
             const at::Tensor& token_index, const at::Tensor& header, const at::Tensor& staging,
             const at::Tensor& host_pages, const at::Tensor& host_ids, const at::Tensor& geom, const at::Tensor& err_word,
             const c10::intrusive_ptr<BackupStream>& side, const c10::optional<at::Tensor>& plane_dst, int64_t plane_base,
-            int64_t plane_bound) {
+            int64_t plane_bound, int64_t host_base, int64_t direct_pages, int64_t all_classes_pages) {
   // Planes are written by the encode kernel itself, straight into (mapped) host memory: no staging.
   kvtq::EncodeArgs a = encode_args(chunks, unit_chunk, ptrs0, ptrs1, token_index, header, staging, geom, err_word,
                                    plane_dst, plane_base, plane_bound);
@@ -395,6 +399,25 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
   const int64_t cap = staging.size(0);
   const int64_t* tok = token_index.data_ptr<int64_t>();
   const int64_t sstride = staging.stride(0);
+  const bool all_classes = n <= all_classes_pages;
+  if (n <= direct_pages) {
+    // Small batches: the kernel writes each page straight into its host page through the mapped address
+    // (host_base, resolved once by the codec), one launch per run of consecutive host ids. No staging, no DMA
+    // call: a one-page backup is bound by its launches, not by PCIe (docs/benchmarks.md, run 18).
+    const int64_t pitch = host_pages.stride(0);
+    KVTQ_CHECK(host_base != 0 && (host_base & 15) == 0 && pitch % 16 == 0,
+                "kvtq: a direct backup needs the 16-byte aligned mapped address of the host pages and a pitch of 16");
+    for (const auto& [j, run] : id_runs(ids, n)) {
+      kvtq::EncodeArgs b = a;
+      b.token_index = tok + j * a.page_size;
+      if (b.plane_dst != nullptr) b.plane_dst = a.plane_dst + j;  // row stride stays plane_n
+      b.n_pages = (int32_t)run;
+      b.out = reinterpret_cast<uint8_t*>(host_base) + ids[j] * pitch;
+      b.out_stride = pitch;
+      KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main, all_classes));
+    }
+    return;
+  }
   if (cap < 2 || n == 1) {  // one staging page (or one page): encode and copy in turn on the current stream
     for (int64_t start = 0; start < n; start += cap) {
       const int64_t m = std::min(cap, n - start);
@@ -402,7 +425,7 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
       b.token_index = tok + start * a.page_size;
       if (b.plane_dst != nullptr) b.plane_dst = a.plane_dst + start;
       b.n_pages = (int32_t)m;
-      KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main));
+      KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main, all_classes));
       copy_runs(staging, m, host_pages, ids + start, main);
     }
     return;
@@ -426,7 +449,7 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
     b.n_pages = (int32_t)m;
     b.out = a.out + (int64_t)h * chunk * sstride;
     if (b.plane_dst != nullptr) b.plane_dst = a.plane_dst + start;  // row stride stays plane_n
-    KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main));
+    KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main, m <= all_classes_pages));
     KVTQ_CUDA_OK(cudaEventRecord(side->encoded[h], main));
     KVTQ_CUDA_OK(cudaStreamWaitEvent(side->stream, side->encoded[h], 0));
     copy_runs(staging.narrow(0, h * chunk, m), m, host_pages, ids + start, side->stream);
@@ -962,7 +985,7 @@ TORCH_LIBRARY(kvtq, m) {
   m.def("backup(Tensor chunks, Tensor unit_chunk, Tensor ptrs0, Tensor ptrs1, Tensor token_index, Tensor header, "
         "Tensor(a!) staging, Tensor(b!) host_pages, Tensor host_ids, Tensor geom, Tensor(c!) err_word, "
         "__torch__.torch.classes.kvtq.BackupStream side, Tensor? plane_dst=None, int plane_base=0, "
-        "int plane_bound=0) -> ()");
+        "int plane_bound=0, int host_base=0, int direct_pages=0, int all_classes_pages=0) -> ()");
   m.def("decode(Tensor desc, Tensor cfg, Tensor page_ids, Tensor token_index, Tensor(a!) dst0, Tensor(b!) dst1, "
         "Tensor(c!) err_word, Tensor? plane_src=None) -> ()");
   // CPU pages and ids, a CUDA staging tensor: one kernel for every backend (it checks the devices itself)

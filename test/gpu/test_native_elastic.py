@@ -68,11 +68,12 @@ class Rig:
         return offs
 
 
-def _backup_both(rig: Rig, planes: torch.Tensor):
+def _backup_both(rig: Rig, planes: torch.Tensor, **codec_kw):
     """Native backup (GPU kernels, pinned host buffer) and reference backup (CPU) of the same pages."""
     hbuf, hpages = rig.buffers(pinned=True)
     rbuf, rpages = rig.buffers(pinned=False)
-    nat_codec = NativeCodec(rig.layout, DeviceKV.from_lists(rig.dev), hpages, torch.device("cuda"), staging_pages=4)
+    nat_codec = NativeCodec(rig.layout, DeviceKV.from_lists(rig.dev), hpages, torch.device("cuda"), staging_pages=4,
+                            **codec_kw)
     ref_codec = ReferenceCodec(rig.layout, DeviceKV.from_lists(rig.cpu), rpages)
     stream = torch.cuda.Stream()  # like SGLang's write stream
     with torch.cuda.stream(stream):
@@ -124,6 +125,23 @@ def test_backup_writes_the_reference_planes_and_load_decodes_them(nat, case, pat
             codec.check()
             assert_rows_equal(dev_out, cpu_out, f"{case}/{pattern} load (fuse={fuse}, blocks={blocks})")
             codec.shutdown()
+    nat_codec.shutdown()
+
+
+@gpu
+@pytest.mark.parametrize("direct,all_classes", [(8, 0), (8, 8), (0, 8)], ids=["direct", "direct-one-launch", "one-launch"])
+@pytest.mark.parametrize("case", ["K4cV4t", "table"])
+def test_small_plane_backups_direct_and_in_one_launch_equal_the_reference(nat, case, direct, all_classes):  # noqa: F811
+    """Kernel 0.10.0's small-backup paths (pages encoded straight into the mapped host buffer; every encode class
+    in one launch) write the reference's pages and planes, and not one byte more."""
+    cfg = QuantConfig() if case == "K4cV4t" else QuantConfig(
+        layer_bits={0: LayerBits(8, 8), 1: LayerBits(4, 2), 2: LayerBits(2, 4), 3: LayerBits(8, 4)})
+    rig = Rig(cfg, KVShape.mha(4 if case == "table" else 2, 4, 128), 64, n_pages=5, seed=17)
+    nat_codec, ref_codec, hbuf, rbuf = _backup_both(rig, rig.planes("mixed"), direct_pages=direct,
+                                                    all_classes_pages=all_classes)
+    assert nat_codec.direct_pages == direct
+    if not torch.equal(hbuf, rbuf):
+        raise AssertionError(f"{case}: host buffers differ: {_diff(hbuf, rbuf)}")
     nat_codec.shutdown()
 
 

@@ -565,6 +565,60 @@ def test_backup_to_host(nat, strided, staging_pages):
 
 
 @gpu
+@pytest.mark.parametrize("direct,all_classes", [(0, 0), (16, 0), (0, 16), (16, 16), (2, 3)],
+                         ids=["staged", "direct", "one-launch", "direct-one-launch", "direct2-one-launch3"])
+@pytest.mark.parametrize("case", ["K4V2", "mixed-8-classes", "strided"])
+def test_small_backups_direct_and_in_one_launch_equal_the_reference(nat, case, direct, all_classes):
+    """Kernel 0.10.0: backups of <= direct_pages pages encode straight into their mapped host pages (one launch
+    per run of host ids), and launches of <= all_classes_pages pages run every encode class at once. Either way
+    each host page is the reference page byte for byte, and nothing else is written."""
+    if case == "mixed-8-classes":
+        layout, dev, cpu, rows = _layout_and_pages(seed=31, n=7, ps=64, shape=KVShape.mha(32, 8, 128),
+                                                   cfg=_mixed_cfg("llama"))
+        assert len({(c.axis, c.bits) for c in layout.chunks.values()}) == 8
+    else:
+        layout, dev, cpu, rows = _layout_and_pages(seed=31, n=7)
+    ps, pb = layout.page_size, layout.page_bytes
+    extra = 272 if case == "strided" else 0  # a 16-byte multiple: direct writes stay on
+    num_host = 14
+    host_buf = torch.full((num_host, pb + extra), POISON, dtype=torch.uint8).pin_memory()
+    host = host_buf[:, :pb]
+    codec = NativeCodec(layout, DeviceKV.from_lists(dev), host, torch.device(DEV), staging_pages=4,
+                        direct_pages=direct, all_classes_pages=all_classes)
+    assert codec.direct_pages == direct and codec.all_classes_pages == all_classes
+    written: dict[int, torch.Tensor] = {}
+    batches = [([3], [9]), ([5, 2], [4, 5]), ([0, 6, 1], [10, 11, 0]), ([4, 2, 6, 5, 0, 3, 1], [1, 2, 3, 7, 8, 12, 13])]
+    stream = torch.cuda.Stream()  # like SGLang's write stream
+    for slots, ids in batches:  # 1, 2, 3 and 7 pages: runs and jumps of host ids, above and below the limits
+        tidx = page_rows(slots, ps)
+        ref = torch.empty(len(slots), pb, dtype=torch.uint8)
+        reference.encode_pages(layout, cpu, tidx, ref)
+        with torch.cuda.stream(stream):
+            codec.backup(torch.tensor(ids), to_dev(tidx))
+        stream.synchronize()
+        written.update({i: ref[j] for j, i in enumerate(ids)})
+        for i, page in written.items():
+            if not torch.equal(host[i], page):
+                raise AssertionError(f"{len(ids)}-page backup, host page {i}:\n"
+                                     + describe_page_diff(layout, host[i:i + 1], page[None]))
+    untouched = sorted(set(range(num_host)) - set(written))
+    assert (host_buf[untouched] == POISON).all()
+    if extra:
+        assert (host_buf[:, pb:] == POISON).all(), "a direct backup wrote into a row's padding"
+    codec.check()
+    codec.shutdown()
+
+
+@gpu
+def test_direct_backup_needs_16_byte_rows(nat):
+    layout, dev, cpu, rows = _layout_and_pages(seed=32, n=2)
+    host = torch.zeros(4, layout.page_bytes + 8, dtype=torch.uint8).pin_memory()[:, :layout.page_bytes]
+    codec = NativeCodec(layout, DeviceKV.from_lists(dev), host, torch.device(DEV), direct_pages=8)
+    assert codec.direct_pages == 0  # rows 8 bytes off 16-byte alignment: staged backups
+    codec.shutdown()
+
+
+@gpu
 @pytest.mark.parametrize("n1,n2,staging_pages", [(100, 37, 32), (64, 9, 64), (3, 70, 8)])
 def test_backups_back_to_back_cycle_the_staging_slots(nat, n1, n2, staging_pages):
     """Kernel 0.4.1 cuts a backup into chunks of ~n/16 pages that cycle through up to 16 staging slots;

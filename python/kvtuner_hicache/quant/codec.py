@@ -71,6 +71,16 @@ STAGING_PAGES = 64  # pages encoded per staging chunk on backup
 # Measured with `benchmark/bench_transfer.py --fused-sweep` (docs/benchmarks.md, run 5).
 FUSE_PAGES = 16
 FUSED_BLOCKS_PER_LAYER = 2  # grid share of each layer in the one-launch load: the fastest at 1-256 pages
+# Backups of at most this many pages are encoded straight into their (mapped) host pages: no staging and no
+# DMA call, one launch per run of consecutive host ids. A one-page backup is bound by its launches (run 18,
+# H100: 51 us of host time, 0.083 ms in all for KV4 against SGLang's 0.085 ms bf16 backup; mixed-kivi4 0.110).
+# Encode launches of at most ALL_CLASSES_PAGES pages run every (axis, bits) class of the page in one launch
+# (mixed-precision tables have up to 8 classes; run 18: 43 us of host time for mixed-kivi4's encode op at one
+# page against 21 us for KV4's two classes). Both paths are in kernel 0.10.0 and tested bit for bit when passed
+# explicitly (test/gpu), but OFF (0) by default until `benchmark/bench_transfer.py --backup-sweep` has timed
+# them on a GPU against the staged backup; the defaults then come from that table (docs/benchmarks.md).
+DIRECT_BACKUP_PAGES = 0
+ALL_CLASSES_PAGES = 0
 _LIST_CHECK_MAX = 64  # host ids range-checked through a Python list up to this many (CPU, 1-64 ids: 1-3 us)
 
 
@@ -361,7 +371,8 @@ class NativeCodec(PageCodec):
                  *, staging: torch.Tensor | None = None, staging_pages: int = STAGING_PAGES,
                  load_blocks: int | None = None, fuse_pages: int = FUSE_PAGES,
                  fused_blocks_per_layer: int = FUSED_BLOCKS_PER_LAYER, staged_pages: int | None = None,
-                 staged_group: int | None = None, staged_min_pages: int | None = None):
+                 staged_group: int | None = None, staged_min_pages: int | None = None,
+                 direct_pages: int = DIRECT_BACKUP_PAGES, all_classes_pages: int = ALL_CLASSES_PAGES):
         super().__init__(layout, device_kv, host_pages)
         ops = native.ops()
         self.plan = native.plan_for(layout)
@@ -377,6 +388,10 @@ class NativeCodec(PageCodec):
         pages_ptr = int(ops.mapped_pointer(host_pages))  # resolved once: never per call
         self._pages_ptr = pages_ptr
         self._buffer_bytes = self.num_pages * host_pages.stride(0)  # what plane offsets may address
+        # direct backups write through pages_ptr: only where every host page starts 16-byte aligned
+        direct_ok = host_pages.dim() == 2 and pages_ptr % 16 == 0 and host_pages.stride(0) % 16 == 0
+        self.direct_pages = max(0, int(direct_pages)) if direct_ok else 0
+        self.all_classes_pages = max(0, int(all_classes_pages))
         self._planes_key: torch.Tensor | None = None  # a load's CPU plane offsets and their GPU copy
         self._planes_dev: torch.Tensor | None = None
         self._cfg = native.decode_cfg(host_pages, pages_ptr, layout, self.plan, self.blocks, self.err)
@@ -496,11 +511,12 @@ class NativeCodec(PageCodec):
         """The op call of a backup whose arguments are checked (bench_transfer times it alone)."""
         if planes is None:
             self._backup(self._chunks, self._units, p0, p1, rows, self._header, self.staging, self.host_pages, ids,
-                         self._geom, self.err.word, self._side)
+                         self._geom, self.err.word, self._side, None, 0, 0, self._pages_ptr, self.direct_pages,
+                         self.all_classes_pages)
             return
         self._backup(self._chunks, self._units, p0, p1, rows, self._header, self.staging, self.host_pages, ids,
                      self._geom, self.err.word, self._side, planes.to(self.device, non_blocking=True),
-                     self._pages_ptr, self._buffer_bytes)
+                     self._pages_ptr, self._buffer_bytes, self._pages_ptr, self.direct_pages, self.all_classes_pages)
 
     def _plane_src(self, planes: torch.Tensor | None, n: int) -> torch.Tensor | None:
         """The GPU copy of a load's plane offsets: made on the first layer that passes them, then reused."""

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 name = "native"  # label for logs
 
-KERNEL_VERSION = "0.9.0"  # the kvtuner-hicache-kernel version this package is written against
+KERNEL_VERSION = "0.10.0"  # the kvtuner-hicache-kernel version this package is written against
 ENV_JIT = "KVTQ_JIT_BUILD"
 SOURCES = ("kvtq_kernels.cu", "kvtq_ops.cpp", "kvtq_crc.cpp")
 HEADERS = ("kvtq_kernels.h", "kvtq_check.h")
