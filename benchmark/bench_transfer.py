@@ -16,11 +16,12 @@ config (quant/codec.py) over the installed kernel wheel:
   load-staged KV4, KV8 (`--staged-sweep`): the staged load with 1, 2, 4, 7, 14 and 28 layers per copy group
               (staging for two groups of the batch, so at most two groups in flight), the measurement that the
               default group (staged_load.DEFAULT_GROUP_LAYERS) comes from.
-  backup-variant  every config at <= 16 pages (`--backup-sweep`): the same backup through each small-backup path
-              of kernel 0.10.0, alone: `staged` (encode into GPU staging, then a DMA call), `one-launch` (every
-              encode class in one launch), `direct` (encoded straight into the mapped host pages, no DMA call),
-              `direct+one-launch`; three rounds of the variants in turn. codec.DIRECT_BACKUP_PAGES and
-              ALL_CLASSES_PAGES come from it.
+  backup-variant  every config and size (`--backup-sweep`): the same backup through each path of kernel 0.10.0,
+              alone: `staged` (encode into GPU staging, then a DMA call per chunk), `one-launch` (every encode class
+              of a chunk in one launch; a mixed table has up to 8 classes, so up to 8x fewer launches), and up to
+              64 pages `direct` (encoded straight into the mapped host pages, no staging, no DMA call) and
+              `direct+one-launch`; three rounds of the variants in turn, host us per call beside each.
+              codec.DIRECT_BACKUP_PAGES and ALL_CLASSES_PAGES come from it.
   load-fused  KV4 only: the one-launch load at every batch size and grid share (`--fused-sweep`), the
               measurement that FUSE_PAGES and FUSED_BLOCKS_PER_LAYER come from.
   quantize    native.encode_pages from device rows into GPU memory only (no PCIe): one call between events
@@ -175,8 +176,9 @@ def backup_host_stages(codec, host_ids: torch.Tensor, rows: torch.Tensor) -> dic
             if n <= codec.staging.size(0) else None}
 
 
-BACKUP_SWEEP_MAX_PAGES = 16
+DIRECT_SWEEP_MAX_PAGES = 64  # direct variants up to this many pages; staged and one-launch at every size
 # (name, direct_pages, all_classes_pages) as a function of the batch's pages: each small-backup path alone
+# (one-launch at n pages: every chunk of the batch, at most n pages, runs all its classes in one launch)
 BACKUP_VARIANTS = (("staged", lambda n: 0, lambda n: 0), ("one-launch", lambda n: 0, lambda n: n),
                    ("direct", lambda n: n, lambda n: 0), ("direct+one-launch", lambda n: n, lambda n: n))
 
@@ -185,7 +187,8 @@ def backup_variants(base: dict, lay, kv, hostq, dev, host_ids, tidx, n: int, rep
     """The backup of the same pages through each small-backup path of kernel 0.10.0 (codec.DIRECT_BACKUP_PAGES and
     ALL_CLASSES_PAGES come from this table), timed in alternation so that drift hits every variant alike."""
     codecs = {name: NativeCodec(lay, kv, hostq, dev, staging_pages=min(n, STAGING_PAGES), direct_pages=d(n),
-                                all_classes_pages=a(n)) for name, d, a in BACKUP_VARIANTS}
+                                all_classes_pages=a(n)) for name, d, a in BACKUP_VARIANTS
+              if n <= DIRECT_SWEEP_MAX_PAGES or d(n) == 0}
     samples: dict[str, list[float]] = {name: [] for name in codecs}
     for _ in range(3):  # three rounds of reps samples each, variants in turn
         for name, c in codecs.items():
@@ -555,7 +558,7 @@ def run_config(name, lay, *, n, dev, L, k, v, bufs, tidx, hostq_flat, devq_flat,
                 rec.update(sglang_bf16_ms=round(sg["load"], 4), speedup_vs_sglang_bf16=round(sg["load"] / t_s, 3))
             records.append(rec)
             cs.shutdown()
-    if backup_sweep and n <= BACKUP_SWEEP_MAX_PAGES:
+    if backup_sweep:
         restore_rows(bufs, tidx, fresh)
         records.extend(backup_variants(base, lay, kv, hostq, dev, host_ids_sorted, tidx, n, reps, sg))
     for c in (codec, codec_pl, codec_dev, *sweep_codecs.values()):
@@ -830,8 +833,9 @@ def main() -> None:
     ap.add_argument("--staged-sweep", action="store_true",
                     help="KV4, KV8: the staged load with 1, 2, 4 and 7 layers per copy group at every size >= 16")
     ap.add_argument("--backup-sweep", action="store_true",
-                    help=f"every config at <= {BACKUP_SWEEP_MAX_PAGES} pages: the backup through staging, in one launch, "
-                         "direct into host pages, and both (codec.DIRECT_BACKUP_PAGES, ALL_CLASSES_PAGES)")
+                    help="every config and size: the backup through staging and with every class in one launch, and "
+                         f"up to {DIRECT_SWEEP_MAX_PAGES} pages direct into host pages, alone and in one launch "
+                         "(codec.DIRECT_BACKUP_PAGES, ALL_CLASSES_PAGES)")
     ap.add_argument("--no-elastic", action="store_true", help="leave out the elastic pages (issue 15)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
