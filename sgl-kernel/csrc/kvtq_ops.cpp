@@ -370,8 +370,9 @@ int64_t backup_chunk_pages(int64_t n, int64_t cap) {
 // waits for every copy before this returns, so work queued on it afterwards (and events recorded on it)
 // sees the host pages written. Host ids are read and range-checked on the CPU before anything is enqueued.
 // Batches of at most `direct_pages` pages skip staging: the kernel writes into the host pages through their
-// mapped address `host_base`, on the current stream (same ordering contract). Encode launches of at most
-// `all_classes_pages` pages run every (axis, bits) class in one launch. The codec picks both (quant/codec.py).
+// mapped address `host_base`, on the current stream (same ordering contract). In a batch of at most
+// `all_classes_pages` pages every encode launch runs all (axis, bits) classes at once. The codec picks both
+// thresholds by batch size (quant/codec.py; benchmark/backup_defaults.py reads them off a sweep).
 void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Tensor& ptrs0, const at::Tensor& ptrs1,
             const at::Tensor& token_index, const at::Tensor& header, const at::Tensor& staging,
             const at::Tensor& host_pages, const at::Tensor& host_ids, const at::Tensor& geom, const at::Tensor& err_word,
@@ -449,7 +450,7 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
     b.n_pages = (int32_t)m;
     b.out = a.out + (int64_t)h * chunk * sstride;
     if (b.plane_dst != nullptr) b.plane_dst = a.plane_dst + start;  // row stride stays plane_n
-    KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main, m <= all_classes_pages));
+    KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main, all_classes));
     KVTQ_CUDA_OK(cudaEventRecord(side->encoded[h], main));
     KVTQ_CUDA_OK(cudaStreamWaitEvent(side->stream, side->encoded[h], 0));
     copy_runs(staging.narrow(0, h * chunk, m), m, host_pages, ids + start, side->stream);

@@ -74,11 +74,12 @@ FUSED_BLOCKS_PER_LAYER = 2  # grid share of each layer in the one-launch load: t
 # Backups of at most this many pages are encoded straight into their (mapped) host pages: no staging and no
 # DMA call, one launch per run of consecutive host ids. A one-page backup is bound by its launches (run 18,
 # H100: 51 us of host time, 0.083 ms in all for KV4 against SGLang's 0.085 ms bf16 backup; mixed-kivi4 0.110).
-# Encode launches of at most ALL_CLASSES_PAGES pages run every (axis, bits) class of the page in one launch
+# In backups of at most ALL_CLASSES_PAGES pages every encode launch runs all (axis, bits) classes at once
 # (mixed-precision tables have up to 8 classes; run 18: 43 us of host time for mixed-kivi4's encode op at one
 # page against 21 us for KV4's two classes). Both paths are in kernel 0.10.0 and tested bit for bit when passed
 # explicitly (test/gpu), but OFF (0) by default until `benchmark/bench_transfer.py --backup-sweep` has timed
-# them on a GPU against the staged backup; the defaults then come from that table (docs/benchmarks.md).
+# them on a GPU against the staged backup; the defaults then come from that table through
+# `benchmark/backup_defaults.py` (docs/benchmarks.md).
 DIRECT_BACKUP_PAGES = 0
 ALL_CLASSES_PAGES = 0
 _LIST_CHECK_MAX = 64  # host ids range-checked through a Python list up to this many (CPU, 1-64 ids: 1-3 us)
