@@ -7,9 +7,10 @@
 #  2. builds the benchmark's own bf16 stand-in kernels (benchmark/bf16_baseline.cu) while nvcc is there;
 #  3. hides nvcc (PATH without it, CUDA_HOME unset) and checks that it is gone;
 #  4. pytest -m gpu test/gpu (parallel when pytest-xdist is there, PYTEST_WORKERS, default 8);
-#  5. benchmark/bench_transfer.py (BENCH_ARGS, default --quick --pages 1,16,64,256 --no-sweep) with SGLang's own
+#  5. benchmark/bench_transfer.py (BENCH_ARGS, default --quick --pages 1,2,4,16,64,256 --no-sweep --backup-sweep) with SGLang's own
 #     bf16 kernels (AOT and JIT) side by side when .stage (scripts/device/make_bundle.sh) was carried;
-#  6. copies bench_transfer.json/.md, the pytest log and the build log to $OUT.
+#  6. with --backup-sweep, benchmark/backup_defaults.py: the small-backup thresholds the sweep supports;
+#  7. copies bench_transfer.json/.md, backup_defaults.json, the pytest log and the build log to $OUT.
 # Env: SITE (/tmp/kvtq-site), STAGE (.stage; $STAGE/deps/*.whl are installed into SITE too), SGLANG_RELEASE (the
 #      release whose bf16 kernels the benchmark times; default the newest staged overlay), KVTQ_ARCHS (e.g.
 #      "90-real": build for one arch only, faster), SKIP_BENCH=1, SKIP_TESTS=1. Extra args go to pytest.
@@ -90,9 +91,12 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step "transfer benchmark"
   # shellcheck disable=SC2086
   PATH="$FULL_PATH" KVTQ_PRESETS_DIR="${KVTQ_PRESETS_DIR:-$STAGE/presets}" PYTHONPATH="$bench_path" "$PY" \
-    benchmark/bench_transfer.py ${BENCH_ARGS:---quick --pages 1,16,64,256 --no-sweep} \
+    benchmark/bench_transfer.py ${BENCH_ARGS:---quick --pages 1,2,4,16,64,256 --no-sweep --backup-sweep} \
     --json "$OUT/bench_transfer.json" --md "$OUT/bench_transfer.md" 2>&1 | tee "$OUT/bench_transfer.log" | tail -90
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  if grep -q '"backup-variant"' "$OUT/bench_transfer.json" 2>/dev/null; then  # the small-backup thresholds it supports
+    "$PY" benchmark/backup_defaults.py "$OUT/bench_transfer.json" --json "$OUT/backup_defaults.json" | sed 's/^/[gpu_test] /'
+  fi
 fi
 step "done (rc=$rc); results in $OUT"
 exit $rc
