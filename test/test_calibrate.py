@@ -156,6 +156,31 @@ def test_replayed_layers_give_the_full_forward_and_search_runs():
     assert table_flag_errors(QuantConfig(layer_bits={0: LayerBits(4, 2)}, axis_key=0), {"axis_key": 1})
 
 
+def test_the_nll_objective_scores_tables_by_the_text_s_own_tokens():
+    from kvtuner_hicache.eval.harness import Harness, compare
+    from kvtuner_hicache.eval.models import kv_shape_of
+
+    model = _tiny()
+    h = Harness(model, kv_shape_of(model.config), 16, batch=3)
+    pairs = [(2, 2), (4, 4)]
+    ids = torch.randint(0, 256, (97,), generator=torch.Generator().manual_seed(5)).tolist()
+    cals = {o: Calibrator(h, QuantConfig(q_group_size=16), pairs, progress=False, objective=o) for o in ("kl", "nll")}
+    for c in cals.values():
+        c.add_window(ids, 64)
+    w = cals["nll"].windows[0]
+    for table in ([(2, 2)] * 3, [(4, 4)] * 3):
+        (_, logits), = h.forward(w.cache, [("t", cals["nll"]._kv(w, table))], w.feed)
+        nll, kl, _ = compare(logits, w.targets, w.ref)
+        assert cals["nll"].table_kl(table) == pytest.approx(nll / len(w.feed), rel=1e-6)
+        assert cals["kl"].table_kl(table) == pytest.approx(kl / len(w.feed), rel=1e-6)
+    m = cals["nll"].measure([(4, 4)] * 3)  # replayed marginals score the same objective
+    t = [(4, 4)] * 3
+    t[1] = (2, 2)
+    assert m.marginal[1][(2, 2)] == pytest.approx(cals["nll"].table_kl(t), rel=1e-4)
+    with pytest.raises(ValueError, match="objective"):
+        Calibrator(h, QuantConfig(), pairs, objective="ppl")
+
+
 def test_pessimistic_value_charges_each_change_its_uncertainty():
     from kvtuner_hicache.calibrate import Measured, pessimistic_value
 
@@ -172,6 +197,7 @@ class _StubCalibrator:
     """search()'s view of a Calibrator: a Measured per context and a KL per table (here: additive)."""
 
     pairs = [(4, 2), (2, 2), (4, 4)]
+    objective = "kl"
 
     def __init__(self, gain: dict, se: float):
         self.gain, self.se = gain, se

@@ -3,7 +3,9 @@
 What it optimises: the KL divergence, against the unquantized (bf16) pool, of the next-token
 distributions of a continuation whose prefix KV went through the page format (what HiCache does
 to a request reloaded from L2/L3), subject to a budget in *effective* bits per KV element
-(codes + fp16 metadata + alignment + page header, `PageLayout.effective_bits`).
+(codes + fp16 metadata + alignment + page header, `PageLayout.effective_bits`). With `--objective nll`
+it optimises the mean NLL of the calibration text's own next tokens instead (log perplexity); "KL" below
+then stands for that objective.
 
 How (interaction-aware greedy with re-measurement):
 
@@ -308,16 +310,35 @@ class Measured:
     marginal_se: list[dict[Pair, float]] = field(default_factory=list)
 
 
+# What a table is scored by, as an index into eval.harness.compare's (sum NLL, sum KL, top-1) tuple. `kl`: the KL
+# divergence from the bf16 pool's next-token distributions (low variance). `nll`: the NLL of the text's own next
+# tokens, i.e. log perplexity, the quantity issue 14's targets are stated in; noisier per token, and on Qwen2.5-Coder
+# tables with the lower KL have repeatedly had the higher perplexity (docs/accuracy.md).
+OBJECTIVES = {"nll": 0, "kl": 1}
+
+
 @dataclass
 class Calibrator:
-    """Measures KLs of per-layer tables on calibration windows (see the module docstring)."""
+    """Measures per-layer tables on calibration windows (see the module docstring) by `objective` (OBJECTIVES):
+    every "KL" of this module, its log lines and its JSON is that objective's mean per scored token."""
 
     harness: Any  # eval.harness.Harness
     cfg: QuantConfig
     pairs: Sequence[Pair]
     progress: bool = True
+    objective: str = "kl"
     windows: list[Window] = field(default_factory=list)
     forwards: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r}: one of {', '.join(OBJECTIVES)}")
+
+    def _score(self, logits: Any, w: Window) -> float:
+        """The objective summed over one window's scored tokens."""
+        from kvtuner_hicache.eval.harness import compare
+
+        return compare(logits, w.targets, w.ref)[OBJECTIVES[self.objective]]
 
     def add_window(self, ids: Sequence[int], prefix_len: int) -> None:
         import torch
@@ -344,21 +365,17 @@ class Calibrator:
         return [w.full[p][i] for i, p in enumerate(table)]
 
     def table_kl(self, table: Sequence[Pair]) -> float:
-        """Measured mean KL per scored token of one table (one forward per window)."""
-        from kvtuner_hicache.eval.harness import compare
-
+        """Measured mean objective (KL by default) per scored token of one table (one forward per window)."""
         total = 0.0
         for w in self.windows:
             (_, logits), = self.harness.forward(w.cache, [("t", self._kv(w, table))], w.feed)
-            total += compare(logits, w.targets, w.ref)[1]
+            total += self._score(logits, w)
             self.forwards += 1
         return total / self.tokens
 
     def measure(self, table: Sequence[Pair], label: str = "") -> Measured:
         """KL(table) and KL(table with layer i at p) for every layer i and pair p."""
         import torch
-
-        from kvtuner_hicache.eval.harness import compare
 
         t0 = time.perf_counter()
         h = self.harness
@@ -373,7 +390,7 @@ class Calibrator:
             with capture_layer_inputs(model) as inputs:
                 (_, logits), = h.forward(w.cache, [("ctx", ctx)], w.feed)
             self.forwards += 1
-            base = compare(logits, w.targets, w.ref)[1]
+            base = self._score(logits, w)
             kl += base
             wd = [{p: 0.0 for p in self.pairs} for _ in range(n_layers)]
             for i in range(n_layers):
@@ -388,7 +405,7 @@ class Calibrator:
                 with replay_from(model, i, inputs), torch.inference_mode():
                     for name, lg in h.forward(w.cache, jobs, w.feed):
                         kb, vb = (int(x) for x in name.split(":"))
-                        v = compare(lg, w.targets, w.ref)[1]
+                        v = self._score(lg, w)
                         marg[i][(kb, vb)] += v
                         wd[i][(kb, vb)] = (v - base) / len(w.feed)
                         self.forwards += 1
@@ -475,7 +492,8 @@ def search(cal: Calibrator, costs: Sequence[dict[Pair, int]], budget: int, ancho
                       "marginal_kl": [[row[p] for p in cal.pairs] for row in measured.marginal],
                       "marginal_se": [[row[p] for p in cal.pairs] for row in measured.marginal_se], "z": z,
                       "chosen": [list(p) for p in new], "predicted_kl": predicted, "seconds": measured.seconds})
-        log(f"[calibrate] round {r + 1}: context KL {measured.kl:.5f}, new table predicted KL {predicted:.5f} "
+        obj = cal.objective.upper()
+        log(f"[calibrate] round {r + 1}: context {obj} {measured.kl:.5f}, new table predicted {obj} {predicted:.5f} "
             f"({sum(1 for a, b in zip(new, table, strict=True) if a != b)} layers changed, {measured.seconds:.0f}s)")
         if new == table:
             break
@@ -483,7 +501,7 @@ def search(cal: Calibrator, costs: Sequence[dict[Pair, int]], budget: int, ancho
         measured = None
     if not any(t == table for _, t in candidates):
         kl = cal.table_kl(table)
-        log(f"[calibrate] final table measured KL {kl:.5f}")
+        log(f"[calibrate] final table measured {cal.objective.upper()} {kl:.5f}")
         candidates.append((kl, list(table)))
     kl, best = min(candidates, key=lambda c: c[0])
     return {"table": best, "kl": kl, "candidates": [{"kl": k, "table": [list(p) for p in t]} for k, t in candidates],
@@ -516,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uniform table of round 1's context: a pair (e.g. K4V2), or 'auto': per budget, the pair whose "
                          "uniform table is nearest it")
     ap.add_argument("--rounds", type=int, default=2, help="measure-and-allocate rounds (>= 1)")
+    ap.add_argument("--objective", choices=sorted(OBJECTIVES), default="kl",
+                    help="what a table is scored by: kl (from the bf16 pool's distributions) or nll (of the text's "
+                         "tokens: log perplexity)")
     ap.add_argument("--z", type=float, default=1.0,
                     help="charge each layer change this many standard errors (over calibration windows) of its "
                          "measured KL change; 0: the measured means alone (needs --windows >= 2 to matter)")
@@ -588,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spans = calibration_spans(len(ids), a.windows, length, avoid)
     assert not overlaps(spans, avoid)
     h = Harness(lm.model, shape, a.page_size, batch=a.batch, log=log)
-    cal = Calibrator(h, cfg, pairs, progress=not a.no_progress)
+    cal = Calibrator(h, cfg, pairs, progress=not a.no_progress, objective=a.objective)
     t0 = time.perf_counter()
     for s, e in spans:
         cal.add_window(pre + ids[s:e], a.prefix_len)
@@ -609,7 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lay = PageLayout(full, shape, a.page_size)
         meta = {"format": TABLE_FORMAT, "model": a.model, "axis_key": a.axis_key, "axis_value": a.axis_value,
                 "q_group_size": a.q_group_size, "asym": a.asym, "page_size": a.page_size, "budget_bits": b,
-                "effective_bits": round(lay.effective_bits, 4), "calibration_kl": round(res["kl"], 6),
+                "effective_bits": round(lay.effective_bits, 4), "calibration_objective": a.objective,
+                "calibration_kl": round(res["kl"], 6),
                 "calibration_text": "paul-graham-essays", "calibration_spans": [list(x) for x in spans]}
         header = [
             f"KVTuner per-layer table for {a.model}, made by python -m kvtuner_hicache.calibrate",
@@ -618,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{a.axis_value} --kvtuner-hicache-q-group-size {a.q_group_size} "
             f"{'--kvtuner-hicache-asym' if a.asym else '--no-kvtuner-hicache-asym'} (recorded below; the server checks them)",
             f"calibration: {len(spans)} essay windows ({cal.tokens} scored tokens, prefix {a.prefix_len}) clear of the "
-            f"evaluation windows; measured KL {res['kl']:.5f} per token",
+            f"evaluation windows; measured {a.objective.upper()} {res['kl']:.5f} per token",
         ]
         out = a.out.replace("{bits}", f"{b:g}")
         with open(out, "w") as f:
@@ -626,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts: dict[str, int] = {}
         for p in table:
             counts[f"K{p[0]}V{p[1]}"] = counts.get(f"K{p[0]}V{p[1]}", 0) + 1
-        print(f"{out}: {lay.effective_bits:.4f} bits, KL {res['kl']:.5f}, "
+        print(f"{out}: {lay.effective_bits:.4f} bits, {a.objective.upper()} {res['kl']:.5f}, "
               + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
         print("  " + " ".join(f"{i}:K{k}V{v}" for i, (k, v) in enumerate(table)))
         results.append({"bits_budget": b, "out": out, "effective_bits": lay.effective_bits, **res,
@@ -634,6 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "command": "python -m kvtuner_hicache.calibrate " + shlex.join(argv),
+                       "objective": a.objective,
                        "pairs": [list(p) for p in pairs], "anchor": a.anchor, "spans": [list(x) for x in spans],
                        "eval_spans_avoided": [list(x) for x in avoid], "scored_tokens": cal.tokens,
                        "forwards": cal.forwards, "seconds": round(time.perf_counter() - t0, 1),
