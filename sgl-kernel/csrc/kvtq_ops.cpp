@@ -356,6 +356,16 @@ void copy_runs(const at::Tensor& staging, int64_t count, const at::Tensor& host_
                                    cudaMemcpyDeviceToHost, stream));
 }
 
+// The encode arguments of pages [start, start + m) of a batch: their token rows and plane offsets (the plane
+// table's row stride stays plane_n); `out` is the caller's to set.
+kvtq::EncodeArgs batch_pages(const kvtq::EncodeArgs& a, int64_t start, int64_t m) {
+  kvtq::EncodeArgs b = a;
+  b.token_index = a.token_index + start * a.page_size;
+  if (b.plane_dst != nullptr) b.plane_dst = a.plane_dst + start;
+  b.n_pages = (int32_t)m;
+  return b;
+}
+
 // Pages per encode launch of a backup of n pages through `cap` staging pages (cap >= 2, n >= 2).
 int64_t backup_chunk_pages(int64_t n, int64_t cap) {
   const int64_t want = std::max(kBackupMinChunk, (n + kBackupChunks - 1) / kBackupChunks);
@@ -398,7 +408,6 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
   const c10::cuda::CUDAGuard guard(staging.device());
   const cudaStream_t main = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t cap = staging.size(0);
-  const int64_t* tok = token_index.data_ptr<int64_t>();
   const int64_t sstride = staging.stride(0);
   const bool all_classes = n <= all_classes_pages;
   if (n <= direct_pages) {
@@ -409,10 +418,7 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
     KVTQ_CHECK(host_base != 0 && (host_base & 15) == 0 && pitch % 16 == 0,
                 "kvtq: a direct backup needs the 16-byte aligned mapped address of the host pages and a pitch of 16");
     for (const auto& [j, run] : id_runs(ids, n)) {
-      kvtq::EncodeArgs b = a;
-      b.token_index = tok + j * a.page_size;
-      if (b.plane_dst != nullptr) b.plane_dst = a.plane_dst + j;  // row stride stays plane_n
-      b.n_pages = (int32_t)run;
+      kvtq::EncodeArgs b = batch_pages(a, j, run);
       b.out = reinterpret_cast<uint8_t*>(host_base) + ids[j] * pitch;
       b.out_stride = pitch;
       KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main, all_classes));
@@ -422,10 +428,7 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
   if (cap < 2 || n == 1) {  // one staging page (or one page): encode and copy in turn on the current stream
     for (int64_t start = 0; start < n; start += cap) {
       const int64_t m = std::min(cap, n - start);
-      kvtq::EncodeArgs b = a;
-      b.token_index = tok + start * a.page_size;
-      if (b.plane_dst != nullptr) b.plane_dst = a.plane_dst + start;
-      b.n_pages = (int32_t)m;
+      const kvtq::EncodeArgs b = batch_pages(a, start, m);
       KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main, all_classes));
       copy_runs(staging, m, host_pages, ids + start, main);
     }
@@ -445,11 +448,8 @@ void backup(const at::Tensor& chunks, const at::Tensor& unit_chunk, const at::Te
     const int h = (int)(k % slots);
     const int64_t m = std::min(chunk, n - start);
     if (k >= slots) KVTQ_CUDA_OK(cudaStreamWaitEvent(main, side->copied[h], 0));  // this slot's last copy is done
-    kvtq::EncodeArgs b = a;
-    b.token_index = tok + start * a.page_size;
-    b.n_pages = (int32_t)m;
+    kvtq::EncodeArgs b = batch_pages(a, start, m);
     b.out = a.out + (int64_t)h * chunk * sstride;
-    if (b.plane_dst != nullptr) b.plane_dst = a.plane_dst + start;  // row stride stays plane_n
     KVTQ_CUDA_OK(kvtq::launch_encode(b, dtype, main, all_classes));
     KVTQ_CUDA_OK(cudaEventRecord(side->encoded[h], main));
     KVTQ_CUDA_OK(cudaStreamWaitEvent(side->stream, side->encoded[h], 0));
